@@ -43,7 +43,7 @@ def best_interleaved(repeats: int, *fns) -> list[float]:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m kernel.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--citizens", type=int, default=2_000_000)
-    ap.add_argument("--repeats", type=int, default=5, help="repeats of each kernel figure (best is kept)")
+    ap.add_argument("--repeats", type=int, default=7, help="repeats of each kernel figure (best is kept)")
     ap.add_argument("--reference-repeats", type=int, default=2)
     ap.add_argument("--single-calls", type=int, default=200_000)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
