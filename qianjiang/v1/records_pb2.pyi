@@ -1,0 +1,114 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Record(_message.Message):
+    __slots__ = ("record_id", "citizen_id", "variable", "date", "value", "source", "scenario")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
+    VARIABLE_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    citizen_id: str
+    variable: str
+    date: str
+    value: float
+    source: str
+    scenario: str
+    def __init__(self, record_id: _Optional[str] = ..., citizen_id: _Optional[str] = ..., variable: _Optional[str] = ..., date: _Optional[str] = ..., value: _Optional[float] = ..., source: _Optional[str] = ..., scenario: _Optional[str] = ...) -> None: ...
+
+class RecordAck(_message.Message):
+    __slots__ = ("record_id", "status")
+    class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        STATUS_UNSPECIFIED: _ClassVar[RecordAck.Status]
+        ACCEPTED: _ClassVar[RecordAck.Status]
+        DUPLICATE: _ClassVar[RecordAck.Status]
+        UPDATED: _ClassVar[RecordAck.Status]
+    STATUS_UNSPECIFIED: RecordAck.Status
+    ACCEPTED: RecordAck.Status
+    DUPLICATE: RecordAck.Status
+    UPDATED: RecordAck.Status
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    status: RecordAck.Status
+    def __init__(self, record_id: _Optional[str] = ..., status: _Optional[_Union[RecordAck.Status, str]] = ...) -> None: ...
+
+class CorrectRecordRequest(_message.Message):
+    __slots__ = ("record_id", "date", "value")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    date: str
+    value: float
+    def __init__(self, record_id: _Optional[str] = ..., date: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+
+class WithdrawRecordRequest(_message.Message):
+    __slots__ = ("record_id", "why")
+    class Why(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        WHY_UNSPECIFIED: _ClassVar[WithdrawRecordRequest.Why]
+        WITHDRAWN: _ClassVar[WithdrawRecordRequest.Why]
+        REPAIRED: _ClassVar[WithdrawRecordRequest.Why]
+    WHY_UNSPECIFIED: WithdrawRecordRequest.Why
+    WITHDRAWN: WithdrawRecordRequest.Why
+    REPAIRED: WithdrawRecordRequest.Why
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    WHY_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    why: WithdrawRecordRequest.Why
+    def __init__(self, record_id: _Optional[str] = ..., why: _Optional[_Union[WithdrawRecordRequest.Why, str]] = ...) -> None: ...
+
+class ConsentRequest(_message.Message):
+    __slots__ = ("citizen_id",)
+    CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
+    citizen_id: str
+    def __init__(self, citizen_id: _Optional[str] = ...) -> None: ...
+
+class ConsentState(_message.Message):
+    __slots__ = ("citizen_id", "granted")
+    CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
+    GRANTED_FIELD_NUMBER: _ClassVar[int]
+    citizen_id: str
+    granted: bool
+    def __init__(self, citizen_id: _Optional[str] = ..., granted: _Optional[bool] = ...) -> None: ...
+
+class Citizen(_message.Message):
+    __slots__ = ("citizen_id", "birth_date")
+    CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
+    BIRTH_DATE_FIELD_NUMBER: _ClassVar[int]
+    citizen_id: str
+    birth_date: str
+    def __init__(self, citizen_id: _Optional[str] = ..., birth_date: _Optional[str] = ...) -> None: ...
+
+class CitizenAck(_message.Message):
+    __slots__ = ("citizen_id", "created")
+    CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    citizen_id: str
+    created: bool
+    def __init__(self, citizen_id: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
+
+class RegisterCardRequest(_message.Message):
+    __slots__ = ("citizen_id", "card_token")
+    CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CARD_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    citizen_id: str
+    card_token: bytes
+    def __init__(self, citizen_id: _Optional[str] = ..., card_token: _Optional[bytes] = ...) -> None: ...
+
+class RegisterCardResponse(_message.Message):
+    __slots__ = ("citizen_id", "created")
+    CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
+    citizen_id: str
+    created: bool
+    def __init__(self, citizen_id: _Optional[str] = ..., created: _Optional[bool] = ...) -> None: ...
