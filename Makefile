@@ -31,9 +31,9 @@ $(STAMP): requirements.txt requirements-dev.txt
 # The compiled kernel; rebuilt when its sources or the build script change.
 build: $(STAMP) kernel/score.stamp
 
-kernel/score.stamp: kernel/score.pyx kernel/score.pxd setup.py $(STAMP)
+kernel/score.stamp: kernel/score.pyx kernel/score.pxd server/token_index.pyx setup.py $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
 clean:
-	rm -rf build kernel/score.c kernel/*.so kernel/score.stamp
+	rm -rf build kernel/score.c server/token_index.c kernel/*.so server/*.so kernel/score.stamp

@@ -35,7 +35,15 @@ extensions = [
         ] + ([f"-march={MARCH}"] if MARCH else []),
         extra_link_args=["-fopenmp"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
-    )
+    ),
+    # Card token -> citizen row hash table for the eligibility batch path.
+    Extension(
+        "server.token_index",
+        ["server/token_index.pyx"],
+        include_dirs=[np.get_include()],
+        extra_compile_args=["-O0" if DEBUG else "-O3"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
 ]
 
 setup(
