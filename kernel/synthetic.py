@@ -198,18 +198,20 @@ def _progress(total: int, show: bool | None):
 
 
 def generate_city(
-    spec: ModelSpec, n: int, seed: int = 2018, chunk_size: int = DEFAULT_CHUNK, progress: bool | None = None
+    spec: ModelSpec, n: int, seed: int = 2018, chunk_size: int = DEFAULT_CHUNK, progress: bool | None = None,
+    as_of_day: int = AS_OF_DAY,
 ) -> City:
     """People and all their records (for the store and tests; use generate_features for
-    benchmark-size populations)."""
+    benchmark-size populations). Records are dated up to ``as_of_day`` (the seed's launch
+    day by default; the service seeds its store as of today)."""
     people, records = [], []
     with _progress(n, progress) as bar:
         for start, size, rng in _chunks(n, seed, chunk_size):
-            p, r = _chunk(spec, rng, start, size, AS_OF_DAY)
+            p, r = _chunk(spec, rng, start, size, as_of_day)
             people.append(p)
             records.append(r)
             bar.update(size)
-    return City(People.concat(people), Records.concat(records))
+    return City(People.concat(people), Records.concat(records), as_of_day)
 
 
 def generate_features(

@@ -137,8 +137,8 @@ def test_reasons_rank_points_lost_and_carry_texts(spec, calibration):
     assert len(reasons) == 4
     assert list(loss[reasons]) == sorted(loss[reasons], reverse=True)
     assert loss[reasons[-1]] >= np.delete(loss, reasons).max()
-    assert spec.variables[reasons[0]].name == "honours"  # 80 x 0.15 = 12 lost
-    assert spec.variables[reasons[1]].name == "provident_fund_loan_overdue"
+    assert spec.variables[reasons[0]].name == "provident_fund_loan_overdue"  # 42.5 x 0.25 lost
+    assert spec.variables[reasons[1]].name == "volunteer_hours"  # 50 x 0.15 lost
     for r in reasons:
         reason = spec.variables[r].reason
         assert reason.code and reason.zh and reason.en and reason.improve_zh and reason.improve_en
