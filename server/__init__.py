@@ -1,0 +1,1 @@
+"""The gRPC scoring service: servicers, scenario rules, consent, store, serving state, metrics."""

@@ -1,0 +1,83 @@
+"""Domain errors and the one table that maps them to gRPC status codes.
+
+Servicers never set a status code: domain code raises one of these (or a store error), and
+the interceptor in server/interceptors.py looks the class up in :data:`STATUS_CODES`.
+Messages name the problem (the field, the scenario, the record) and never a person's
+identifier beyond what the caller sent.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from server.store import Conflict, NotFound, StoreError
+from server.token_index import TokenIndexFull
+
+
+class ServiceError(Exception):
+    """Base of the errors a caller can cause or must know about."""
+
+
+class InvalidArgument(ServiceError):
+    """Malformed input. The message starts with the field's name."""
+
+    def __init__(self, field: str, problem: str):
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+class UnknownScenario(ServiceError):
+    def __init__(self, name: str):
+        super().__init__(f"scenario {name!r} is not configured (ListScenarios gives the names)")
+
+
+class UnknownCitizen(ServiceError):
+    def __init__(self):
+        super().__init__("citizen not found")
+
+
+class NotAuthorised(ServiceError):
+    """The citizen has not authorised scoring (or revoked it)."""
+
+    def __init__(self):
+        super().__init__("the citizen has not authorised the score's use")
+
+
+class NoScore(ServiceError):
+    """The citizen has no score: under 18."""
+
+    def __init__(self):
+        super().__init__("no score: the citizen is under 18")
+
+
+class CapacityExhausted(ServiceError):
+    pass
+
+
+class NotReady(ServiceError):
+    def __init__(self):
+        super().__init__("the service is loading or draining; retry shortly")
+
+
+#: Every domain error class and its status code. Subclasses resolve through the MRO.
+STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
+    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    UnknownScenario: grpc.StatusCode.NOT_FOUND,
+    UnknownCitizen: grpc.StatusCode.NOT_FOUND,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+    NotAuthorised: grpc.StatusCode.FAILED_PRECONDITION,
+    NoScore: grpc.StatusCode.FAILED_PRECONDITION,
+    Conflict: grpc.StatusCode.ALREADY_EXISTS,
+    CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    TokenIndexFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    NotReady: grpc.StatusCode.UNAVAILABLE,
+    StoreError: grpc.StatusCode.UNAVAILABLE,
+}
+
+
+def status_for(exc: BaseException) -> grpc.StatusCode | None:
+    """The status code for a domain error, or None for a bug (which becomes INTERNAL)."""
+    for cls in type(exc).__mro__:
+        if cls in STATUS_CODES:
+            return STATUS_CODES[cls]
+    return None

@@ -1,0 +1,126 @@
+"""Eligibility scenarios and the decision rules (design section 4).
+
+    >>> from server.scenarios import load_scenarios
+    >>> scenarios = load_scenarios()
+    >>> scenarios["campus_fitness"].min_score      # the seed: "above 580"
+    581
+
+:func:`decide` is vectorised over citizens, so a station gateway's batch of card scans is
+decided with a handful of numpy operations; a unary check is the same call on one row.
+"""
+
+from __future__ import annotations
+
+import enum
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from kernel.columns import FLAG_HARD_RULE
+
+DEFAULT_SCENARIOS_PATH = Path(__file__).resolve().parent.parent / "config" / "scenarios.toml"
+
+#: At most this many pay-later scenarios: each has one bit of the per-citizen default mask.
+MAX_PAY_LATER = 32
+
+
+class Outcome(enum.IntEnum):
+    """The distinct answers of a check; values equal the proto's qianjiang.v1.Outcome."""
+
+    ALLOW = 1
+    DENY_BELOW_THRESHOLD = 2
+    DENY_HARD_RULE = 3
+    DENY_UNPAID_DEFAULT = 4
+    UNKNOWN_CARD = 5
+    NOT_AUTHORISED = 6
+    UNDER_18 = 7
+
+
+#: The decision reason code a partner sees for each outcome (never the score or records).
+REASON_CODES = {
+    Outcome.ALLOW: (),
+    Outcome.DENY_BELOW_THRESHOLD: ("SCORE_BELOW_THRESHOLD",),
+    Outcome.DENY_HARD_RULE: ("HARD_RULE",),
+    Outcome.DENY_UNPAID_DEFAULT: ("UNPAID_DEFAULT",),
+    Outcome.UNKNOWN_CARD: ("UNKNOWN_CARD",),
+    Outcome.NOT_AUTHORISED: ("NOT_AUTHORISED",),
+    Outcome.UNDER_18: ("UNDER_18",),
+}
+
+
+class ScenarioConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Scenario:
+    name: str
+    zh: str
+    en: str
+    min_score: int
+    pay_later: bool
+    default_bit: int  # bit in the citizen's unpaid-default mask (pay-later only), else -1
+
+
+def load_scenarios(path: str | Path | None = None) -> dict[str, Scenario]:
+    path = Path(path) if path else DEFAULT_SCENARIOS_PATH
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ScenarioConfigError(f"{path}: {exc}") from exc
+    out, bit = {}, 0
+    for name, item in doc.items():
+        where = f"{path.name}: {name}"
+        if not isinstance(item, dict):
+            raise ScenarioConfigError(f"{where}: expected a table")
+        extra = set(item) - {"zh", "en", "min_score", "pay_later"}
+        if extra:
+            raise ScenarioConfigError(f"{where}.{sorted(extra)[0]}: unknown key")
+        min_score = item.get("min_score")
+        if isinstance(min_score, bool) or not isinstance(min_score, int) or not 0 <= min_score <= 1000:
+            raise ScenarioConfigError(f"{where}.min_score: expected an integer in [0, 1000], got {min_score!r}")
+        pay_later = item.get("pay_later", False)
+        if not isinstance(pay_later, bool):
+            raise ScenarioConfigError(f"{where}.pay_later: expected true or false")
+        for key in ("zh", "en"):
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise ScenarioConfigError(f"{where}.{key}: expected a non-empty string")
+        default_bit = -1
+        if pay_later:
+            if bit >= MAX_PAY_LATER:
+                raise ScenarioConfigError(f"{where}: at most {MAX_PAY_LATER} pay-later scenarios")
+            default_bit, bit = bit, bit + 1
+        out[name] = Scenario(name, item["zh"], item["en"], min_score, pay_later, default_bit)
+    if not out:
+        raise ScenarioConfigError(f"{path}: no scenarios")
+    return out
+
+
+def decide(
+    scenario: Scenario,
+    rows: np.ndarray,
+    adult: np.ndarray,
+    consent: np.ndarray,
+    score: np.ndarray,
+    flags: np.ndarray,
+    defaults: np.ndarray,
+) -> np.ndarray:
+    """Outcome (uint8) per card: ``rows`` are citizen rows from the token index (-1: unknown
+    card); the other arrays are the serving columns, indexed by row. Precedence: unknown
+    card, under 18, not authorised, then for pay-later scenarios an active serious record
+    and an unpaid default in this scenario, then the threshold."""
+    out = np.full(len(rows), Outcome.UNKNOWN_CARD, np.uint8)
+    known = rows >= 0
+    r = rows[known]
+    s = score[r]
+    o = np.where(s >= scenario.min_score, Outcome.ALLOW, Outcome.DENY_BELOW_THRESHOLD).astype(np.uint8)
+    if scenario.pay_later:
+        o[(defaults[r] >> np.uint32(scenario.default_bit)) & np.uint32(1) != 0] = Outcome.DENY_UNPAID_DEFAULT
+        o[(flags[r] & FLAG_HARD_RULE) != 0] = Outcome.DENY_HARD_RULE
+    o[consent[r] == 0] = Outcome.NOT_AUTHORISED
+    o[adult[r] == 0] = Outcome.UNDER_18
+    out[known] = o
+    return out
