@@ -1,0 +1,344 @@
+"""The domain operations of the service: what the servicers call. No protobuf here.
+
+    >>> service = CreditService(state, store, scorer, scenarios)      # doctest: +SKIP
+    >>> service.check("campus_fitness", card_token).outcome           # doctest: +SKIP
+    <Outcome.ALLOW: 1>
+
+One CreditService per worker process: it binds the kernel's single-row re-scorer to the
+shared state, keeps its own store connection and a citizen-id cache. Reads take no lock;
+every write goes store first (durable), then state, under the state's process-shared lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import os
+import re
+import secrets
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from kernel.columns import FLAG_HARD_RULE, NO_REASON
+from kernel.features import Records, build_features
+from kernel.reference import variable_points
+from kernel.score import Scorer
+from server.errors import CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, UnknownCitizen, UnknownScenario
+from server.scenarios import REASON_CODES, Outcome, Scenario, decide
+from server.state import N_CITIZENS, ServingState, adults
+from server.store import NotFound, RecordIn, RecordRow, Store
+
+#: Limits (documented in proto/): bigger requests are INVALID_ARGUMENT, not slow answers.
+MAX_BATCH_SCORES = 1_000
+MAX_BATCH_TOKENS = 100_000
+TOKEN_BYTES = 16
+
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+
+
+def check_id(value: str, field: str) -> str:
+    if not value:
+        raise InvalidArgument(field, "must not be empty")
+    if not _ID.match(value):
+        raise InvalidArgument(field, "must be 1-64 characters of letters, digits, '_', '.', ':' or '-'")
+    return value
+
+
+def check_token(token: bytes, field: str = "card_token") -> bytes:
+    if len(token) != TOKEN_BYTES:
+        raise InvalidArgument(field, f"expected {TOKEN_BYTES} bytes, got {len(token)}")
+    return token
+
+
+@dataclass(frozen=True)
+class ScoreView:
+    citizen_id: str
+    score: int
+    level: int  # index into spec.levels
+    percentile: float
+    raw_points: float
+    dimension_points: tuple[float, ...]
+    reasons: tuple[tuple[int, float], ...]  # (variable index, weighted points lost)
+    hard_rule_applied: bool
+    model_version: str
+    calibration_version: str
+    computed_at: float
+
+
+@dataclass(frozen=True)
+class Contribution:
+    variable: int
+    feature: float
+    points: float
+
+
+@dataclass(frozen=True)
+class DecisionView:
+    outcome: Outcome
+    reason_codes: tuple[str, ...]
+    decision_id: str
+    model_version: str
+    scenario: str
+
+
+@dataclass(frozen=True)
+class BatchDecision:
+    outcomes: bytes
+    batch_id: str
+    model_version: str
+    scenario: str
+    allowed: int
+
+
+class DecisionIds:
+    """Unique decision ids without coordination: a random per-process prefix and a counter."""
+
+    def __init__(self):
+        self._prefix = f"{secrets.token_hex(4)}{os.getpid():x}"
+        self._counter = itertools.count(1)
+
+    def next(self) -> str:
+        return f"d-{self._prefix}-{next(self._counter):x}"
+
+
+class CreditService:
+    def __init__(
+        self, state: ServingState, store: Store, scorer: Scorer, scenarios: dict[str, Scenario],
+        on_rescore=None, on_decisions=None,
+    ):
+        """``on_rescore(seconds)`` and ``on_decisions(scenario, outcomes)`` feed metrics."""
+        self.state = state
+        self.store = store
+        self.scorer = scorer
+        self.spec = scorer.spec
+        self.scenarios = scenarios
+        self.model_version = self.spec.model_version
+        self.calibration_version = scorer.calibration.calibration_version
+        self.rows = scorer.bind(state.features, state.adult, state.columns)
+        self.ids = DecisionIds()
+        self._row_of: dict[str, int] = {}
+        self._variables = {v.name: i for i, v in enumerate(self.spec.variables)}
+        self._on_rescore = on_rescore or (lambda seconds: None)
+        self._on_decisions = on_decisions or (lambda scenario, outcomes: None)
+        c = self.spec.compiled
+        self._best, self._loss_weight = c.best, c.loss_weight
+
+    # --- lookups ----------------------------------------------------------------------
+
+    def row_of(self, citizen_id: str) -> int:
+        check_id(citizen_id, "citizen_id")
+        row = self._row_of.get(citizen_id)
+        if row is None:
+            try:
+                row = self.store.citizen_row(citizen_id)
+            except NotFound:
+                raise UnknownCitizen() from None
+            self._row_of[citizen_id] = row
+        if row >= self.state.n_citizens:  # created by another worker a moment ago
+            raise UnknownCitizen()
+        return row
+
+    def scenario(self, name: str) -> Scenario:
+        if not name:
+            raise InvalidArgument("scenario", "must not be empty")
+        try:
+            return self.scenarios[name]
+        except KeyError:
+            raise UnknownScenario(name) from None
+
+    # --- scores -----------------------------------------------------------------------
+
+    def get_score(self, citizen_id: str) -> ScoreView:
+        row = self.row_of(citizen_id)
+        return self._view(citizen_id, row)
+
+    def _view(self, citizen_id: str, row: int) -> ScoreView:
+        s = self.state
+        if not s.consent[row]:
+            raise NotAuthorised()
+        if not s.adult[row]:
+            raise NoScore()
+        cols = s.columns
+        pts = self._row_points(row)
+        reasons = tuple(
+            (int(v), float((self._best[v] - pts[v]) * self._loss_weight[v]))
+            for v in cols.reasons[row] if v != NO_REASON
+        )
+        return ScoreView(
+            citizen_id=citizen_id,
+            score=int(cols.score[row]),
+            level=int(cols.level[row]),
+            percentile=float(cols.percentile[row]),
+            raw_points=float(cols.raw[row]),
+            dimension_points=tuple(float(x) for x in cols.dimension_points[row]),
+            reasons=reasons,
+            hard_rule_applied=bool(cols.flags[row] & FLAG_HARD_RULE),
+            model_version=self.model_version,
+            calibration_version=self.calibration_version,
+            computed_at=float(s.computed_at[row]),
+        )
+
+    def _row_points(self, row: int) -> np.ndarray:
+        """Unweighted points of each variable (the reference maths, for one citizen)."""
+        return variable_points(self.spec, self.state.features[row : row + 1])[0]
+
+    def explain(self, citizen_id: str) -> tuple[ScoreView, list[Contribution]]:
+        row = self.row_of(citizen_id)
+        view = self._view(citizen_id, row)
+        pts = self._row_points(row)
+        feats = self.state.features[row]
+        return view, [Contribution(v, float(feats[v]), float(pts[v])) for v in range(len(pts))]
+
+    def batch_scores(self, citizen_ids: list[str]) -> list[tuple[str, ScoreView | None]]:
+        if len(citizen_ids) > MAX_BATCH_SCORES:
+            raise InvalidArgument("citizen_ids", f"{len(citizen_ids)} ids exceed the limit of {MAX_BATCH_SCORES}")
+        out = []
+        for i, cid in enumerate(citizen_ids):
+            check_id(cid, f"citizen_ids[{i}]")
+            try:
+                out.append(("OK", self.get_score(cid)))
+            except UnknownCitizen:
+                out.append(("NOT_FOUND", None))
+            except NotAuthorised:
+                out.append(("NOT_AUTHORISED", None))
+            except NoScore:
+                out.append(("UNDER_18", None))
+        return out
+
+    # --- eligibility ------------------------------------------------------------------
+
+    def _decide(self, scenario: Scenario, rows: np.ndarray) -> np.ndarray:
+        s = self.state
+        outcomes = decide(scenario, rows, s.adult, s.consent, s.columns.score, s.columns.flags, s.defaults)
+        self._on_decisions(scenario.name, outcomes)
+        return outcomes
+
+    def check(self, scenario_name: str, token: bytes) -> DecisionView:
+        scenario = self.scenario(scenario_name)
+        check_token(token)
+        row = self.state.tokens.get(token)
+        outcome = Outcome(int(self._decide(scenario, np.array([row], np.int32))[0]))
+        codes = REASON_CODES[outcome]
+        if outcome == Outcome.DENY_HARD_RULE:
+            codes = tuple(f"HARD_RULE:{self.spec.variables[v].reason.code}" for v in self._hard_rules(row))
+        return DecisionView(outcome, codes, self.ids.next(), self.model_version, scenario.name)
+
+    def _hard_rules(self, row: int) -> list[int]:
+        c = self.spec.compiled
+        return [v for v in np.flatnonzero(c.hard_rule) if self.state.features[row, v] > 0]
+
+    def check_batch(self, scenario_name: str, tokens: bytes) -> BatchDecision:
+        scenario = self.scenario(scenario_name)
+        if len(tokens) % TOKEN_BYTES:
+            raise InvalidArgument("card_tokens", f"{len(tokens)} bytes is not a whole number of {TOKEN_BYTES}-byte tokens")
+        n = len(tokens) // TOKEN_BYTES
+        if n > MAX_BATCH_TOKENS:
+            raise InvalidArgument("card_tokens", f"{n} tokens exceed the limit of {MAX_BATCH_TOKENS}")
+        rows = self.state.tokens.lookup_batch(tokens)
+        outcomes = self._decide(scenario, rows)
+        allowed = int(np.count_nonzero(outcomes == Outcome.ALLOW))
+        return BatchDecision(outcomes.tobytes(), self.ids.next(), self.model_version, scenario.name, allowed)
+
+    # --- writes: store first, then state, under the shared lock ------------------------
+
+    def ingest(self, record: RecordIn) -> bool:
+        """Store one record durably and re-score its citizen. False: a duplicate id."""
+        self._check_record(record)
+        row = self.row_of(record.citizen_id)
+        with self.state.lock:
+            (inserted,) = self.store.add_records([record])
+            if inserted:
+                self._rescore(row)
+        return inserted
+
+    def _check_record(self, r: RecordIn) -> None:
+        check_id(r.record_id, "record.record_id")
+        check_id(r.citizen_id, "record.citizen_id")
+        if r.variable not in self._variables:
+            raise InvalidArgument("record.variable", f"{r.variable!r} is not a variable of model {self.model_version}")
+        check_value(r.value, "record.value")
+        if r.day > self.state.as_of_day:
+            raise InvalidArgument("record.date", "is in the future")
+        if r.scenario is not None:
+            sc = self.scenario(r.scenario)
+            if not sc.pay_later:
+                raise InvalidArgument("record.scenario", f"{r.scenario!r} is not a pay-later scenario")
+            if self.spec.variables[self._variables[r.variable]].direction != "negative":
+                raise InvalidArgument("record.scenario", "only a negative record can be an unpaid default")
+
+    def correct_record(self, record_id: str, day: int, value: float) -> RecordRow:
+        check_id(record_id, "record_id")
+        check_value(value, "value")
+        if day > self.state.as_of_day:
+            raise InvalidArgument("date", "is in the future")
+        with self.state.lock:
+            row = self.store.correct_record(record_id, day, value)
+            self._rescore(row.citizen_row)
+        return row
+
+    def withdraw_record(self, record_id: str, status: str) -> RecordRow:
+        check_id(record_id, "record_id")
+        with self.state.lock:
+            row = self.store.set_record_status(record_id, status)
+            self._rescore(row.citizen_row)
+        return row
+
+    def set_consent(self, citizen_id: str, granted: bool) -> None:
+        row = self.row_of(citizen_id)
+        with self.state.lock:
+            self.store.set_consent(citizen_id, granted)
+            self.state.consent[row] = 1 if granted else 0
+
+    def upsert_citizen(self, citizen_id: str, birth_day: int) -> bool:
+        check_id(citizen_id, "citizen_id")
+        if birth_day > self.state.as_of_day:
+            raise InvalidArgument("birth_date", "is in the future")
+        s = self.state
+        with s.lock:
+            n = s.n_citizens
+            if citizen_id not in self._row_of and n >= s.capacity:
+                try:
+                    self.store.citizen_row(citizen_id)
+                except NotFound:
+                    raise CapacityExhausted(f"the serving state holds {s.capacity} citizens; restart to grow it") from None
+            row, created = self.store.upsert_citizen(citizen_id, birth_day)
+            s.birth_day[row] = birth_day
+            if created:
+                s.consent[row] = 0
+                s.meta[N_CITIZENS] = max(n, row + 1)
+            self._row_of[citizen_id] = row
+            self._rescore(row)
+        return created
+
+    def register_card(self, citizen_id: str, token: bytes) -> bool:
+        check_token(token)
+        self.row_of(citizen_id)
+        with self.state.lock:
+            row, created = self.store.register_card(token, citizen_id)
+            self.state.tokens.insert(token, row)
+        return created
+
+    def _rescore(self, row: int) -> None:
+        """Re-derive one citizen's features from the store and re-score the row in place.
+        Caller holds the state lock."""
+        t0 = time.perf_counter()
+        s = self.state
+        active = self.store.active_records(citizen_row=row)
+        records, bits = s.to_records(active, self.scenarios)
+        local = Records(np.zeros(len(records), np.int64), records.variable, records.day, records.value)
+        s.features[row] = build_features(self.spec, local, 1, s.as_of_day)[0]
+        s.defaults[row] = s.default_masks(local, bits, 1, s.as_of_day)[0]
+        s.adult[row] = adults(s.birth_day[row : row + 1], s.as_of_day)[0]
+        self.rows.rescore(row)
+        s.computed_at[row] = time.time()
+        self._on_rescore(time.perf_counter() - t0)
+
+
+def check_value(value: float, field: str) -> float:
+    if not math.isfinite(value):
+        raise InvalidArgument(field, f"{value} is not a finite number")
+    if value < 0:
+        raise InvalidArgument(field, f"{value} is negative")
+    return value
