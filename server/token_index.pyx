@@ -126,6 +126,11 @@ cdef class TokenIndex:
             self.count[0] += 1
         return new
 
+    def clear(self):
+        """Forget every token (a reload; not while readers are being served)."""
+        self.rows[:] = -1
+        self.count[0] = 0
+
     def _check_room(self, n):
         if self.count[0] + n > self.limit:
             raise TokenIndexFull(

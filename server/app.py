@@ -1,0 +1,382 @@
+"""Building and running the server.
+
+    >>> runtime = Runtime.prepare(ServerConfig(data_dir=tmp, seed_citizens=2000))   # doctest: +SKIP
+    >>> node = Node(runtime, port=0); node.start(); runtime.load(); node.attach()   # doctest: +SKIP
+    >>> node.port                                                                     # doctest: +SKIP
+    40123
+
+:class:`Runtime` is what all worker processes share: the model, the scenarios, the store's
+address, and the serving state in shared memory. :class:`Node` is one process's gRPC server
+(health, reflection, the three services). :func:`serve` runs either one node in this process
+or, with ``workers > 1``, the grpc multiprocessing pattern: the parent allocates the shared
+state, forks the workers (each binds the same port with SO_REUSEPORT and answers NOT_SERVING),
+loads the state, and the workers turn SERVING when it is ready. SIGTERM drains gracefully.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from kernel.calibration import CalibrationTable, RawHistogram
+from kernel.score import Scorer
+from kernel.spec import ModelSpec, load_spec
+from kernel.synthetic import generate_city
+from qianjiang.v1 import eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc
+from server.interceptors import ServiceInterceptor
+from server.metrics import Metrics
+from server.scenarios import load_scenarios
+from server.service import CreditService
+from server.servicers import EligibilityServicer, RecordsServicer, ScoreServicer
+from server.state import ServingState, today
+from server.store import Store, open_store
+
+log = logging.getLogger("qianjiang.server")
+
+SERVICE_NAMES = (
+    score_pb2.DESCRIPTOR.services_by_name["ScoreService"].full_name,
+    eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name,
+    records_pb2.DESCRIPTOR.services_by_name["RecordsService"].full_name,
+)
+
+#: Bigger messages are refused by grpc with RESOURCE_EXHAUSTED (a BatchCheck of the maximum
+#: 100,000 tokens is 1.6 MB).
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass
+class ServerConfig:
+    data_dir: Path = Path("data")
+    store_url: str | None = None  # default: sqlite:///<data_dir>/qianjiang.db
+    spec_path: Path | None = None
+    scenarios_path: Path | None = None
+    host: str = "127.0.0.1"
+    port: int = 50051
+    metrics_port: int = 9464  # 0: no metrics endpoint
+    workers: int = 1
+    threads: int = 16  # handler threads per worker
+    max_concurrent_rpcs: int = 512  # beyond this, RESOURCE_EXHAUSTED instead of a queue
+    seed_citizens: int = 100_000  # synthetic city written to an empty store
+    seed: int = 2018
+    grace_seconds: float = 5.0
+
+    @property
+    def resolved_store_url(self) -> str:
+        return self.store_url or f"sqlite:///{Path(self.data_dir).resolve()}/qianjiang.db"
+
+
+# --- the shared part ----------------------------------------------------------------------
+
+
+class Runtime:
+    def __init__(self, config: ServerConfig, spec: ModelSpec, scenarios, state: ServingState):
+        self.config, self.spec, self.scenarios, self.state = config, spec, scenarios, state
+        self.calibration_path = Path(config.data_dir) / f"calibration-{spec.model_version}.npz"
+
+    @classmethod
+    def prepare(cls, config: ServerConfig) -> "Runtime":
+        """Open the store (seeding an empty one) and allocate the shared state. Cheap
+        enough to run before the workers fork; loading comes after (:meth:`load`)."""
+        spec = load_spec(config.spec_path)
+        scenarios = load_scenarios(config.scenarios_path)
+        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        store = open_store(config.resolved_store_url)
+        try:
+            if store.counts()["citizens"] == 0 and config.seed_citizens > 0:
+                seed_store(store, spec, config.seed_citizens, config.seed)
+            counts = store.counts()
+        finally:
+            store.close()
+        capacity = max(1024, int(counts["citizens"] * 1.25) + 1024)
+        state = ServingState.allocate(spec, capacity, token_capacity=max(capacity, int(counts["cards"] * 1.25) + 1024))
+        return cls(config, spec, scenarios, state)
+
+    def open_store(self, metrics: Metrics | None = None) -> Store:
+        return open_store(self.config.resolved_store_url, on_write=metrics.observe_store_write if metrics else None)
+
+    def calibration(self) -> CalibrationTable:
+        return CalibrationTable.load(self.calibration_path, self.spec)
+
+    def load(self, metrics: Metrics | None = None) -> None:
+        """Fill the shared state from the store and score everyone. The first time a model
+        version is served, its calibration table is built from this population and frozen
+        (later starts reuse it, so scores are reproducible)."""
+        t0 = time.perf_counter()
+        store = self.open_store()
+        try:
+            as_of = today()
+            if not self.calibration_path.exists():
+                self.state.load(store, Scorer(self.spec), self.scenarios, as_of, mark_ready=False)
+                n = self.state.n_citizens
+                cols = self.state.columns
+                hist = RawHistogram.empty(self.spec)
+                hist.add(cols.raw[:n][self.state.adult[:n] == 1])
+                hist.freeze().save(self.calibration_path)
+                log.info("calibrated model %s on %d adults", self.spec.model_version, int(hist.counts.sum()))
+            self.state.load(store, Scorer(self.spec, self.calibration()), self.scenarios, as_of)
+        finally:
+            store.close()
+        if metrics:
+            metrics.kernel_batch_seconds.observe(self.state.last_batch_seconds)
+            metrics.citizens.set(self.state.n_citizens)
+        log.info("loaded %d citizens in %.1f s", self.state.n_citizens, time.perf_counter() - t0)
+
+    def refresh_if_new_day(self, metrics: Metrics | None = None) -> bool:
+        """Records age out and people turn 18 by the day: re-derive everyone on a new day."""
+        day = today()
+        if day == self.state.as_of_day:
+            return False
+        store = self.open_store()
+        try:
+            self.state.refresh(store, Scorer(self.spec, self.calibration()), self.scenarios, day)
+        finally:
+            store.close()
+        if metrics:
+            metrics.kernel_batch_seconds.observe(self.state.last_batch_seconds)
+        return True
+
+
+def card_token(seed: int, row: int) -> bytes:
+    """The synthetic city's card token of a citizen: a keyed hash, so nothing about the
+    person can be read back from it."""
+    return hashlib.blake2b(row.to_bytes(8, "little"), key=f"qianjiang-synthetic-{seed}".encode(), digest_size=16).digest()
+
+
+def citizen_id(row: int) -> str:
+    return f"c{row:08d}"
+
+
+def seed_store(store: Store, spec: ModelSpec, n: int, seed: int, authorised_share: float = 0.85) -> None:
+    """Write a synthetic city (as of today) into an empty store: citizens, card tokens, the
+    consents of about 85 % of them, and their records."""
+    t0 = time.perf_counter()
+    as_of = today()
+    city = generate_city(spec, n, seed=seed, as_of_day=as_of, progress=n >= 500_000)
+    rng = np.random.default_rng(seed)
+    age_days = city.people.age.astype(np.int64) * 365 + rng.integers(0, 365, n)
+    store.upsert_citizens_bulk([citizen_id(i) for i in range(n)], (as_of - age_days).astype(np.int32))
+    tokens = np.frombuffer(b"".join(card_token(seed, i) for i in range(n)), np.uint8).reshape(n, 16)
+    store.register_cards_bulk(tokens, np.arange(n))
+    store.set_consents_bulk(np.flatnonzero(rng.random(n) < authorised_share), True)
+    recs = city.records
+    names = np.array([v.name for v in spec.variables], dtype=object)
+    sources = np.array([v.source for v in spec.variables], dtype=object)
+    variable = names[recs.variable.astype(np.intp)]
+    for src in np.unique(sources[recs.variable.astype(np.intp)]):
+        sel = sources[recs.variable.astype(np.intp)] == src
+        idx = np.flatnonzero(sel)
+        store.add_records_bulk(
+            recs.citizen[sel], list(variable[sel]), recs.day[sel], recs.value[sel], str(src),
+            [f"syn-{seed}-{i}" for i in idx],
+        )
+    log.info("seeded %d citizens and %d records in %.1f s", n, len(recs), time.perf_counter() - t0)
+
+
+# --- one process's server -------------------------------------------------------------------
+
+
+class Node:
+    """One gRPC server: health, reflection and the three services."""
+
+    def __init__(self, runtime: Runtime, port: int | None = None, host: str | None = None,
+                 metrics: Metrics | None = None, reuseport: bool = False):
+        cfg = runtime.config
+        self.runtime = runtime
+        self.metrics = metrics or Metrics()
+        self.health = health.HealthServicer()
+        for name in ("",) + SERVICE_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="qj-rpc"),
+            interceptors=[ServiceInterceptor(self.metrics, ready=self._ready)],
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            options=[
+                ("grpc.so_reuseport", 1 if reuseport else 0),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self.score = ScoreServicer(None)
+        self.eligibility = EligibilityServicer(None)
+        self.records = RecordsServicer(None)
+        score_pb2_grpc.add_ScoreServiceServicer_to_server(self.score, self.server)
+        eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(self.eligibility, self.server)
+        records_pb2_grpc.add_RecordsServiceServicer_to_server(self.records, self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        addr = f"{host or cfg.host}:{cfg.port if port is None else port}"
+        self.port = self.server.add_insecure_port(addr)
+        if not self.port:
+            raise OSError(f"cannot listen on {addr}")
+        self.service: CreditService | None = None
+        self._store: Store | None = None
+
+    def _ready(self) -> bool:
+        return self.service is not None and self.runtime.state.ready
+
+    def start(self) -> "Node":
+        self.server.start()
+        return self
+
+    def attach(self) -> CreditService:
+        """Once the shared state is loaded: bind the kernel, open this process's store
+        connection, and turn SERVING."""
+        rt, m = self.runtime, self.metrics
+        self._store = rt.open_store(m)
+        scorer = Scorer(rt.spec, rt.calibration())
+        decisions = m.decisions
+
+        def on_decisions(scenario: str, outcomes: np.ndarray) -> None:
+            counts = np.bincount(outcomes, minlength=8)
+            for value in np.flatnonzero(counts):
+                decisions.labels(scenario=scenario, outcome=_OUTCOME_NAMES[value]).inc(int(counts[value]))
+
+        service = CreditService(rt.state, self._store, scorer, rt.scenarios, on_rescore=m.observe_rescore, on_decisions=on_decisions)
+        self.score.service = self.eligibility.service = self.records.service = service
+        self.service = service
+        m.model_info.labels(model_version=rt.spec.model_version, calibration_version=scorer.calibration.calibration_version).set(1)
+        for name in ("",) + SERVICE_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        return service
+
+    def drain(self, grace: float | None = None) -> None:
+        """NOT_SERVING first (load balancers stop sending), then finish calls in flight."""
+        for name in ("",) + SERVICE_NAMES:
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server.stop(self.runtime.config.grace_seconds if grace is None else grace).wait()
+        if self._store is not None:
+            self._store.close()
+
+
+def _outcome_names():
+    from server.scenarios import Outcome
+
+    names = ["UNSPECIFIED"] * 8
+    for o in Outcome:
+        names[o.value] = o.name
+    return names
+
+
+_OUTCOME_NAMES = _outcome_names()
+
+
+# --- running ----------------------------------------------------------------------------------
+
+
+def _wait_for_signal() -> int:
+    stop = threading.Event()
+    got = {}
+
+    def handler(signum, frame):
+        got["signum"] = signum
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+    while not stop.wait(1.0):
+        pass
+    return got["signum"]
+
+
+def serve(config: ServerConfig, on_ready=None) -> None:
+    """Run the service until SIGTERM or SIGINT. ``on_ready(runtime)`` is called once it
+    answers (the CLI prints how to query it)."""
+    if config.workers > 1 and config.port == 0:
+        raise ValueError("--workers > 1 needs a fixed --port (every worker binds the same one)")
+    runtime = Runtime.prepare(config)
+    if config.workers <= 1:
+        _serve_single(runtime, on_ready)
+    else:
+        _serve_workers(runtime, on_ready)
+
+
+def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event) -> None:
+    while not stop.wait(60.0):
+        try:
+            if runtime.refresh_if_new_day(metrics):
+                log.info("new day: re-derived every citizen's features")
+        except Exception:  # noqa: BLE001 - keep serving yesterday's scores, retry next minute
+            log.exception("daily refresh failed")
+
+
+def _serve_single(runtime: Runtime, on_ready) -> None:
+    cfg = runtime.config
+    metrics = Metrics()
+    if cfg.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(cfg.metrics_port, addr=cfg.host)
+    node = Node(runtime, metrics=metrics).start()
+    runtime.load(metrics)
+    node.attach()
+    stop = threading.Event()
+    threading.Thread(target=_maintenance, args=(runtime, metrics, stop), daemon=True).start()
+    if on_ready:
+        on_ready(runtime, node.port)
+    _wait_for_signal()
+    stop.set()
+    log.info("draining")
+    node.drain()
+
+
+def _serve_workers(runtime: Runtime, on_ready) -> None:
+    cfg = runtime.config
+    children = []
+    for _ in range(cfg.workers):
+        pid = os.fork()
+        if pid == 0:  # worker
+            code = 0
+            try:
+                _worker(runtime)
+            except BaseException:  # noqa: BLE001
+                log.exception("worker failed")
+                code = 1
+            finally:
+                os._exit(code)
+        children.append(pid)
+    metrics = Metrics()
+    if cfg.metrics_port:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)
+        start_http_server(cfg.metrics_port, addr=cfg.host, registry=registry)
+    runtime.load(metrics)
+    if on_ready:
+        on_ready(runtime, cfg.port)
+    stop = threading.Event()
+    threading.Thread(target=_maintenance, args=(runtime, metrics, stop), daemon=True).start()
+    _wait_for_signal()
+    stop.set()
+    log.info("draining %d workers", len(children))
+    for pid in children:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for pid in children:
+        os.waitpid(pid, 0)
+
+
+def _worker(runtime: Runtime) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM drains
+    node = Node(runtime, reuseport=True).start()
+    while not runtime.state.ready:
+        time.sleep(0.05)
+    node.attach()
+    _wait_for_signal()
+    node.drain()

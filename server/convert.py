@@ -1,0 +1,123 @@
+"""Protobuf <-> domain conversions. The only module besides the servicers that sees protobuf.
+
+Parsing validates every field and raises InvalidArgument naming it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from kernel.spec import ModelSpec
+from qianjiang.v1 import common_pb2, eligibility_pb2, records_pb2, score_pb2
+from server.errors import InvalidArgument
+from server.scenarios import Scenario
+from server.service import BatchDecision, Contribution, DecisionView, ScoreView
+from server.state import day_of
+from server.store import RecordIn
+
+#: Level index in the spec -> proto enum (the spec's five levels, in order).
+LEVELS = (common_pb2.NEEDS_IMPROVEMENT, common_pb2.FAIR, common_pb2.GOOD, common_pb2.EXCELLENT, common_pb2.OUTSTANDING)
+
+
+def parse_date(value: str, field: str) -> int:
+    if not value:
+        raise InvalidArgument(field, "must not be empty (YYYY-MM-DD)")
+    try:
+        return day_of(value)
+    except ValueError:
+        raise InvalidArgument(field, f"{value!r} is not a date (YYYY-MM-DD)") from None
+
+
+def record_in(msg: records_pb2.Record, index: int | None = None) -> RecordIn:
+    field = "record"
+    return RecordIn(
+        record_id=msg.record_id,
+        citizen_id=msg.citizen_id,
+        variable=msg.variable,
+        day=parse_date(msg.date, f"{field}.date"),
+        value=msg.value,
+        source=msg.source or "unspecified",
+        scenario=msg.scenario or None,
+    )
+
+
+def score_message(view: ScoreView, spec: ModelSpec) -> score_pb2.Score:
+    ts = Timestamp()
+    ts.FromDatetime(_dt.datetime.fromtimestamp(view.computed_at, _dt.timezone.utc))
+    level = spec.levels[view.level]
+    return score_pb2.Score(
+        citizen_id=view.citizen_id,
+        score=view.score,
+        level=LEVELS[view.level],
+        level_zh=level.zh,
+        percentile=view.percentile,
+        raw_points=view.raw_points,
+        dimensions=[
+            common_pb2.DimensionPoints(dimension=d.name, name_zh=d.zh, name_en=d.en, points=p)
+            for d, p in zip(spec.dimensions, view.dimension_points)
+        ],
+        reasons=[reason_message(spec, v, lost) for v, lost in view.reasons],
+        hard_rule_applied=view.hard_rule_applied,
+        model_version=view.model_version,
+        calibration_version=view.calibration_version,
+        computed_at=ts,
+    )
+
+
+def reason_message(spec: ModelSpec, v: int, lost: float) -> common_pb2.Reason:
+    var = spec.variables[v]
+    r = var.reason
+    return common_pb2.Reason(
+        code=r.code, variable=var.name, text_zh=r.zh, text_en=r.en,
+        improve_zh=r.improve_zh, improve_en=r.improve_en, points_lost=lost,
+    )
+
+
+def explanation_message(view: ScoreView, contributions: list[Contribution], spec: ModelSpec) -> score_pb2.Explanation:
+    return score_pb2.Explanation(
+        score=score_message(view, spec),
+        variables=[
+            score_pb2.VariableContribution(
+                variable=spec.variables[c.variable].name,
+                dimension=spec.variables[c.variable].dimension,
+                direction=spec.variables[c.variable].direction,
+                feature=c.feature,
+                points=c.points,
+                best_points=spec.variables[c.variable].best_points,
+            )
+            for c in contributions
+        ],
+    )
+
+
+def decision_message(d: DecisionView, request_id: int = 0) -> eligibility_pb2.Decision:
+    return eligibility_pb2.Decision(
+        outcome=int(d.outcome), allowed=d.outcome == 1, reason_codes=list(d.reason_codes),
+        decision_id=d.decision_id, model_version=d.model_version, scenario=d.scenario, request_id=request_id,
+    )
+
+
+def batch_message(b: BatchDecision) -> eligibility_pb2.BatchCheckResponse:
+    return eligibility_pb2.BatchCheckResponse(
+        outcomes=b.outcomes, batch_id=b.batch_id, model_version=b.model_version, scenario=b.scenario,
+        count=len(b.outcomes), allowed=b.allowed,
+    )
+
+
+def scenario_message(s: Scenario) -> eligibility_pb2.Scenario:
+    return eligibility_pb2.Scenario(name=s.name, name_zh=s.zh, name_en=s.en, min_score=s.min_score, pay_later=s.pay_later)
+
+
+WITHDRAW_STATUS = {
+    records_pb2.WithdrawRecordRequest.WITHDRAWN: "withdrawn",
+    records_pb2.WithdrawRecordRequest.REPAIRED: "repaired",
+}
+
+
+def withdraw_status(why: int) -> str:
+    try:
+        return WITHDRAW_STATUS[why]
+    except KeyError:
+        raise InvalidArgument("why", f"{why} is not WITHDRAWN (1) or REPAIRED (2)") from None

@@ -1,0 +1,116 @@
+"""The server interceptor: Prometheus metrics for every call, the readiness gate, deadlines,
+and the mapping of domain errors to status codes (server/errors.py), in one place.
+
+A handler body runs inside try/finally so that every call is counted once with the status
+it ended with, whatever it raised.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Callable
+
+import grpc
+
+from server.errors import NotReady, status_for
+from server.metrics import Metrics
+
+log = logging.getLogger("qianjiang.server")
+
+#: Services gated on readiness (health and reflection always answer).
+GATED_PREFIX = "/qianjiang.v1."
+
+
+def _rpc_type(handler) -> str:
+    if handler.request_streaming and handler.response_streaming:
+        return "bidi_stream"
+    if handler.request_streaming:
+        return "client_stream"
+    if handler.response_streaming:
+        return "server_stream"
+    return "unary"
+
+
+class ServiceInterceptor(grpc.ServerInterceptor):
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool]):
+        self.metrics = metrics
+        self.ready = ready
+
+    def intercept_service(self, continuation, details):
+        handler = continuation(details)
+        if handler is None:
+            return None
+        service, _, method = details.method.lstrip("/").partition("/")
+        labels = dict(grpc_type=_rpc_type(handler), grpc_service=service, grpc_method=method)
+        gated = details.method.startswith(GATED_PREFIX)
+        m = self.metrics
+        started = m.started.labels(**labels)
+        handling = m.handling.labels(**labels)
+
+        def finish(code: grpc.StatusCode, t0: float) -> None:
+            m.handled.labels(**labels, grpc_code=code.name).inc()
+            handling.observe(time.perf_counter() - t0)
+
+        def begin(context) -> float:
+            started.inc()
+            return time.perf_counter()
+
+        def fail(exc: BaseException, context) -> grpc.StatusCode:
+            """Abort the call with the table's code for exc (re-raises)."""
+            code = status_for(exc)
+            if code is None:
+                if context.code() not in (None, grpc.StatusCode.OK):  # aborted by grpc itself
+                    return context.code()
+                log.exception("internal error in %s", details.method)
+                code, message = grpc.StatusCode.INTERNAL, "internal error"
+            else:
+                message = str(exc)
+            context.abort(code, message)
+
+        def precheck(context) -> None:
+            if gated and not self.ready():
+                raise NotReady()
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
+
+        def code_of(context) -> grpc.StatusCode:
+            code = context.code()
+            if isinstance(code, grpc.StatusCode):
+                return code
+            if not context.is_active():  # the client went away or its deadline passed
+                remaining = context.time_remaining()
+                return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+            return grpc.StatusCode.OK
+
+        if not handler.response_streaming:
+            behaviour = handler.unary_unary or handler.stream_unary
+
+            def unary(request_or_iterator, context):
+                t0 = begin(context)
+                try:
+                    precheck(context)
+                    return behaviour(request_or_iterator, context)
+                except Exception as exc:  # noqa: BLE001 - mapped by the table
+                    fail(exc, context)
+                finally:
+                    finish(code_of(context), t0)
+
+            wrap = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
+            return wrap(unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+
+        behaviour = handler.unary_stream or handler.stream_stream
+
+        def streaming(request_or_iterator, context):
+            t0 = begin(context)
+            try:
+                precheck(context)
+                yield from behaviour(request_or_iterator, context)
+            except Exception as exc:  # noqa: BLE001
+                fail(exc, context)
+            finally:
+                finish(code_of(context), t0)
+
+        wrap = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
+        return wrap(streaming, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
