@@ -8,8 +8,10 @@ STAMP   = $(VENV)/.installed
 
 .PHONY: run test build venv bench calibrate clean
 
+# The service on its embedded default: SQLite under data/, seeded once with a synthetic city
+# of 100,000 people; later starts reuse the data. Pass options with ARGS="--workers 2".
 run: build
-	$(PY) -m kernel.calibrate --citizens 1000000 --out data/calibration-v1.npz --png data/calibration-v1.png
+	$(VENV)/bin/qjscore serve $(ARGS)
 
 test: build
 	$(PY) -m pytest -q
@@ -18,7 +20,7 @@ bench: build
 	$(PY) -m kernel.bench --citizens 2000000
 
 calibrate: build
-	$(PY) -m kernel.calibrate --citizens 1000000 --out data/calibration-v1.npz --png data/calibration-v1.png
+	$(PY) -m kernel.calibrate --citizens 1000000 --out data/calibration-report.npz --png data/calibration-report.png
 
 venv: $(STAMP)
 
@@ -29,7 +31,12 @@ $(STAMP): requirements.txt requirements-dev.txt
 	touch $(STAMP)
 
 # The compiled kernel; rebuilt when its sources or the build script change.
-build: $(STAMP) kernel/score.stamp
+build: $(STAMP) kernel/score.stamp $(VENV)/bin/qjscore
+
+# The qjscore command (an editable install: the code stays here).
+$(VENV)/bin/qjscore: setup.py $(STAMP)
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
 
 kernel/score.stamp: kernel/score.pyx kernel/score.pxd server/token_index.pyx setup.py $(STAMP)
 	$(PY) setup.py -q build_ext --inplace

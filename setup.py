@@ -50,7 +50,7 @@ setup(
     name="qianjiang-score",
     version="0.1.0",
     description="Qianjiang city personal credit score service",
-    packages=find_packages(include=["kernel", "kernel.*", "server", "server.*", "clients", "clients.*", "loadtest", "loadtest.*"]),
+    packages=find_packages(include=["kernel", "kernel.*", "server", "server.*", "clients", "clients.*", "loadtest", "loadtest.*", "qianjiang", "qianjiang.*"]),
     package_data={"kernel": ["models/*.toml", "*.pyi", "*.pxd"]},
     ext_modules=cythonize(
         extensions,
@@ -63,4 +63,5 @@ setup(
         },
     ),
     python_requires=">=3.11",
+    entry_points={"console_scripts": ["qjscore = clients.cli:main"]},
 )

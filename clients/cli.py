@@ -1,0 +1,358 @@
+"""qjscore: the command-line tool of the Qianjiang Score service.
+
+    qjscore serve                                  # the service on data/ (seeds a synthetic city once)
+    qjscore check campus_fitness --card 3f2a...    # may this card use campus fitness?
+    qjscore score c00000003                        # a citizen's score, level and reasons
+    qjscore ingest --record-id r-1 --citizen c00000003 --variable utility_arrears_serious --date 2026-11-20
+    qjscore consent revoke c00000003
+
+Readable tables by default, one JSON object per answer with --json. Client commands talk to
+--target (default 127.0.0.1:50051, or $QJ_TARGET).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_TARGET = os.environ.get("QJ_TARGET", "127.0.0.1:50051")
+
+
+# --- output -----------------------------------------------------------------------------------
+
+
+def table(rows: list[tuple], headers: tuple[str, ...] | None = None) -> str:
+    """Columns aligned on the widest cell (CJK characters count double)."""
+    rows = [tuple(str(c) for c in r) for r in rows]
+    all_rows = ([tuple(headers)] if headers else []) + rows
+
+    def width(s: str) -> int:
+        return sum(2 if ord(ch) > 0x2E80 else 1 for ch in s)
+
+    widths = [max(width(r[i]) for r in all_rows) for i in range(len(all_rows[0]))] if all_rows else []
+    lines = []
+    for k, r in enumerate(all_rows):
+        lines.append("  ".join(c + " " * (w - width(c)) for c, w in zip(r, widths)).rstrip())
+        if headers and k == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def as_dict(msg) -> dict:
+    from google.protobuf.json_format import MessageToDict
+
+    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def emit(args, obj, text: str) -> None:
+    print(json.dumps(obj, ensure_ascii=False) if args.json else text)
+
+
+# --- client commands ---------------------------------------------------------------------------
+
+
+def _client(args):
+    from clients.client import QianjiangClient
+
+    return QianjiangClient(args.target, timeout=args.timeout)
+
+
+def _token(value: str) -> bytes:
+    try:
+        token = bytes.fromhex(value)
+    except ValueError:
+        raise SystemExit(f"--card: {value!r} is not hexadecimal") from None
+    if len(token) != 16:
+        raise SystemExit(f"--card: expected 16 bytes (32 hex digits), got {len(token)}")
+    return token
+
+
+def score_text(s) -> str:
+    from qianjiang.v1 import common_pb2
+
+    head = table([
+        ("citizen", s.citizen_id),
+        ("score", f"{s.score}  ({common_pb2.Level.Name(s.level).lower()}, {s.level_zh})"),
+        ("percentile", f"{100 * s.percentile:.1f} %"),
+        ("hard rule", "applied: an active serious record caps the score" if s.hard_rule_applied else "no"),
+        ("model", f"{s.model_version}  calibration {s.calibration_version}"),
+        ("computed", s.computed_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")),
+    ])
+    dims = table([(d.dimension, d.name_zh, f"{d.points:8.2f}") for d in s.dimensions] + [("total", "", f"{s.raw_points:8.2f}")],
+                 ("dimension", "维度", "points"))
+    reasons = table([(r.code, r.text_en, f"{r.points_lost:.2f}", r.improve_en) for r in s.reasons],
+                    ("reason", "why", "lost", "how to improve")) if s.reasons else "no reasons: nothing to improve"
+    return f"{head}\n\n{dims}\n\n{reasons}"
+
+
+def cmd_score(args) -> int:
+    with _client(args) as qj:
+        s = qj.get_score(args.citizen, purpose=args.purpose)
+    emit(args, as_dict(s), score_text(s))
+    return 0
+
+
+def cmd_explain(args) -> int:
+    with _client(args) as qj:
+        e = qj.explain(args.citizen, purpose=args.purpose)
+    rows = [(v.variable, v.dimension, v.direction, f"{v.feature:.3f}", f"{v.points:.2f}", f"{v.best_points:.2f}") for v in e.variables]
+    text = score_text(e.score) + "\n\n" + table(rows, ("variable", "dimension", "direction", "feature", "points", "best"))
+    emit(args, as_dict(e), text)
+    return 0
+
+
+def cmd_check(args) -> int:
+    from qianjiang.v1 import eligibility_pb2
+
+    with _client(args) as qj:
+        d = qj.check(args.scenario, _token(args.card))
+    text = table([
+        ("scenario", d.scenario),
+        ("decision", f"{'ALLOW' if d.allowed else 'DENY'}  ({eligibility_pb2.Outcome.Name(d.outcome)})"),
+        ("reasons", ", ".join(d.reason_codes) or "-"),
+        ("decision id", d.decision_id),
+        ("model", d.model_version),
+    ])
+    emit(args, as_dict(d), text)
+    return 0
+
+
+def cmd_scenarios(args) -> int:
+    with _client(args) as qj:
+        scenarios = qj.scenarios()
+    rows = [(s.name, s.name_zh, s.min_score, "yes" if s.pay_later else "no") for s in scenarios]
+    emit(args, [as_dict(s) for s in scenarios], table(rows, ("scenario", "名称", "min score", "pay later")))
+    return 0
+
+
+def cmd_ingest(args) -> int:
+    from clients.client import Record
+    from qianjiang.v1 import records_pb2
+
+    if args.file:
+        lines = Path(args.file).read_text().splitlines() if args.file != "-" else sys.stdin.read().splitlines()
+        records = [Record(**json.loads(line)) for line in lines if line.strip()]
+    else:
+        missing = [f"--{k.replace('_', '-')}" for k in ("record_id", "citizen", "variable", "date") if not getattr(args, k)]
+        if missing:
+            raise SystemExit(f"ingest: give --file, or {', '.join(missing)}")
+        records = [Record(record_id=args.record_id, citizen_id=args.citizen, variable=args.variable, date=args.date,
+                          value=args.value, source=args.source, scenario=args.scenario or "")]
+    with _client(args) as qj:
+        acks = qj.ingest(records)
+    status = records_pb2.RecordAck.Status.Name
+    emit(args, [as_dict(a) for a in acks], table([(a.record_id, status(a.status)) for a in acks], ("record", "ack")))
+    return 0
+
+
+def cmd_consent(args) -> int:
+    with _client(args) as qj:
+        state = qj.grant_consent(args.citizen) if args.action == "grant" else qj.revoke_consent(args.citizen)
+    emit(args, as_dict(state), f"{state.citizen_id}: authorisation {'granted' if state.granted else 'revoked'}")
+    return 0
+
+
+def cmd_withdraw(args) -> int:
+    with _client(args) as qj:
+        ack = qj.withdraw_record(args.record_id, repaired=args.repaired)
+    emit(args, as_dict(ack), f"{ack.record_id}: {'repaired' if args.repaired else 'withdrawn'}; the citizen was re-scored")
+    return 0
+
+
+def cmd_health(args) -> int:
+    with _client(args) as qj:
+        status = qj.health(args.service)
+    emit(args, {"service": args.service, "status": status}, status)
+    return 0 if status == "SERVING" else 1
+
+
+# --- local commands ------------------------------------------------------------------------------
+
+
+def cmd_serve(args) -> int:
+    if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
+        # prometheus_client picks multiprocess mode at import: set it before anything imports it
+        mp = Path(args.data_dir) / "prometheus"
+        mp.mkdir(parents=True, exist_ok=True)
+        for f in mp.glob("*.db"):
+            f.unlink()
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp)
+    from server.app import ServerConfig, serve
+
+    config = ServerConfig(
+        data_dir=Path(args.data_dir), store_url=args.store, host=args.host, port=args.port,
+        metrics_port=args.metrics_port, workers=args.workers, threads=args.threads,
+        max_concurrent_rpcs=args.max_concurrent_rpcs, seed_citizens=args.seed_citizens, seed=args.seed,
+    )
+
+    def ready(runtime, port):
+        from server.app import card_token, citizen_id
+
+        state = runtime.state
+        n = state.n_citizens
+        import numpy as np
+
+        ok = np.flatnonzero((state.consent[:n] == 1) & (state.adult[:n] == 1))
+        row = int(ok[0]) if len(ok) else 0
+        print(
+            f"Qianjiang Score serving {n:,} citizens on {config.host}:{port} "
+            f"({config.workers} worker(s); model {runtime.spec.model_version}; "
+            f"metrics on :{config.metrics_port or 'off'})\n"
+            f"Try, in another shell:\n"
+            f"  .venv/bin/python -m clients.cli check campus_fitness --card {card_token(config.seed, row).hex()}\n"
+            f"  .venv/bin/python -m clients.cli score {citizen_id(row)}\n"
+            f"Stop with Ctrl-C (drains gracefully).",
+            flush=True,
+        )
+
+    serve(config, on_ready=ready)
+    return 0
+
+
+def cmd_token(args) -> int:
+    """The synthetic city's card token of a seeded citizen (for trying the service)."""
+    from server.app import card_token
+
+    row = int(args.citizen.lstrip("c")) if args.citizen.startswith("c") else int(args.citizen)
+    token = card_token(args.seed, row).hex()
+    emit(args, {"citizen_id": args.citizen, "card_token": token}, token)
+    return 0
+
+
+def cmd_generate(args) -> int:
+    """Write a synthetic city's records as JSON lines (the format `ingest --file` reads)."""
+    from kernel.spec import load_spec
+    from kernel.synthetic import generate_city
+    from server.app import citizen_id
+    from server.state import iso_of, today
+
+    spec = load_spec(args.spec)
+    city = generate_city(spec, args.citizens, seed=args.seed, as_of_day=today(), progress=None)
+    recs = city.records
+    out = sys.stdout if args.out == "-" else open(args.out, "w")
+    try:
+        for i in range(len(recs)):
+            var = spec.variables[int(recs.variable[i])]
+            out.write(json.dumps({
+                "record_id": f"gen-{args.seed}-{i}", "citizen_id": citizen_id(int(recs.citizen[i])),
+                "variable": var.name, "date": iso_of(int(recs.day[i])), "value": float(recs.value[i]),
+                "source": var.source,
+            }) + "\n")
+    finally:
+        if out is not sys.stdout:
+            out.close()
+    print(f"{args.citizens:,} people, {len(recs):,} records, {int((city.people.age < 18).sum()):,} minors", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from kernel import calibrate
+
+    argv = ["--citizens", str(args.citizens), "--seed", str(args.seed)]
+    for flag, value in (("--out", args.out), ("--png", args.png), ("--spec", args.spec)):
+        if value:
+            argv += [flag, value]
+    if args.json:
+        argv.append("--json")
+    calibrate.main(argv)
+    return 0
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="qjscore", description="Qianjiang Score service: serve it, query it, feed it.")
+    sub = ap.add_subparsers(dest="command", required=True)
+
+    def client_cmd(name, fn, help):
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--target", default=DEFAULT_TARGET, help="host:port of the service (default %(default)s)")
+        p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call in seconds")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.set_defaults(fn=fn)
+        return p
+
+    p = client_cmd("score", cmd_score, "a citizen's score, level, dimensions and reasons")
+    p.add_argument("citizen")
+    p.add_argument("--purpose", default="citizen_app_view")
+    p = client_cmd("explain", cmd_explain, "the score with every variable's feature and points")
+    p.add_argument("citizen")
+    p.add_argument("--purpose", default="citizen_app_view")
+    p = client_cmd("check", cmd_check, "an eligibility decision for a card in a scenario")
+    p.add_argument("scenario")
+    p.add_argument("--card", required=True, help="the card token, 32 hex digits")
+    client_cmd("scenarios", cmd_scenarios, "the scenarios and their thresholds")
+    p = client_cmd("ingest", cmd_ingest, "send records (one by flags, or JSON lines with --file)")
+    p.add_argument("--file", help="JSON lines of Record fields ('-': stdin)")
+    p.add_argument("--record-id")
+    p.add_argument("--citizen")
+    p.add_argument("--variable")
+    p.add_argument("--date", help="YYYY-MM-DD")
+    p.add_argument("--value", type=float, default=1.0)
+    p.add_argument("--source", default="cli")
+    p.add_argument("--scenario", help="pay-later scenario of an unpaid default")
+    p = client_cmd("consent", cmd_consent, "grant or revoke a citizen's authorisation")
+    p.add_argument("action", choices=("grant", "revoke"))
+    p.add_argument("citizen")
+    p = client_cmd("withdraw", cmd_withdraw, "withdraw a record, or mark it repaired (--repaired)")
+    p.add_argument("record_id")
+    p.add_argument("--repaired", action="store_true")
+    p = client_cmd("health", cmd_health, "the server's health status")
+    p.add_argument("--service", default="")
+
+    p = sub.add_parser("serve", help="run the service (seeds a synthetic city into an empty store)")
+    p.add_argument("--data-dir", default="data")
+    p.add_argument("--store", default=None, help="store URL (default sqlite:///<data-dir>/qianjiang.db)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=50051)
+    p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus endpoint (0: off)")
+    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--threads", type=int, default=16, help="handler threads per worker")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=512, help="beyond this, RESOURCE_EXHAUSTED")
+    p.add_argument("--seed-citizens", type=int, default=100_000, help="size of the synthetic city for an empty store")
+    p.add_argument("--seed", type=int, default=2018)
+    p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("token", help="the card token of a seeded synthetic citizen")
+    p.add_argument("citizen", help="e.g. c00000003")
+    p.add_argument("--seed", type=int, default=2018)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_token)
+
+    p = sub.add_parser("generate", help="write a synthetic city's records as JSON lines")
+    p.add_argument("--citizens", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=2018)
+    p.add_argument("--spec", default=None)
+    p.add_argument("--out", default="-")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("calibrate", help="calibrate the model on a synthetic city and report")
+    p.add_argument("--citizens", type=int, default=1_000_000)
+    p.add_argument("--seed", type=int, default=2018)
+    p.add_argument("--spec", default=None)
+    p.add_argument("--out", default=None)
+    p.add_argument("--png", default=None)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(fn=cmd_calibrate)
+    return ap
+
+
+def main(argv=None) -> int:
+    import grpc
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except grpc.RpcError as exc:
+        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,163 @@
+"""A typed Python client for the Qianjiang Score service.
+
+    >>> with QianjiangClient("127.0.0.1:50051") as qj:                       # doctest: +SKIP
+    ...     qj.check("campus_fitness", card_token).allowed
+    True
+
+Every call carries a deadline (``timeout`` seconds, default 2 s; set per client or per
+call). Calls are retried only on UNAVAILABLE (the server is starting, draining or
+restarting), with exponential backoff, by grpc's own retry policy: retrying anything else
+could repeat a write or hide a real answer. Errors surface as ``grpc.RpcError`` with the
+server's status code and message.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from qianjiang.v1 import eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc
+
+Outcome = eligibility_pb2.Outcome
+Record = records_pb2.Record
+Why = records_pb2.WithdrawRecordRequest.Why
+
+#: grpc service config: retry UNAVAILABLE only, up to 4 attempts, 50 ms -> 1 s backoff.
+RETRY_POLICY = {
+    "methodConfig": [
+        {
+            "name": [
+                {"service": "qianjiang.v1.ScoreService"},
+                {"service": "qianjiang.v1.EligibilityService"},
+                {"service": "qianjiang.v1.RecordsService"},
+                {"service": "grpc.health.v1.Health"},
+            ],
+            "retryPolicy": {
+                "maxAttempts": 4,
+                "initialBackoff": "0.05s",
+                "maxBackoff": "1s",
+                "backoffMultiplier": 2,
+                "retryableStatusCodes": ["UNAVAILABLE"],
+            },
+        }
+    ]
+}
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """Outcomes of a BatchCheck, in request order."""
+
+    outcomes: bytes  # one qianjiang.v1.Outcome value per token
+    batch_id: str
+    model_version: str
+    allowed: int
+
+    def decision_id(self, i: int) -> str:
+        return f"{self.batch_id}-{i}"
+
+    def outcome(self, i: int) -> int:
+        return self.outcomes[i]
+
+
+class QianjiangClient:
+    """One channel to the service, with stubs for its three services and health."""
+
+    def __init__(self, target: str, timeout: float = 2.0, channel: grpc.Channel | None = None):
+        self.timeout = timeout
+        self.channel = channel or grpc.insecure_channel(
+            target,
+            options=[
+                ("grpc.enable_retries", 1),
+                ("grpc.service_config", json.dumps(RETRY_POLICY)),
+                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            ],
+        )
+        self.scores = score_pb2_grpc.ScoreServiceStub(self.channel)
+        self.eligibility = eligibility_pb2_grpc.EligibilityServiceStub(self.channel)
+        self.records = records_pb2_grpc.RecordsServiceStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+
+    def __enter__(self) -> "QianjiangClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def _t(self, timeout: float | None) -> float:
+        return self.timeout if timeout is None else timeout
+
+    # --- scores -------------------------------------------------------------------------
+
+    def get_score(self, citizen_id: str, purpose: str = "", timeout: float | None = None) -> score_pb2.Score:
+        return self.scores.GetScore(score_pb2.GetScoreRequest(citizen_id=citizen_id, purpose=purpose), timeout=self._t(timeout))
+
+    def explain(self, citizen_id: str, purpose: str = "", timeout: float | None = None) -> score_pb2.Explanation:
+        return self.scores.ExplainScore(score_pb2.GetScoreRequest(citizen_id=citizen_id, purpose=purpose), timeout=self._t(timeout))
+
+    def batch_scores(self, citizen_ids: Iterable[str], purpose: str = "", timeout: float | None = None) -> list[score_pb2.ScoreResult]:
+        req = score_pb2.BatchGetScoresRequest(citizen_ids=list(citizen_ids), purpose=purpose)
+        return list(self.scores.BatchGetScores(req, timeout=self._t(timeout)).results)
+
+    # --- eligibility --------------------------------------------------------------------
+
+    def check(self, scenario: str, card_token: bytes, timeout: float | None = None) -> eligibility_pb2.Decision:
+        return self.eligibility.Check(eligibility_pb2.CheckRequest(scenario=scenario, card_token=card_token), timeout=self._t(timeout))
+
+    def check_batch(self, scenario: str, card_tokens: bytes | Iterable[bytes], timeout: float | None = None) -> BatchResult:
+        """``card_tokens``: packed 16-byte tokens, or an iterable of tokens to pack."""
+        packed = card_tokens if isinstance(card_tokens, (bytes, bytearray)) else b"".join(card_tokens)
+        resp = self.eligibility.BatchCheck(eligibility_pb2.BatchCheckRequest(scenario=scenario, card_tokens=bytes(packed)), timeout=self._t(timeout))
+        return BatchResult(resp.outcomes, resp.batch_id, resp.model_version, resp.allowed)
+
+    def check_stream(self, requests: Iterable[tuple[str, bytes]], timeout: float | None = None) -> Iterator[eligibility_pb2.Decision]:
+        """A gateway's long-lived stream: (scenario, token) in, one Decision each out, in order.
+        ``timeout`` bounds the whole stream (None: the client's default times 100)."""
+        msgs = (eligibility_pb2.CheckRequest(scenario=s, card_token=t, request_id=i) for i, (s, t) in enumerate(requests, 1))
+        return self.eligibility.StreamCheck(msgs, timeout=self.timeout * 100 if timeout is None else timeout)
+
+    def scenarios(self, timeout: float | None = None) -> list[eligibility_pb2.Scenario]:
+        return list(self.eligibility.ListScenarios(eligibility_pb2.ListScenariosRequest(), timeout=self._t(timeout)).scenarios)
+
+    # --- records and consent --------------------------------------------------------------
+
+    def ingest(self, records: Iterable[records_pb2.Record], timeout: float | None = None) -> list[records_pb2.RecordAck]:
+        """Stream records; returns the acknowledgements (each one durable on the server)."""
+        return list(self.records.IngestRecords(iter(records), timeout=self.timeout * 100 if timeout is None else timeout))
+
+    def correct_record(self, record_id: str, date: str, value: float, timeout: float | None = None) -> records_pb2.RecordAck:
+        return self.records.CorrectRecord(records_pb2.CorrectRecordRequest(record_id=record_id, date=date, value=value), timeout=self._t(timeout))
+
+    def withdraw_record(self, record_id: str, repaired: bool = False, timeout: float | None = None) -> records_pb2.RecordAck:
+        why = Why.REPAIRED if repaired else Why.WITHDRAWN
+        return self.records.WithdrawRecord(records_pb2.WithdrawRecordRequest(record_id=record_id, why=why), timeout=self._t(timeout))
+
+    def grant_consent(self, citizen_id: str, timeout: float | None = None) -> records_pb2.ConsentState:
+        return self.records.GrantConsent(records_pb2.ConsentRequest(citizen_id=citizen_id), timeout=self._t(timeout))
+
+    def revoke_consent(self, citizen_id: str, timeout: float | None = None) -> records_pb2.ConsentState:
+        return self.records.RevokeConsent(records_pb2.ConsentRequest(citizen_id=citizen_id), timeout=self._t(timeout))
+
+    def upsert_citizen(self, citizen_id: str, birth_date: str, timeout: float | None = None) -> records_pb2.CitizenAck:
+        return self.records.UpsertCitizen(records_pb2.Citizen(citizen_id=citizen_id, birth_date=birth_date), timeout=self._t(timeout))
+
+    def register_card(self, citizen_id: str, card_token: bytes, timeout: float | None = None) -> records_pb2.RegisterCardResponse:
+        req = records_pb2.RegisterCardRequest(citizen_id=citizen_id, card_token=card_token)
+        return self.records.RegisterCard(req, timeout=self._t(timeout))
+
+    # --- health -------------------------------------------------------------------------------
+
+    def health(self, service: str = "", timeout: float | None = None) -> str:
+        """SERVING, NOT_SERVING, ... for the whole server ("") or one service."""
+        resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._t(timeout))
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
