@@ -41,7 +41,7 @@ from server.metrics import Metrics
 from server.scenarios import load_scenarios
 from server.service import CreditService
 from server.servicers import EligibilityServicer, RecordsServicer, ScoreServicer
-from server.state import ServingState, today
+from server.state import WORKERS_SERVING, ServingState, today
 from server.store import Store, open_store
 
 log = logging.getLogger("qianjiang.server")
@@ -276,9 +276,11 @@ _OUTCOME_NAMES = _outcome_names()
 # --- running ----------------------------------------------------------------------------------
 
 
-def _wait_for_signal() -> int:
+def _wait_for_signal(parent: int | None = None) -> int:
+    """Block until SIGTERM or SIGINT, or (in a worker) until the parent process is gone,
+    so that no worker outlives its parent."""
     stop = threading.Event()
-    got = {}
+    got = {"signum": 0}
 
     def handler(signum, frame):
         got["signum"] = signum
@@ -286,8 +288,9 @@ def _wait_for_signal() -> int:
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
-    while not stop.wait(1.0):
-        pass
+    while not stop.wait(0.5):
+        if parent is not None and os.getppid() != parent:
+            break
     return got["signum"]
 
 
@@ -335,12 +338,13 @@ def _serve_single(runtime: Runtime, on_ready) -> None:
 def _serve_workers(runtime: Runtime, on_ready) -> None:
     cfg = runtime.config
     children = []
+    parent = os.getpid()
     for _ in range(cfg.workers):
         pid = os.fork()
         if pid == 0:  # worker
             code = 0
             try:
-                _worker(runtime)
+                _worker(runtime, parent)
             except BaseException:  # noqa: BLE001
                 log.exception("worker failed")
                 code = 1
@@ -356,6 +360,9 @@ def _serve_workers(runtime: Runtime, on_ready) -> None:
         multiprocess.MultiProcessCollector(registry)
         start_http_server(cfg.metrics_port, addr=cfg.host, registry=registry)
     runtime.load(metrics)
+    deadline = time.monotonic() + 60
+    while runtime.state.meta[WORKERS_SERVING] < cfg.workers and time.monotonic() < deadline:
+        time.sleep(0.05)
     if on_ready:
         on_ready(runtime, cfg.port)
     stop = threading.Event()
@@ -372,11 +379,17 @@ def _serve_workers(runtime: Runtime, on_ready) -> None:
         os.waitpid(pid, 0)
 
 
-def _worker(runtime: Runtime) -> None:
+def _worker(runtime: Runtime, parent: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM drains
     node = Node(runtime, reuseport=True).start()
     while not runtime.state.ready:
+        if os.getppid() != parent:
+            return
         time.sleep(0.05)
     node.attach()
-    _wait_for_signal()
+    with runtime.state.lock:
+        runtime.state.meta[WORKERS_SERVING] += 1
+    _wait_for_signal(parent)
+    with runtime.state.lock:
+        runtime.state.meta[WORKERS_SERVING] -= 1
     node.drain()

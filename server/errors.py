@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import grpc
 
-from server.store import Conflict, NotFound, StoreError
+from server.store import Conflict, NotFound, StoreError, WrongState
 from server.token_index import TokenIndexFull
 
 
@@ -68,6 +68,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     NotAuthorised: grpc.StatusCode.FAILED_PRECONDITION,
     NoScore: grpc.StatusCode.FAILED_PRECONDITION,
     Conflict: grpc.StatusCode.ALREADY_EXISTS,
+    WrongState: grpc.StatusCode.FAILED_PRECONDITION,
     CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TokenIndexFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,

@@ -56,12 +56,13 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             started.inc()
             return time.perf_counter()
 
-        def fail(exc: BaseException, context) -> grpc.StatusCode:
-            """Abort the call with the table's code for exc (re-raises)."""
+        def fail(exc: BaseException, context) -> None:
+            """Abort the call with the table's code for exc (raises), unless the client has
+            already gone (its deadline passed or it cancelled): then there is no one to answer."""
+            if not context.is_active():
+                return
             code = status_for(exc)
             if code is None:
-                if context.code() not in (None, grpc.StatusCode.OK):  # aborted by grpc itself
-                    return context.code()
                 log.exception("internal error in %s", details.method)
                 code, message = grpc.StatusCode.INTERNAL, "internal error"
             else:

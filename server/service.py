@@ -35,13 +35,13 @@ MAX_BATCH_SCORES = 1_000
 MAX_BATCH_TOKENS = 100_000
 TOKEN_BYTES = 16
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}$")
+_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
 
 def check_id(value: str, field: str) -> str:
     if not value:
         raise InvalidArgument(field, "must not be empty")
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise InvalidArgument(field, "must be 1-64 characters of letters, digits, '_', '.', ':' or '-'")
     return value
 
@@ -262,7 +262,9 @@ class CreditService:
         if r.day > self.state.as_of_day:
             raise InvalidArgument("record.date", "is in the future")
         if r.scenario is not None:
-            sc = self.scenario(r.scenario)
+            sc = self.scenarios.get(r.scenario)
+            if sc is None:
+                raise InvalidArgument("record.scenario", f"{r.scenario!r} is not a configured scenario")
             if not sc.pay_later:
                 raise InvalidArgument("record.scenario", f"{r.scenario!r} is not a pay-later scenario")
             if self.spec.variables[self._variables[r.variable]].direction != "negative":

@@ -33,7 +33,7 @@ from server.token_index import TokenIndex
 EPOCH = _dt.date(1970, 1, 1)
 
 # meta slots
-N_CITIZENS, AS_OF_DAY, READY, GENERATION = range(4)
+N_CITIZENS, AS_OF_DAY, READY, GENERATION, WORKERS_SERVING = range(5)
 
 
 def today() -> int:
@@ -85,7 +85,7 @@ class ServingState:
 
     spec: ModelSpec
     capacity: int
-    meta: np.ndarray  # int64: N_CITIZENS, AS_OF_DAY, READY, GENERATION
+    meta: np.ndarray  # int64: N_CITIZENS, AS_OF_DAY, READY, GENERATION, WORKERS_SERVING
     features: np.ndarray  # float32 (capacity, V)
     adult: np.ndarray  # uint8
     consent: np.ndarray  # uint8: 1 while the citizen's authorisation stands
@@ -101,7 +101,7 @@ class ServingState:
         n_vars = len(spec.variables)
         tcap = TokenIndex.capacity_for(token_capacity or capacity)
         layout = {
-            "meta": (np.int64, (4,)),
+            "meta": (np.int64, (8,)),
             "features": (np.float32, (capacity, n_vars)),
             "adult": (np.uint8, (capacity,)),
             "consent": (np.uint8, (capacity,)),

@@ -69,6 +69,10 @@ class Conflict(StoreError):
     """The request contradicts what is stored (a token bound elsewhere, a withdrawn record)."""
 
 
+class WrongState(StoreError):
+    """The operation does not apply to the item in its current state (a withdrawn record)."""
+
+
 # --------------------------------------------------------------------------------------------
 # Values crossing the interface
 
@@ -655,7 +659,7 @@ class SQLiteStore(Store):
         with self._write("correct_record") as db:
             record = self._record(db, record_id)
             if record.status != ACTIVE:
-                raise Conflict(f"record {record_id!r} is {record.status}")
+                raise WrongState(f"record {record_id!r} is {record.status}")
             db.execute("UPDATE records SET day = ?, value = ? WHERE record_id = ?",
                        (int(day), float(value), record_id))
             self._bump(db)

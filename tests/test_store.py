@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from server.store import (
-    SCHEMA_VERSION, Conflict, NotFound, RecordIn, SQLiteStore, StoreError, open_store,
+    SCHEMA_VERSION, Conflict, NotFound, RecordIn, SQLiteStore, StoreError, WrongState, open_store,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_correct_withdraw_and_repair_change_active_records(store):
     assert store.counts()["active_records"] == 1 and store.counts()["records"] == 3
     assert store.get_record("r-2").status == "withdrawn"  # still stored, just not counted
 
-    with pytest.raises(Conflict, match="record 'r-2' is withdrawn"):
+    with pytest.raises(WrongState, match="record 'r-2' is withdrawn"):
         store.correct_record("r-2", day=1, value=1.0)
     assert store.get_record("r-2").day == 19_000
     with pytest.raises(ValueError, match="status"):

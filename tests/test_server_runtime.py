@@ -1,0 +1,168 @@
+"""The server as an operator runs it: health through loading and draining, load shedding,
+several worker processes on one port, SIGTERM, and the qjscore command line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+from prometheus_client import CollectorRegistry
+
+from clients.client import QianjiangClient
+from server.app import Node, Runtime, ServerConfig, card_token, citizen_id
+from server.metrics import Metrics
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_health_is_not_serving_while_loading_and_draining(tmp_path):
+    runtime = Runtime.prepare(ServerConfig(data_dir=tmp_path, seed_citizens=500, metrics_port=0))
+    node = Node(runtime, port=0, metrics=Metrics(CollectorRegistry())).start()
+    with QianjiangClient(f"127.0.0.1:{node.port}") as qj:
+        assert qj.health() == "NOT_SERVING"
+        assert qj.health("qianjiang.v1.EligibilityService") == "NOT_SERVING"
+        with pytest.raises(grpc.RpcError) as err:  # the services refuse until loaded
+            qj.check("campus_fitness", card_token(2018, 0), timeout=1)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        runtime.load()
+        node.attach()
+        assert qj.health() == "SERVING"
+        assert qj.check("campus_fitness", card_token(2018, 0)).outcome > 0
+        node.health.set("", 2)  # what drain() does first: NOT_SERVING = 2
+        assert qj.health() == "NOT_SERVING"
+    node.drain(0)
+
+
+def test_overload_is_refused_with_resource_exhausted_not_queued(tmp_path):
+    config = ServerConfig(data_dir=tmp_path, seed_citizens=500, metrics_port=0, threads=4, max_concurrent_rpcs=2)
+    runtime = Runtime.prepare(config)
+    node = Node(runtime, port=0, metrics=Metrics(CollectorRegistry())).start()
+    runtime.load()
+    node.attach()
+    target = f"127.0.0.1:{node.port}"
+    release = threading.Event()
+
+    def held_stream():
+        while not release.is_set():
+            time.sleep(0.01)
+        return
+        yield
+
+    qj = QianjiangClient(target, timeout=10)
+    held = [qj.eligibility.StreamCheck(held_stream(), timeout=10) for _ in range(2)]
+    time.sleep(0.3)  # both streams now occupy the server
+    t0 = time.perf_counter()
+    with pytest.raises(grpc.RpcError) as err:
+        qj.check("campus_fitness", card_token(2018, 0), timeout=5)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert time.perf_counter() - t0 < 1.0, "refused at once, not after queueing"
+    release.set()
+    for call in held:
+        list(call)
+    assert qj.check("campus_fitness", card_token(2018, 0)).outcome > 0, "recovers as soon as load drops"
+    qj.close()
+    node.drain(0)
+
+
+def _run_cli(*args, target=None):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "clients.cli", *args]
+    if target:
+        cmd[3:3] = []
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=60)
+
+
+@pytest.mark.slow
+def test_two_workers_share_one_port_and_one_state_and_drain_on_sigterm(tmp_path):
+    port, metrics_port = free_port(), free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "serve", "--data-dir", str(tmp_path), "--port", str(port),
+         "--metrics-port", str(metrics_port), "--workers", "2", "--seed-citizens", "2000"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        deadline = time.time() + 90
+        banner = ""
+        while "Stop with Ctrl-C" not in banner and time.time() < deadline:
+            line = proc.stdout.readline()
+            assert line, f"server exited early: {banner}"
+            banner += line
+        target = f"127.0.0.1:{port}"
+        token = card_token(2018, _consenting_adult(tmp_path))
+        # separate connections land on both workers (SO_REUSEPORT spreads connections);
+        # a local subchannel pool stops grpc from sharing one connection between channels
+        clients = [
+            QianjiangClient(target, timeout=5, channel=grpc.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)]))
+            for _ in range(12)
+        ]
+        prefixes = {qj.check("campus_fitness", token).decision_id.rsplit("-", 1)[0] for qj in clients}
+        assert len(prefixes) == 2, f"both workers answer: {prefixes}"
+        row = _consenting_adult(tmp_path)
+        clients[0].revoke_consent(citizen_id(row))
+        outcomes = {qj.check("campus_fitness", token).outcome for qj in clients}
+        assert outcomes == {6}, "a revoke on one worker is seen by every worker at once"  # NOT_AUTHORISED
+        clients[1].grant_consent(citizen_id(row))
+        assert {qj.check("campus_fitness", token).outcome for qj in clients} != {6}
+        import urllib.request
+
+        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+        line = next(x for x in text.splitlines() if x.startswith("grpc_server_handled_total") and 'grpc_method="Check"' in x)
+        assert float(line.rsplit(" ", 1)[1]) >= 36, "metrics add up across the worker processes"
+        for qj in clients:
+            qj.close()
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def _consenting_adult(data_dir) -> int:
+    from server.store import open_store
+    from server.state import adults, today
+
+    store = open_store(f"sqlite:///{data_dir}/qianjiang.db")
+    try:
+        c = store.citizens()
+    finally:
+        store.close()
+    import numpy as np
+
+    ok = np.flatnonzero((c.consent == 1) & (adults(c.birth_day, today()) == 1))
+    return int(ok[0])
+
+
+def test_cli_prints_tables_and_json(served):
+    row = int(next(r for r in range(100) if served.runtime.state.consent[r] and served.runtime.state.adult[r]))
+    env_target = ["--target", served.target]
+    out = _run_cli("score", served.citizen(row), *env_target)
+    assert out.returncode == 0, out.stderr
+    assert "score" in out.stdout and "law_abiding" in out.stdout and "reason" in out.stdout
+    out = _run_cli("check", "campus_fitness", "--card", served.token(row).hex(), "--json", *env_target)
+    decision = json.loads(out.stdout)
+    assert decision["scenario"] == "campus_fitness" and "score" not in decision
+    out = _run_cli("check", "nowhere", "--card", served.token(row).hex(), *env_target)
+    assert out.returncode == 2 and "NOT_FOUND" in out.stderr
+    out = _run_cli("check", "campus_fitness", "--card", "abc", *env_target)
+    assert out.returncode != 0 and "--card" in out.stderr
+    out = _run_cli("scenarios", "--json", *env_target)
+    assert {s["name"] for s in json.loads(out.stdout)} >= {"campus_fitness", "metro_pay_later"}
+    out = _run_cli("token", served.citizen(row))
+    assert out.stdout.strip() == served.token(row).hex()
