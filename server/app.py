@@ -244,7 +244,19 @@ class Node:
             for value in np.flatnonzero(counts):
                 decisions.labels(scenario=scenario, outcome=_OUTCOME_NAMES[value]).inc(int(counts[value]))
 
-        service = CreditService(rt.state, self._store, scorer, rt.scenarios, on_rescore=m.observe_rescore, on_decisions=on_decisions)
+        children = {}
+
+        def on_decision(scenario: str, outcome) -> None:
+            key = (scenario, outcome)
+            child = children.get(key)
+            if child is None:
+                child = children[key] = decisions.labels(scenario=scenario, outcome=_OUTCOME_NAMES[outcome])
+            child.inc()
+
+        service = CreditService(
+            rt.state, self._store, scorer, rt.scenarios,
+            on_rescore=m.observe_rescore, on_decisions=on_decisions, on_decision=on_decision,
+        )
         self.score.service = self.eligibility.service = self.records.service = service
         self.service = service
         m.model_info.labels(model_version=rt.spec.model_version, calibration_version=scorer.calibration.calibration_version).set(1)

@@ -36,20 +36,29 @@ class ServiceInterceptor(grpc.ServerInterceptor):
     def __init__(self, metrics: Metrics, ready: Callable[[], bool]):
         self.metrics = metrics
         self.ready = ready
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation, details):
-        handler = continuation(details)
-        if handler is None:
-            return None
-        service, _, method = details.method.lstrip("/").partition("/")
+        # grpc asks for every call: wrap each method's handler once and reuse it
+        wrapped = self._wrapped.get(details.method)
+        if wrapped is None:
+            handler = continuation(details)
+            if handler is None:
+                return None
+            wrapped = self._wrapped[details.method] = self._wrap(handler, details.method)
+        return wrapped
+
+    def _wrap(self, handler, full_method: str):
+        service, _, method = full_method.lstrip("/").partition("/")
         labels = dict(grpc_type=_rpc_type(handler), grpc_service=service, grpc_method=method)
-        gated = details.method.startswith(GATED_PREFIX)
+        gated = full_method.startswith(GATED_PREFIX)
         m = self.metrics
         started = m.started.labels(**labels)
         handling = m.handling.labels(**labels)
+        handled = {code: m.handled.labels(**labels, grpc_code=code.name) for code in grpc.StatusCode}
 
         def finish(code: grpc.StatusCode, t0: float) -> None:
-            m.handled.labels(**labels, grpc_code=code.name).inc()
+            handled[code].inc()
             handling.observe(time.perf_counter() - t0)
 
         def begin(context) -> float:
@@ -63,7 +72,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 return
             code = status_for(exc)
             if code is None:
-                log.exception("internal error in %s", details.method)
+                log.exception("internal error in %s", full_method)
                 code, message = grpc.StatusCode.INTERNAL, "internal error"
             else:
                 message = str(exc)

@@ -26,7 +26,7 @@ from kernel.features import Records, build_features
 from kernel.reference import variable_points
 from kernel.score import Scorer
 from server.errors import CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, UnknownCitizen, UnknownScenario
-from server.scenarios import REASON_CODES, Outcome, Scenario, decide
+from server.scenarios import REASON_CODES, Outcome, Scenario, decide, decide_one
 from server.state import N_CITIZENS, ServingState, adults
 from server.store import NotFound, RecordIn, RecordRow, Store
 
@@ -106,9 +106,10 @@ class DecisionIds:
 class CreditService:
     def __init__(
         self, state: ServingState, store: Store, scorer: Scorer, scenarios: dict[str, Scenario],
-        on_rescore=None, on_decisions=None,
+        on_rescore=None, on_decisions=None, on_decision=None,
     ):
-        """``on_rescore(seconds)`` and ``on_decisions(scenario, outcomes)`` feed metrics."""
+        """``on_rescore(seconds)``, ``on_decisions(scenario, outcomes array)`` and
+        ``on_decision(scenario, outcome)`` feed metrics."""
         self.state = state
         self.store = store
         self.scorer = scorer
@@ -122,6 +123,7 @@ class CreditService:
         self._variables = {v.name: i for i, v in enumerate(self.spec.variables)}
         self._on_rescore = on_rescore or (lambda seconds: None)
         self._on_decisions = on_decisions or (lambda scenario, outcomes: None)
+        self._on_decision = on_decision or (lambda scenario, outcome: None)
         c = self.spec.compiled
         self._best, self._loss_weight = c.best, c.loss_weight
 
@@ -219,7 +221,9 @@ class CreditService:
         scenario = self.scenario(scenario_name)
         check_token(token)
         row = self.state.tokens.get(token)
-        outcome = Outcome(int(self._decide(scenario, np.array([row], np.int32))[0]))
+        s = self.state
+        outcome = decide_one(scenario, row, s.adult, s.consent, s.columns.score, s.columns.flags, s.defaults)
+        self._on_decision(scenario.name, outcome)
         codes = REASON_CODES[outcome]
         if outcome == Outcome.DENY_HARD_RULE:
             codes = tuple(f"HARD_RULE:{self.spec.variables[v].reason.code}" for v in self._hard_rules(row))

@@ -1,0 +1,126 @@
+"""Closed-loop throughput probe: how many checks a second the service answers.
+
+    python -m loadtest.closed_loop --target 127.0.0.1:50051 --mode unary --seconds 10
+
+Each client process runs ``--concurrency`` asyncio tasks, each sending its next request as
+soon as the previous one is answered (closed loop: it measures capacity, not latency under
+a fixed rate; the open-loop runner of the load-test issue does that). Tokens are the
+synthetic city's card tokens (``--citizens`` of seed ``--seed``), with a share of unknown
+cards. Prints one JSON line: requests and checks per second, p50/p99 latency, errors by code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing as mp
+import os
+import random
+import time
+
+import numpy as np
+
+
+def _tokens(n_citizens: int, seed: int, count: int, unknown_share: float, rng: random.Random) -> list[bytes]:
+    from server.app import card_token
+
+    out = []
+    for _ in range(count):
+        if rng.random() < unknown_share:
+            out.append(rng.randbytes(16))
+        else:
+            out.append(card_token(seed, rng.randrange(n_citizens)))
+    return out
+
+
+async def _run(args, proc_index: int, result_queue) -> None:
+    import grpc
+
+    from qianjiang.v1 import eligibility_pb2, eligibility_pb2_grpc
+
+    rng = random.Random(args.seed * 1000 + proc_index)
+    tokens = _tokens(args.citizens, args.seed, 20_000, args.unknown_share, rng)
+    channel = grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
+    stub = eligibility_pb2_grpc.EligibilityServiceStub(channel)
+    batch = b"".join(tokens[: args.batch_size])
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    checks = 0
+    stop_at = time.perf_counter() + args.seconds
+
+    async def worker(k: int) -> None:
+        nonlocal checks
+        i = k
+        while time.perf_counter() < stop_at:
+            t0 = time.perf_counter()
+            try:
+                if args.mode == "unary":
+                    await stub.Check(eligibility_pb2.CheckRequest(scenario=args.scenario, card_token=tokens[i % len(tokens)]), timeout=5)
+                    checks += 1
+                else:
+                    await stub.BatchCheck(eligibility_pb2.BatchCheckRequest(scenario=args.scenario, card_tokens=batch), timeout=5)
+                    checks += args.batch_size
+                latencies.append(time.perf_counter() - t0)
+            except grpc.aio.AioRpcError as exc:
+                errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+            i += args.concurrency
+
+    cpu0 = time.process_time()
+    await asyncio.gather(*(worker(k) for k in range(args.concurrency)))
+    result_queue.put({"latencies": latencies, "errors": errors, "checks": checks, "cpu_s": time.process_time() - cpu0})
+    await channel.close()
+
+
+def _proc(args, index, queue):
+    asyncio.run(_run(args, index, queue))
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.closed_loop", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--target", default="127.0.0.1:50051")
+    ap.add_argument("--mode", choices=("unary", "batch"), default="unary")
+    ap.add_argument("--scenario", default="metro_pay_later")
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--processes", type=int, default=2, help="client processes")
+    ap.add_argument("--concurrency", type=int, default=16, help="requests in flight per process")
+    ap.add_argument("--batch-size", type=int, default=1000)
+    ap.add_argument("--citizens", type=int, default=100_000, help="size of the seeded synthetic city")
+    ap.add_argument("--seed", type=int, default=2018)
+    ap.add_argument("--unknown-share", type=float, default=0.02)
+    args = ap.parse_args(argv)
+    queue = mp.get_context("spawn").Queue()
+    procs = [mp.get_context("spawn").Process(target=_proc, args=(args, i, queue)) for i in range(args.processes)]
+    t0 = time.perf_counter()
+    for p in procs:
+        p.start()
+    parts = [queue.get() for _ in procs]
+    for p in procs:
+        p.join()
+    wall = time.perf_counter() - t0
+    lat = np.array([x for part in parts for x in part["latencies"]]) * 1000
+    errors: dict[str, int] = {}
+    for part in parts:
+        for k, v in part["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    checks = sum(part["checks"] for part in parts)
+    result = {
+        "mode": args.mode,
+        "processes": args.processes,
+        "concurrency": args.concurrency,
+        "seconds": args.seconds,
+        "requests_per_s": round(len(lat) / args.seconds, 1),
+        "checks_per_s": round(checks / args.seconds, 1),
+        "p50_ms": round(float(np.percentile(lat, 50)), 3) if len(lat) else None,
+        "p99_ms": round(float(np.percentile(lat, 99)), 3) if len(lat) else None,
+        "errors": errors,
+        "client_cpu_s": round(sum(part["cpu_s"] for part in parts), 2),
+        "wall_s": round(wall, 2),
+        "cpu_count": os.cpu_count(),
+    }
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
