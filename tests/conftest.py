@@ -10,7 +10,11 @@ from kernel.calibrate import calibrate
 from kernel.spec import load_spec
 from kernel.synthetic import generate_features
 
-settings.register_profile("default", deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Kernel batches are deliberately large inputs (a block is 64 citizens x 25 variables), and
+# shared CI machines are slow: neither is a defect of the tests.
+settings.register_profile(
+    "default", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 settings.load_profile("default")
 
 
@@ -56,9 +60,7 @@ class Served:
         self.seed = seed
 
     def token(self, row: int) -> bytes:
-        from server.app import card_token
-
-        return card_token(self.seed, row)
+        return self.runtime.synthetic_card_token(row)
 
     def citizen(self, row: int) -> str:
         from server.app import citizen_id
