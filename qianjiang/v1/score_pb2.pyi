@@ -20,7 +20,7 @@ class GetScoreRequest(_message.Message):
     def __init__(self, citizen_id: _Optional[str] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class Score(_message.Message):
-    __slots__ = ("citizen_id", "score", "level", "level_zh", "percentile", "raw_points", "dimensions", "reasons", "hard_rule_applied", "model_version", "calibration_version", "computed_at")
+    __slots__ = ("citizen_id", "score", "level", "level_zh", "percentile", "raw_points", "dimensions", "reasons", "hard_rule_applied", "model_version", "calibration_version", "computed_at", "disclosure_id")
     CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
@@ -33,6 +33,7 @@ class Score(_message.Message):
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     CALIBRATION_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_AT_FIELD_NUMBER: _ClassVar[int]
+    DISCLOSURE_ID_FIELD_NUMBER: _ClassVar[int]
     citizen_id: str
     score: int
     level: _common_pb2.Level
@@ -45,7 +46,8 @@ class Score(_message.Message):
     model_version: str
     calibration_version: str
     computed_at: _timestamp_pb2.Timestamp
-    def __init__(self, citizen_id: _Optional[str] = ..., score: _Optional[int] = ..., level: _Optional[_Union[_common_pb2.Level, str]] = ..., level_zh: _Optional[str] = ..., percentile: _Optional[float] = ..., raw_points: _Optional[float] = ..., dimensions: _Optional[_Iterable[_Union[_common_pb2.DimensionPoints, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., hard_rule_applied: _Optional[bool] = ..., model_version: _Optional[str] = ..., calibration_version: _Optional[str] = ..., computed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    disclosure_id: str
+    def __init__(self, citizen_id: _Optional[str] = ..., score: _Optional[int] = ..., level: _Optional[_Union[_common_pb2.Level, str]] = ..., level_zh: _Optional[str] = ..., percentile: _Optional[float] = ..., raw_points: _Optional[float] = ..., dimensions: _Optional[_Iterable[_Union[_common_pb2.DimensionPoints, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., hard_rule_applied: _Optional[bool] = ..., model_version: _Optional[str] = ..., calibration_version: _Optional[str] = ..., computed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disclosure_id: _Optional[str] = ...) -> None: ...
 
 class VariableContribution(_message.Message):
     __slots__ = ("variable", "dimension", "direction", "feature", "points", "best_points")
