@@ -50,6 +50,20 @@ class NoScore(ServiceError):
         super().__init__("no score: the citizen is under 18")
 
 
+class Unauthenticated(ServiceError):
+    """No valid identity: no or an unknown token, no verified client certificate."""
+
+    def __init__(self, why: str = "no valid credentials"):
+        super().__init__(f"unauthenticated: {why}")
+
+
+class PermissionDenied(ServiceError):
+    """A known identity that the policy does not allow this."""
+
+    def __init__(self, what: str):
+        super().__init__(f"permission denied: {what}")
+
+
 class CapacityExhausted(ServiceError):
     pass
 
@@ -62,6 +76,8 @@ class NotReady(ServiceError):
 #: Every domain error class and its status code. Subclasses resolve through the MRO.
 STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     UnknownScenario: grpc.StatusCode.NOT_FOUND,
     UnknownCitizen: grpc.StatusCode.NOT_FOUND,
     NotFound: grpc.StatusCode.NOT_FOUND,

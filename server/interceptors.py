@@ -13,6 +13,7 @@ from typing import Callable
 
 import grpc
 
+from server.auth import OPEN_SERVICES, Authenticator, PermissionDenied, set_current_caller
 from server.errors import NotReady, status_for
 from server.metrics import Metrics
 
@@ -33,9 +34,10 @@ def _rpc_type(handler) -> str:
 
 
 class ServiceInterceptor(grpc.ServerInterceptor):
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool]):
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool], authenticator: Authenticator):
         self.metrics = metrics
         self.ready = ready
+        self.auth = authenticator
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     def intercept_service(self, continuation, details):
@@ -52,6 +54,9 @@ class ServiceInterceptor(grpc.ServerInterceptor):
         service, _, method = full_method.lstrip("/").partition("/")
         labels = dict(grpc_type=_rpc_type(handler), grpc_service=service, grpc_method=method)
         gated = full_method.startswith(GATED_PREFIX)
+        open_service = service in OPEN_SERVICES
+        short = f"{service.rsplit('.', 1)[-1]}/{method}"  # "EligibilityService/Check"
+        auth = self.auth
         m = self.metrics
         started = m.started.labels(**labels)
         handling = m.handling.labels(**labels)
@@ -79,6 +84,13 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             context.abort(code, message)
 
         def precheck(context) -> None:
+            """Identity first (nothing about a person is looked up before it), then the
+            method grant, readiness and the deadline."""
+            if not open_service:
+                caller = auth.authenticate(context)
+                if not caller.may_call(short):
+                    raise PermissionDenied(f"{caller.identity} may not call {short}")
+                set_current_caller(caller)
             if gated and not self.ready():
                 raise NotReady()
             remaining = context.time_remaining()
