@@ -58,7 +58,10 @@ def emit(args, obj, text: str) -> None:
 def _client(args):
     from clients.client import QianjiangClient
 
-    return QianjiangClient(args.target, timeout=args.timeout)
+    return QianjiangClient(
+        args.target, timeout=args.timeout, token=args.token or os.environ.get("QJ_TOKEN"),
+        cert_dir=args.certs, caller=args.caller,
+    )
 
 
 def _token(value: str) -> bytes:
@@ -163,6 +166,25 @@ def cmd_withdraw(args) -> int:
     return 0
 
 
+def cmd_checks(args) -> int:
+    """Who checked me: the audit log's disclosures about a citizen, newest first."""
+    with _client(args) as qj:
+        entries = qj.list_checks(args.citizen, limit=args.limit)
+    rows = [(e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"), e.caller, e.method, e.scenario, e.result, e.decision_id) for e in entries]
+    emit(args, [as_dict(e) for e in entries], table(rows, ("time (UTC)", "caller", "method", "scenario / purpose", "result", "decision id")) if rows else "nobody has checked this citizen")
+    return 0
+
+
+def cmd_certs(args) -> int:
+    from server import tls
+
+    argv = ["--out", args.out] + (["--force"] if args.force else [])
+    for caller in args.caller or []:
+        argv += ["--caller", caller]
+    tls.main(argv)
+    return 0
+
+
 def cmd_health(args) -> int:
     with _client(args) as qj:
         status = qj.health(args.service)
@@ -187,10 +209,12 @@ def cmd_serve(args) -> int:
         data_dir=Path(args.data_dir), store_url=args.store, host=args.host, port=args.port,
         metrics_port=args.metrics_port, workers=args.workers, threads=args.threads,
         max_concurrent_rpcs=args.max_concurrent_rpcs, seed_citizens=args.seed_citizens, seed=args.seed,
+        security=args.security, tokens_path=args.tokens, cert_dir=args.certs, policy_path=args.policy,
+        audit=not args.no_audit,
     )
 
     def ready(runtime, port):
-        from server.app import card_token, citizen_id
+        from server.app import citizen_id
 
         state = runtime.state
         n = state.n_citizens
@@ -203,8 +227,8 @@ def cmd_serve(args) -> int:
             f"({config.workers} worker(s); model {runtime.spec.model_version}; "
             f"metrics on :{config.metrics_port or 'off'})\n"
             f"Try, in another shell:\n"
-            f"  .venv/bin/python -m clients.cli check campus_fitness --card {card_token(config.seed, row).hex()}\n"
-            f"  .venv/bin/python -m clients.cli score {citizen_id(row)}\n"
+            f"  qjscore check campus_fitness --card {runtime.synthetic_card_token(row).hex()}\n"
+            f"  qjscore score {citizen_id(row)}\n"
             f"Stop with Ctrl-C (drains gracefully).",
             flush=True,
         )
@@ -214,11 +238,12 @@ def cmd_serve(args) -> int:
 
 
 def cmd_token(args) -> int:
-    """The synthetic city's card token of a seeded citizen (for trying the service)."""
-    from server.app import card_token
+    """The synthetic city's card token of a seeded citizen (for trying the service): the
+    keyed hash of its synthetic card number, with the key of --data-dir."""
+    from server.keys import card_token, load_keys, synthetic_card_number
 
     row = int(args.citizen.lstrip("c")) if args.citizen.startswith("c") else int(args.citizen)
-    token = card_token(args.seed, row).hex()
+    token = card_token(load_keys(Path(args.data_dir)).card, synthetic_card_number(row)).hex()
     emit(args, {"citizen_id": args.citizen, "card_token": token}, token)
     return 0
 
@@ -274,6 +299,9 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("--target", default=DEFAULT_TARGET, help="host:port of the service (default %(default)s)")
         p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call in seconds")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.add_argument("--token", help="development bearer token (or $QJ_TOKEN)")
+        p.add_argument("--certs", help="directory with ca.pem and the caller's certificate (mutual TLS)")
+        p.add_argument("--caller", help="the caller identity whose <caller>.pem/.key to present")
         p.set_defaults(fn=fn)
         return p
 
@@ -302,6 +330,9 @@ def parser() -> argparse.ArgumentParser:
     p = client_cmd("withdraw", cmd_withdraw, "withdraw a record, or mark it repaired (--repaired)")
     p.add_argument("record_id")
     p.add_argument("--repaired", action="store_true")
+    p = client_cmd("checks", cmd_checks, "who checked a citizen: the audit log's disclosures about them")
+    p.add_argument("citizen")
+    p.add_argument("--limit", type=int, default=100)
     p = client_cmd("health", cmd_health, "the server's health status")
     p.add_argument("--service", default="")
 
@@ -316,11 +347,23 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-rpcs", type=int, default=512, help="beyond this, RESOURCE_EXHAUSTED")
     p.add_argument("--seed-citizens", type=int, default=100_000, help="size of the synthetic city for an empty store")
     p.add_argument("--seed", type=int, default=2018)
+    p.add_argument("--security", choices=("insecure", "token", "mtls"), default="insecure",
+                   help="insecure: loopback only, no authentication (development); token: bearer tokens; mtls: client certificates")
+    p.add_argument("--tokens", help="TOML file of development bearer tokens: '<token>' = '<caller identity>'")
+    p.add_argument("--certs", help="directory of ca.pem, server.pem, server.key (qjscore certs makes one)")
+    p.add_argument("--policy", help="caller policy (default config/policy.toml)")
+    p.add_argument("--no-audit", action="store_true", help="turn the audit log off (only to measure its cost)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("certs", help="make a development CA and certificates for the server and callers")
+    p.add_argument("--out", default="data/certs")
+    p.add_argument("--caller", action="append", help="a caller identity (repeatable; default: the policy's examples)")
+    p.add_argument("--force", action="store_true")
+    p.set_defaults(fn=cmd_certs)
 
     p = sub.add_parser("token", help="the card token of a seeded synthetic citizen")
     p.add_argument("citizen", help="e.g. c00000003")
-    p.add_argument("--seed", type=int, default=2018)
+    p.add_argument("--data-dir", default="data", help="where the server keeps its keys")
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_token)
 

@@ -20,7 +20,9 @@ from typing import Iterable, Iterator
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from qianjiang.v1 import eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc
+from qianjiang.v1 import (
+    audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
+)
 
 Outcome = eligibility_pb2.Outcome
 Record = records_pb2.Record
@@ -34,6 +36,7 @@ RETRY_POLICY = {
                 {"service": "qianjiang.v1.ScoreService"},
                 {"service": "qianjiang.v1.EligibilityService"},
                 {"service": "qianjiang.v1.RecordsService"},
+                {"service": "qianjiang.v1.AuditService"},
                 {"service": "grpc.health.v1.Health"},
             ],
             "retryPolicy": {
@@ -67,23 +70,42 @@ class BatchResult:
 
 
 class QianjiangClient:
-    """One channel to the service, with stubs for its three services and health."""
+    """One channel to the service, with stubs for its services and health.
 
-    def __init__(self, target: str, timeout: float = 2.0, channel: grpc.Channel | None = None):
+    Credentials: ``cert_dir`` + ``caller`` present that caller's client certificate (mutual
+    TLS, production); ``token`` sends a development bearer token; neither: plain text to a
+    server in its insecure loopback mode.
+    """
+
+    def __init__(self, target: str, timeout: float = 2.0, channel: grpc.Channel | None = None,
+                 token: str | None = None, cert_dir: str | None = None, caller: str | None = None):
         self.timeout = timeout
-        self.channel = channel or grpc.insecure_channel(
-            target,
-            options=[
-                ("grpc.enable_retries", 1),
-                ("grpc.service_config", json.dumps(RETRY_POLICY)),
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
-        )
+        options = [
+            ("grpc.enable_retries", 1),
+            ("grpc.service_config", json.dumps(RETRY_POLICY)),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if channel is None:
+            if cert_dir:
+                from pathlib import Path
+
+                from server.tls import channel_credentials
+
+                creds = channel_credentials(Path(cert_dir), caller)
+                if token:
+                    creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
+                channel = grpc.secure_channel(target, creds, options=options)
+            else:
+                channel = grpc.insecure_channel(target, options=options)
+                if token:
+                    channel = grpc.intercept_channel(channel, _BearerToken(token))
+        self.channel = channel
         self.scores = score_pb2_grpc.ScoreServiceStub(self.channel)
         self.eligibility = eligibility_pb2_grpc.EligibilityServiceStub(self.channel)
         self.records = records_pb2_grpc.RecordsServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
 
     def __enter__(self) -> "QianjiangClient":
         return self
@@ -155,9 +177,40 @@ class QianjiangClient:
         req = records_pb2.RegisterCardRequest(citizen_id=citizen_id, card_token=card_token)
         return self.records.RegisterCard(req, timeout=self._t(timeout))
 
+    # --- audit --------------------------------------------------------------------------------
+
+    def list_checks(self, citizen_id: str, limit: int = 100, timeout: float | None = None) -> list[audit_pb2.CheckEntry]:
+        """Who checked this citizen, newest first."""
+        req = audit_pb2.ListChecksRequest(citizen_id=citizen_id, limit=limit)
+        return list(self.audit.ListChecks(req, timeout=self._t(timeout)).entries)
+
     # --- health -------------------------------------------------------------------------------
 
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... for the whole server ("") or one service."""
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._t(timeout))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(resp.status)
+
+
+class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                   grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds ``authorization: Bearer <token>`` to every call on a plain-text channel (grpc's
+    own call credentials need TLS; development tokens on loopback do not)."""
+
+    def __init__(self, token: str):
+        self._metadata = (("authorization", f"Bearer {token}"),)
+
+    def _details(self, details):
+        return details._replace(metadata=tuple(details.metadata or ()) + self._metadata)
+
+    def intercept_unary_unary(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation, details, request):
+        return continuation(self._details(details), request)
+
+    def intercept_stream_unary(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, details, request_iterator):
+        return continuation(self._details(details), request_iterator)

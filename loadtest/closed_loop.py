@@ -22,15 +22,18 @@ import time
 import numpy as np
 
 
-def _tokens(n_citizens: int, seed: int, count: int, unknown_share: float, rng: random.Random) -> list[bytes]:
-    from server.app import card_token
+def _tokens(n_citizens: int, data_dir: str, count: int, unknown_share: float, rng: random.Random) -> list[bytes]:
+    from pathlib import Path
 
+    from server.keys import card_token, load_keys, synthetic_card_number
+
+    key = load_keys(Path(data_dir)).card
     out = []
     for _ in range(count):
         if rng.random() < unknown_share:
             out.append(rng.randbytes(16))
         else:
-            out.append(card_token(seed, rng.randrange(n_citizens)))
+            out.append(card_token(key, synthetic_card_number(rng.randrange(n_citizens))))
     return out
 
 
@@ -40,7 +43,7 @@ async def _run(args, proc_index: int, result_queue) -> None:
     from qianjiang.v1 import eligibility_pb2, eligibility_pb2_grpc
 
     rng = random.Random(args.seed * 1000 + proc_index)
-    tokens = _tokens(args.citizens, args.seed, 20_000, args.unknown_share, rng)
+    tokens = _tokens(args.citizens, args.data_dir, 20_000, args.unknown_share, rng)
     channel = grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
     stub = eligibility_pb2_grpc.EligibilityServiceStub(channel)
     batch = b"".join(tokens[: args.batch_size])
@@ -86,7 +89,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight per process")
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--citizens", type=int, default=100_000, help="size of the seeded synthetic city")
-    ap.add_argument("--seed", type=int, default=2018)
+    ap.add_argument("--seed", type=int, default=2018, help="seeds the token mix")
+    ap.add_argument("--data-dir", default="data", help="the server's data directory (for the card-token key)")
     ap.add_argument("--unknown-share", type=float, default=0.02)
     args = ap.parse_args(argv)
     queue = mp.get_context("spawn").Queue()

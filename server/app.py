@@ -15,7 +15,6 @@ loads the state, and the workers turn SERVING when it is ready. SIGTERM drains g
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import signal
@@ -35,12 +34,17 @@ from kernel.calibration import CalibrationTable, RawHistogram
 from kernel.score import Scorer
 from kernel.spec import ModelSpec, load_spec
 from kernel.synthetic import generate_city
-from qianjiang.v1 import eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc
+from qianjiang.v1 import (
+    audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
+)
+from server.auth import Authenticator, is_loopback, load_policy, load_tokens
 from server.interceptors import ServiceInterceptor
+from server.keys import Keys, load_keys, synthetic_card_number
+from server.keys import card_token as keyed_card_token
 from server.metrics import Metrics
 from server.scenarios import load_scenarios
 from server.service import CreditService
-from server.servicers import EligibilityServicer, RecordsServicer, ScoreServicer
+from server.servicers import AuditServicer, EligibilityServicer, RecordsServicer, ScoreServicer
 from server.state import WORKERS_SERVING, ServingState, today
 from server.store import Store, open_store
 
@@ -50,6 +54,7 @@ SERVICE_NAMES = (
     score_pb2.DESCRIPTOR.services_by_name["ScoreService"].full_name,
     eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name,
     records_pb2.DESCRIPTOR.services_by_name["RecordsService"].full_name,
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
 
 #: Bigger messages are refused by grpc with RESOURCE_EXHAUSTED (a BatchCheck of the maximum
@@ -72,6 +77,12 @@ class ServerConfig:
     seed_citizens: int = 100_000  # synthetic city written to an empty store
     seed: int = 2018
     grace_seconds: float = 5.0
+    security: str = "insecure"  # insecure (loopback only), token, or mtls
+    tokens_path: Path | None = None  # development bearer tokens (token mode)
+    cert_dir: Path | None = None  # ca.pem, server.pem, server.key (server/tls.py)
+    policy_path: Path | None = None  # default config/policy.toml
+    audit: bool = True  # the audit log of disclosures, under <data_dir>/audit
+    audit_flush_seconds: float = 0.05  # what a crash can lose at most (server/audit.py)
 
     @property
     def resolved_store_url(self) -> str:
@@ -82,9 +93,34 @@ class ServerConfig:
 
 
 class Runtime:
-    def __init__(self, config: ServerConfig, spec: ModelSpec, scenarios, state: ServingState):
-        self.config, self.spec, self.scenarios, self.state = config, spec, scenarios, state
+    def __init__(self, config: ServerConfig, spec: ModelSpec, scenarios, state: ServingState, keys: Keys):
+        self.config, self.spec, self.scenarios, self.state, self.keys = config, spec, scenarios, state, keys
         self.calibration_path = Path(config.data_dir) / f"calibration-{spec.model_version}.npz"
+        self.policy = load_policy(config.policy_path)
+        self.authenticator = self._authenticator()
+
+    def _authenticator(self) -> Authenticator:
+        cfg = self.config
+        if cfg.security == "insecure":
+            if not is_loopback(cfg.host):
+                raise ValueError(f"--security insecure is only allowed on a loopback address, not {cfg.host}")
+            return Authenticator("insecure", self.policy)
+        if cfg.security == "token":
+            if not cfg.tokens_path:
+                raise ValueError("--security token needs --tokens FILE")
+            if not cfg.cert_dir and not is_loopback(cfg.host):
+                raise ValueError("bearer tokens in clear text only on a loopback address; give --certs for TLS")
+            return Authenticator("token", self.policy, load_tokens(cfg.tokens_path))
+        if cfg.security == "mtls":
+            if not cfg.cert_dir:
+                raise ValueError("--security mtls needs --certs DIR (python -m server.tls makes a development one)")
+            from server.tls import caller_identity
+
+            return Authenticator("mtls", self.policy, identity_of=caller_identity)
+        raise ValueError(f"--security {cfg.security!r}: expected insecure, token or mtls")
+
+    def synthetic_card_token(self, row: int) -> bytes:
+        return keyed_card_token(self.keys.card, synthetic_card_number(row))
 
     @classmethod
     def prepare(cls, config: ServerConfig) -> "Runtime":
@@ -93,16 +129,19 @@ class Runtime:
         spec = load_spec(config.spec_path)
         scenarios = load_scenarios(config.scenarios_path)
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        keys = load_keys(Path(config.data_dir))
         store = open_store(config.resolved_store_url)
         try:
             if store.counts()["citizens"] == 0 and config.seed_citizens > 0:
-                seed_store(store, spec, config.seed_citizens, config.seed)
+                seed_store(store, spec, config.seed_citizens, config.seed, keys)
             counts = store.counts()
         finally:
             store.close()
         capacity = max(1024, int(counts["citizens"] * 1.25) + 1024)
-        state = ServingState.allocate(spec, capacity, token_capacity=max(capacity, int(counts["cards"] * 1.25) + 1024))
-        return cls(config, spec, scenarios, state)
+        state = ServingState.allocate(
+            spec, capacity, token_capacity=max(capacity, int(counts["cards"] * 1.25) + 1024), audit_key=keys.audit,
+        )
+        return cls(config, spec, scenarios, state, keys)
 
     def open_store(self, metrics: Metrics | None = None) -> Store:
         return open_store(self.config.resolved_store_url, on_write=metrics.observe_store_write if metrics else None)
@@ -149,26 +188,20 @@ class Runtime:
         return True
 
 
-def card_token(seed: int, row: int) -> bytes:
-    """The synthetic city's card token of a citizen: a keyed hash, so nothing about the
-    person can be read back from it."""
-    return hashlib.blake2b(row.to_bytes(8, "little"), key=f"qianjiang-synthetic-{seed}".encode(), digest_size=16).digest()
-
-
 def citizen_id(row: int) -> str:
     return f"c{row:08d}"
 
 
-def seed_store(store: Store, spec: ModelSpec, n: int, seed: int, authorised_share: float = 0.85) -> None:
-    """Write a synthetic city (as of today) into an empty store: citizens, card tokens, the
-    consents of about 85 % of them, and their records."""
+def seed_store(store: Store, spec: ModelSpec, n: int, seed: int, keys: Keys, authorised_share: float = 0.85) -> None:
+    """Write a synthetic city (as of today) into an empty store: citizens, card tokens (keyed
+    hashes of synthetic card numbers), the consents of about 85 % of them, and their records."""
     t0 = time.perf_counter()
     as_of = today()
     city = generate_city(spec, n, seed=seed, as_of_day=as_of, progress=n >= 500_000)
     rng = np.random.default_rng(seed)
     age_days = city.people.age.astype(np.int64) * 365 + rng.integers(0, 365, n)
     store.upsert_citizens_bulk([citizen_id(i) for i in range(n)], (as_of - age_days).astype(np.int32))
-    tokens = np.frombuffer(b"".join(card_token(seed, i) for i in range(n)), np.uint8).reshape(n, 16)
+    tokens = np.frombuffer(b"".join(keyed_card_token(keys.card, synthetic_card_number(i)) for i in range(n)), np.uint8).reshape(n, 16)
     store.register_cards_bulk(tokens, np.arange(n))
     store.set_consents_bulk(np.flatnonzero(rng.random(n) < authorised_share), True)
     recs = city.records
@@ -201,7 +234,7 @@ class Node:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="qj-rpc"),
-            interceptors=[ServiceInterceptor(self.metrics, ready=self._ready)],
+            interceptors=[ServiceInterceptor(self.metrics, ready=self._ready, authenticator=runtime.authenticator)],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
             options=[
                 ("grpc.so_reuseport", 1 if reuseport else 0),
@@ -212,17 +245,25 @@ class Node:
         self.score = ScoreServicer(None)
         self.eligibility = EligibilityServicer(None)
         self.records = RecordsServicer(None)
+        self.audit_servicer = AuditServicer(None)
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, self.server)
         score_pb2_grpc.add_ScoreServiceServicer_to_server(self.score, self.server)
         eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(self.eligibility, self.server)
         records_pb2_grpc.add_RecordsServiceServicer_to_server(self.records, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         addr = f"{host or cfg.host}:{cfg.port if port is None else port}"
-        self.port = self.server.add_insecure_port(addr)
+        if cfg.cert_dir:
+            from server.tls import server_credentials
+
+            self.port = self.server.add_secure_port(addr, server_credentials(Path(cfg.cert_dir), require_client_auth=cfg.security == "mtls"))
+        else:
+            self.port = self.server.add_insecure_port(addr)
         if not self.port:
             raise OSError(f"cannot listen on {addr}")
         self.service: CreditService | None = None
         self._store: Store | None = None
+        self.audit = None
 
     def _ready(self) -> bool:
         return self.service is not None and self.runtime.state.ready
@@ -253,11 +294,16 @@ class Node:
                 child = children[key] = decisions.labels(scenario=scenario, outcome=_OUTCOME_NAMES[outcome])
             child.inc()
 
+        if rt.config.audit:
+            from server.audit import AuditLog
+
+            self.audit = AuditLog(Path(rt.config.data_dir) / "audit", rt.keys.audit, flush_interval=rt.config.audit_flush_seconds)
+            self.audit.start()
         service = CreditService(
             rt.state, self._store, scorer, rt.scenarios,
-            on_rescore=m.observe_rescore, on_decisions=on_decisions, on_decision=on_decision,
+            on_rescore=m.observe_rescore, on_decisions=on_decisions, on_decision=on_decision, audit=self.audit,
         )
-        self.score.service = self.eligibility.service = self.records.service = service
+        self.score.service = self.eligibility.service = self.records.service = self.audit_servicer.service = service
         self.service = service
         m.model_info.labels(model_version=rt.spec.model_version, calibration_version=scorer.calibration.calibration_version).set(1)
         for name in ("",) + SERVICE_NAMES:
@@ -269,6 +315,8 @@ class Node:
         for name in ("",) + SERVICE_NAMES:
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.server.stop(self.runtime.config.grace_seconds if grace is None else grace).wait()
+        if self.audit is not None:
+            self.audit.close()  # flushes: nothing disclosed goes unrecorded
         if self._store is not None:
             self._store.close()
 
@@ -312,6 +360,12 @@ def serve(config: ServerConfig, on_ready=None) -> None:
     if config.workers > 1 and config.port == 0:
         raise ValueError("--workers > 1 needs a fixed --port (every worker binds the same one)")
     runtime = Runtime.prepare(config)
+    if config.security == "insecure":
+        banner = "=" * 78
+        log.warning(
+            "\n%s\nINSECURE MODE: no caller is authenticated and every call is allowed, on %s only.\n"
+            "For anything but local development use --security mtls --certs DIR.\n%s", banner, config.host, banner,
+        )
     if config.workers <= 1:
         _serve_single(runtime, on_ready)
     else:

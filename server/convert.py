@@ -10,7 +10,7 @@ import datetime as _dt
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kernel.spec import ModelSpec
-from qianjiang.v1 import common_pb2, eligibility_pb2, records_pb2, score_pb2
+from qianjiang.v1 import audit_pb2, common_pb2, eligibility_pb2, records_pb2, score_pb2
 from server.errors import InvalidArgument
 from server.scenarios import Scenario
 from server.service import BatchDecision, Contribution, DecisionView, ScoreView
@@ -63,6 +63,7 @@ def score_message(view: ScoreView, spec: ModelSpec) -> score_pb2.Score:
         model_version=view.model_version,
         calibration_version=view.calibration_version,
         computed_at=ts,
+        disclosure_id=view.disclosure_id,
     )
 
 
@@ -121,3 +122,17 @@ def withdraw_status(why: int) -> str:
         return WITHDRAW_STATUS[why]
     except KeyError:
         raise InvalidArgument("why", f"{why} is not WITHDRAWN (1) or REPAIRED (2)") from None
+
+
+#: Audit result codes -> names shown to the citizen.
+RESULT_NAMES = {1: "ALLOW", 2: "DENY_BELOW_THRESHOLD", 3: "DENY_HARD_RULE", 4: "DENY_UNPAID_DEFAULT",
+                5: "UNKNOWN_CARD", 6: "NOT_AUTHORISED", 7: "UNDER_18", 100: "SCORE_VIEWED", 101: "SCORE_EXPLAINED"}
+
+
+def check_entry(e) -> audit_pb2.CheckEntry:
+    ts = Timestamp()
+    ts.FromDatetime(e.time)
+    return audit_pb2.CheckEntry(
+        decision_id=e.decision_id, time=ts, caller=e.caller, method=e.method, scenario=e.scenario,
+        result=RESULT_NAMES.get(e.result, str(e.result)), model_version=e.model_version,
+    )

@@ -11,6 +11,7 @@ every write goes store first (durable), then state, under the state's process-sh
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
@@ -25,6 +26,7 @@ from kernel.columns import FLAG_HARD_RULE, NO_REASON
 from kernel.features import Records, build_features
 from kernel.reference import variable_points
 from kernel.score import Scorer
+from server.auth import Caller
 from server.errors import CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, UnknownCitizen, UnknownScenario
 from server.scenarios import REASON_CODES, Outcome, Scenario, decide, decide_one
 from server.state import N_CITIZENS, ServingState, adults
@@ -65,6 +67,7 @@ class ScoreView:
     model_version: str
     calibration_version: str
     computed_at: float
+    disclosure_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,21 +95,39 @@ class BatchDecision:
     allowed: int
 
 
-class DecisionIds:
-    """Unique decision ids without coordination: a random per-process prefix and a counter."""
+#: Audit result codes of score disclosures (decisions use their Outcome value, 1-7).
+SCORE_VIEWED, SCORE_EXPLAINED = 100, 101
 
-    def __init__(self):
-        self._prefix = f"{secrets.token_hex(4)}{os.getpid():x}"
+
+class DecisionIds:
+    """Unique decision ids without coordination: a per-process prefix (the audit writer's,
+    so the audit log can rebuild every id) and a counter."""
+
+    def __init__(self, prefix: str | None = None):
+        self.prefix = prefix or f"{secrets.token_hex(4)}{os.getpid():x}"
         self._counter = itertools.count(1)
 
-    def next(self) -> str:
-        return f"d-{self._prefix}-{next(self._counter):x}"
+    def next(self) -> tuple[int, str]:
+        seq = next(self._counter)
+        return seq, f"d-{self.prefix}-{seq:x}"
+
+
+class _NoAudit:
+    """Stands in when the audit log is off (benchmarks of its cost, unit tests)."""
+
+    writer_prefix = None
+
+    def record(self, *args) -> None:
+        pass
+
+    def record_batch(self, *args) -> None:
+        pass
 
 
 class CreditService:
     def __init__(
         self, state: ServingState, store: Store, scorer: Scorer, scenarios: dict[str, Scenario],
-        on_rescore=None, on_decisions=None, on_decision=None,
+        on_rescore=None, on_decisions=None, on_decision=None, audit=None,
     ):
         """``on_rescore(seconds)``, ``on_decisions(scenario, outcomes array)`` and
         ``on_decision(scenario, outcome)`` feed metrics."""
@@ -118,7 +139,8 @@ class CreditService:
         self.model_version = self.spec.model_version
         self.calibration_version = scorer.calibration.calibration_version
         self.rows = scorer.bind(state.features, state.adult, state.columns)
-        self.ids = DecisionIds()
+        self.audit = audit if audit is not None else _NoAudit()
+        self.ids = DecisionIds(self.audit.writer_prefix)
         self._row_of: dict[str, int] = {}
         self._variables = {v.name: i for i, v in enumerate(self.spec.variables)}
         self._on_rescore = on_rescore or (lambda seconds: None)
@@ -152,9 +174,14 @@ class CreditService:
 
     # --- scores -----------------------------------------------------------------------
 
-    def get_score(self, citizen_id: str) -> ScoreView:
+    def get_score(self, citizen_id: str, caller: Caller, purpose: str = "", method: str = "ScoreService/GetScore") -> ScoreView:
         row = self.row_of(citizen_id)
-        return self._view(citizen_id, row)
+        return self._disclose(self._view(citizen_id, row), row, caller, purpose, method, SCORE_VIEWED)
+
+    def _disclose(self, view: ScoreView, row: int, caller: Caller, purpose: str, method: str, result: int) -> ScoreView:
+        seq, disclosure_id = self.ids.next()
+        self.audit.record(seq, caller.identity, method, purpose or "unspecified", int(self.state.subject[row]), result, self.model_version)
+        return dataclasses.replace(view, disclosure_id=disclosure_id)
 
     def _view(self, citizen_id: str, row: int) -> ScoreView:
         s = self.state
@@ -186,21 +213,21 @@ class CreditService:
         """Unweighted points of each variable (the reference maths, for one citizen)."""
         return variable_points(self.spec, self.state.features[row : row + 1])[0]
 
-    def explain(self, citizen_id: str) -> tuple[ScoreView, list[Contribution]]:
+    def explain(self, citizen_id: str, caller: Caller, purpose: str = "") -> tuple[ScoreView, list[Contribution]]:
         row = self.row_of(citizen_id)
-        view = self._view(citizen_id, row)
+        view = self._disclose(self._view(citizen_id, row), row, caller, purpose, "ScoreService/ExplainScore", SCORE_EXPLAINED)
         pts = self._row_points(row)
         feats = self.state.features[row]
         return view, [Contribution(v, float(feats[v]), float(pts[v])) for v in range(len(pts))]
 
-    def batch_scores(self, citizen_ids: list[str]) -> list[tuple[str, ScoreView | None]]:
+    def batch_scores(self, citizen_ids: list[str], caller: Caller, purpose: str = "") -> list[tuple[str, ScoreView | None]]:
         if len(citizen_ids) > MAX_BATCH_SCORES:
             raise InvalidArgument("citizen_ids", f"{len(citizen_ids)} ids exceed the limit of {MAX_BATCH_SCORES}")
         out = []
         for i, cid in enumerate(citizen_ids):
             check_id(cid, f"citizen_ids[{i}]")
             try:
-                out.append(("OK", self.get_score(cid)))
+                out.append(("OK", self.get_score(cid, caller, purpose, "ScoreService/BatchGetScores")))
             except UnknownCitizen:
                 out.append(("NOT_FOUND", None))
             except NotAuthorised:
@@ -217,7 +244,8 @@ class CreditService:
         self._on_decisions(scenario.name, outcomes)
         return outcomes
 
-    def check(self, scenario_name: str, token: bytes) -> DecisionView:
+    def check(self, scenario_name: str, token: bytes, caller: Caller, method: str = "EligibilityService/Check") -> DecisionView:
+        caller.check_scenario(scenario_name)
         scenario = self.scenario(scenario_name)
         check_token(token)
         row = self.state.tokens.get(token)
@@ -227,13 +255,17 @@ class CreditService:
         codes = REASON_CODES[outcome]
         if outcome == Outcome.DENY_HARD_RULE:
             codes = tuple(f"HARD_RULE:{self.spec.variables[v].reason.code}" for v in self._hard_rules(row))
-        return DecisionView(outcome, codes, self.ids.next(), self.model_version, scenario.name)
+        seq, decision_id = self.ids.next()
+        subject = int(s.subject[row]) if row >= 0 else 0
+        self.audit.record(seq, caller.identity, method, scenario.name, subject, int(outcome), self.model_version)
+        return DecisionView(outcome, codes, decision_id, self.model_version, scenario.name)
 
     def _hard_rules(self, row: int) -> list[int]:
         c = self.spec.compiled
         return [v for v in np.flatnonzero(c.hard_rule) if self.state.features[row, v] > 0]
 
-    def check_batch(self, scenario_name: str, tokens: bytes) -> BatchDecision:
+    def check_batch(self, scenario_name: str, tokens: bytes, caller: Caller) -> BatchDecision:
+        caller.check_scenario(scenario_name)
         scenario = self.scenario(scenario_name)
         if len(tokens) % TOKEN_BYTES:
             raise InvalidArgument("card_tokens", f"{len(tokens)} bytes is not a whole number of {TOKEN_BYTES}-byte tokens")
@@ -243,12 +275,20 @@ class CreditService:
         rows = self.state.tokens.lookup_batch(tokens)
         outcomes = self._decide(scenario, rows)
         allowed = int(np.count_nonzero(outcomes == Outcome.ALLOW))
-        return BatchDecision(outcomes.tobytes(), self.ids.next(), self.model_version, scenario.name, allowed)
+        seq, batch_id = self.ids.next()
+        subjects = np.where(rows >= 0, self.state.subject[np.maximum(rows, 0)], np.uint64(0))
+        self.audit.record_batch(seq, caller.identity, "EligibilityService/BatchCheck", scenario.name, subjects, outcomes, self.model_version)
+        return BatchDecision(outcomes.tobytes(), batch_id, self.model_version, scenario.name, allowed)
 
     # --- writes: store first, then state, under the shared lock ------------------------
 
-    def ingest(self, record: RecordIn) -> bool:
-        """Store one record durably and re-score its citizen. False: a duplicate id."""
+    def ingest(self, record: RecordIn, caller: Caller) -> bool:
+        """Store one record durably and re-score its citizen. False: a duplicate id. The
+        record's source is the authenticated caller."""
+        if record.variable in self._variables:
+            caller.check_variable(record.variable)
+        if not caller.unrestricted:
+            record = dataclasses.replace(record, source=caller.identity)
         self._check_record(record)
         row = self.row_of(record.citizen_id)
         with self.state.lock:
@@ -274,8 +314,9 @@ class CreditService:
             if self.spec.variables[self._variables[r.variable]].direction != "negative":
                 raise InvalidArgument("record.scenario", "only a negative record can be an unpaid default")
 
-    def correct_record(self, record_id: str, day: int, value: float) -> RecordRow:
+    def correct_record(self, record_id: str, day: int, value: float, caller: Caller) -> RecordRow:
         check_id(record_id, "record_id")
+        caller.check_variable(self.store.get_record(record_id).variable)
         check_value(value, "value")
         if day > self.state.as_of_day:
             raise InvalidArgument("date", "is in the future")
@@ -284,8 +325,9 @@ class CreditService:
             self._rescore(row.citizen_row)
         return row
 
-    def withdraw_record(self, record_id: str, status: str) -> RecordRow:
+    def withdraw_record(self, record_id: str, status: str, caller: Caller) -> RecordRow:
         check_id(record_id, "record_id")
+        caller.check_variable(self.store.get_record(record_id).variable)
         with self.state.lock:
             row = self.store.set_record_status(record_id, status)
             self._rescore(row.citizen_row)
@@ -311,12 +353,25 @@ class CreditService:
                     raise CapacityExhausted(f"the serving state holds {s.capacity} citizens; restart to grow it") from None
             row, created = self.store.upsert_citizen(citizen_id, birth_day)
             s.birth_day[row] = birth_day
+            s.subject[row] = self.audit_subject(citizen_id)
             if created:
                 s.consent[row] = 0
                 s.meta[N_CITIZENS] = max(n, row + 1)
             self._row_of[citizen_id] = row
             self._rescore(row)
         return created
+
+    def audit_subject(self, citizen_id: str) -> int:
+        return self.state.subject_of(citizen_id)
+
+    def checks_of(self, citizen_id: str, limit: int = 100):
+        """Who checked this citizen: the audit entries about them, newest first."""
+        self.row_of(citizen_id)
+        if not 0 <= limit <= 1000:
+            raise InvalidArgument("limit", f"{limit} is outside [0, 1000]")
+        if isinstance(self.audit, _NoAudit):
+            return []
+        return self.audit.checks_of(citizen_id, limit or 100)
 
     def register_card(self, citizen_id: str, token: bytes) -> bool:
         check_token(token)

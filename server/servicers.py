@@ -4,8 +4,11 @@ server/interceptors.py maps them to status codes through server/errors.py's tabl
 
 from __future__ import annotations
 
-from qianjiang.v1 import eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc
+from qianjiang.v1 import (
+    audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
+)
 from server import convert
+from server.auth import current_caller
 from server.service import CreditService
 
 ScoreStatus = score_pb2.ScoreResult.Status
@@ -17,15 +20,16 @@ class ScoreServicer(score_pb2_grpc.ScoreServiceServicer):
         self.service = service
 
     def GetScore(self, request, context):
-        return convert.score_message(self.service.get_score(request.citizen_id), self.service.spec)
+        view = self.service.get_score(request.citizen_id, current_caller(), request.purpose)
+        return convert.score_message(view, self.service.spec)
 
     def ExplainScore(self, request, context):
-        view, contributions = self.service.explain(request.citizen_id)
+        view, contributions = self.service.explain(request.citizen_id, current_caller(), request.purpose)
         return convert.explanation_message(view, contributions, self.service.spec)
 
     def BatchGetScores(self, request, context):
         results = []
-        for cid, (status, view) in zip(request.citizen_ids, self.service.batch_scores(list(request.citizen_ids))):
+        for cid, (status, view) in zip(request.citizen_ids, self.service.batch_scores(list(request.citizen_ids), current_caller(), request.purpose)):
             result = score_pb2.ScoreResult(citizen_id=cid, status=ScoreStatus.Value(status))
             if view is not None:
                 result.score.CopyFrom(convert.score_message(view, self.service.spec))
@@ -38,14 +42,17 @@ class EligibilityServicer(eligibility_pb2_grpc.EligibilityServiceServicer):
         self.service = service
 
     def Check(self, request, context):
-        return convert.decision_message(self.service.check(request.scenario, request.card_token), request.request_id)
+        decision = self.service.check(request.scenario, request.card_token, current_caller())
+        return convert.decision_message(decision, request.request_id)
 
     def BatchCheck(self, request, context):
-        return convert.batch_message(self.service.check_batch(request.scenario, request.card_tokens))
+        return convert.batch_message(self.service.check_batch(request.scenario, request.card_tokens, current_caller()))
 
     def StreamCheck(self, request_iterator, context):
+        caller = current_caller()
         for request in request_iterator:
-            yield convert.decision_message(self.service.check(request.scenario, request.card_token), request.request_id)
+            decision = self.service.check(request.scenario, request.card_token, caller, "EligibilityService/StreamCheck")
+            yield convert.decision_message(decision, request.request_id)
 
     def ListScenarios(self, request, context):
         return eligibility_pb2.ListScenariosResponse(
@@ -58,17 +65,18 @@ class RecordsServicer(records_pb2_grpc.RecordsServiceServicer):
         self.service = service
 
     def IngestRecords(self, request_iterator, context):
+        caller = current_caller()
         for i, msg in enumerate(request_iterator):
-            inserted = self.service.ingest(convert.record_in(msg, i))
+            inserted = self.service.ingest(convert.record_in(msg, i), caller)
             yield records_pb2.RecordAck(record_id=msg.record_id, status=AckStatus.ACCEPTED if inserted else AckStatus.DUPLICATE)
 
     def CorrectRecord(self, request, context):
         day = convert.parse_date(request.date, "date")
-        self.service.correct_record(request.record_id, day, request.value)
+        self.service.correct_record(request.record_id, day, request.value, current_caller())
         return records_pb2.RecordAck(record_id=request.record_id, status=AckStatus.UPDATED)
 
     def WithdrawRecord(self, request, context):
-        self.service.withdraw_record(request.record_id, convert.withdraw_status(request.why))
+        self.service.withdraw_record(request.record_id, convert.withdraw_status(request.why), current_caller())
         return records_pb2.RecordAck(record_id=request.record_id, status=AckStatus.UPDATED)
 
     def GrantConsent(self, request, context):
@@ -86,3 +94,12 @@ class RecordsServicer(records_pb2_grpc.RecordsServiceServicer):
     def RegisterCard(self, request, context):
         created = self.service.register_card(request.citizen_id, request.card_token)
         return records_pb2.RegisterCardResponse(citizen_id=request.citizen_id, created=created)
+
+
+class AuditServicer(audit_pb2_grpc.AuditServiceServicer):
+    def __init__(self, service: CreditService):
+        self.service = service
+
+    def ListChecks(self, request, context):
+        entries = self.service.checks_of(request.citizen_id, request.limit)
+        return audit_pb2.ListChecksResponse(entries=[convert.check_entry(e) for e in entries])

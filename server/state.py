@@ -26,6 +26,7 @@ from kernel.columns import ScoreColumns
 from kernel.features import Records, build_features, record_weights
 from kernel.score import Scorer
 from kernel.spec import ModelSpec
+from server.keys import subject_of
 from server.scenarios import Scenario
 from server.store import ActiveRecords, Store
 from server.token_index import TokenIndex
@@ -92,12 +93,17 @@ class ServingState:
     birth_day: np.ndarray  # int32
     defaults: np.ndarray  # uint32: bit per pay-later scenario with an unpaid default
     computed_at: np.ndarray  # float64 unix seconds of the last re-score
+    subject: np.ndarray  # uint64 pseudonymous subject of the audit log (server/keys.py)
     columns: ScoreColumns
     tokens: TokenIndex
     lock: object  # multiprocessing.Lock: serialises writers across processes
+    audit_key: bytes = b""
+
+    def subject_of(self, citizen_id: str) -> int:
+        return subject_of(self.audit_key, citizen_id)
 
     @classmethod
-    def allocate(cls, spec: ModelSpec, capacity: int, token_capacity: int | None = None) -> "ServingState":
+    def allocate(cls, spec: ModelSpec, capacity: int, token_capacity: int | None = None, audit_key: bytes = b"") -> "ServingState":
         n_vars = len(spec.variables)
         tcap = TokenIndex.capacity_for(token_capacity or capacity)
         layout = {
@@ -108,6 +114,7 @@ class ServingState:
             "birth_day": (np.int32, (capacity,)),
             "defaults": (np.uint32, (capacity,)),
             "computed_at": (np.float64, (capacity,)),
+            "subject": (np.uint64, (capacity,)),
             "token_keys": (np.uint64, (tcap, 2)),
             "token_rows": (np.int32, (tcap,)),
             "token_meta": (np.int64, (1,)),
@@ -120,7 +127,7 @@ class ServingState:
         return cls(
             spec=spec, capacity=capacity, meta=a["meta"], features=a["features"], adult=a["adult"],
             consent=a["consent"], birth_day=a["birth_day"], defaults=a["defaults"],
-            computed_at=a["computed_at"], columns=columns,
+            computed_at=a["computed_at"], subject=a["subject"], columns=columns, audit_key=audit_key,
             tokens=TokenIndex(a["token_keys"], a["token_rows"], a["token_meta"]),
             lock=multiprocessing.get_context("fork").Lock(),
         )
@@ -150,6 +157,7 @@ class ServingState:
             self.meta[READY] = 0
             self.birth_day[:n] = citizens.birth_day
             self.consent[:n] = citizens.consent
+            self.subject[:n] = [subject_of(self.audit_key, cid) for cid in citizens.ids]
             cards = store.cards()
             self.tokens.clear()
             self.tokens.insert_many(cards.tokens, cards.citizen_row)

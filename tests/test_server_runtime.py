@@ -18,7 +18,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from clients.client import QianjiangClient
-from server.app import Node, Runtime, ServerConfig, card_token, citizen_id
+from server.app import Node, Runtime, ServerConfig, citizen_id
 from server.metrics import Metrics
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -37,12 +37,12 @@ def test_health_is_not_serving_while_loading_and_draining(tmp_path):
         assert qj.health() == "NOT_SERVING"
         assert qj.health("qianjiang.v1.EligibilityService") == "NOT_SERVING"
         with pytest.raises(grpc.RpcError) as err:  # the services refuse until loaded
-            qj.check("campus_fitness", card_token(2018, 0), timeout=1)
+            qj.check("campus_fitness", runtime.synthetic_card_token(0), timeout=1)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         runtime.load()
         node.attach()
         assert qj.health() == "SERVING"
-        assert qj.check("campus_fitness", card_token(2018, 0)).outcome > 0
+        assert qj.check("campus_fitness", runtime.synthetic_card_token(0)).outcome > 0
         node.health.set("", 2)  # what drain() does first: NOT_SERVING = 2
         assert qj.health() == "NOT_SERVING"
     node.drain(0)
@@ -68,13 +68,13 @@ def test_overload_is_refused_with_resource_exhausted_not_queued(tmp_path):
     time.sleep(0.3)  # both streams now occupy the server
     t0 = time.perf_counter()
     with pytest.raises(grpc.RpcError) as err:
-        qj.check("campus_fitness", card_token(2018, 0), timeout=5)
+        qj.check("campus_fitness", runtime.synthetic_card_token(0), timeout=5)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert time.perf_counter() - t0 < 1.0, "refused at once, not after queueing"
     release.set()
     for call in held:
         list(call)
-    assert qj.check("campus_fitness", card_token(2018, 0)).outcome > 0, "recovers as soon as load drops"
+    assert qj.check("campus_fitness", runtime.synthetic_card_token(0)).outcome > 0, "recovers as soon as load drops"
     qj.close()
     node.drain(0)
 
@@ -105,7 +105,9 @@ def test_two_workers_share_one_port_and_one_state_and_drain_on_sigterm(tmp_path)
             assert line, f"server exited early: {banner}"
             banner += line
         target = f"127.0.0.1:{port}"
-        token = card_token(2018, _consenting_adult(tmp_path))
+        from server.keys import card_token, load_keys, synthetic_card_number
+
+        token = card_token(load_keys(tmp_path).card, synthetic_card_number(_consenting_adult(tmp_path)))
         # separate connections land on both workers (SO_REUSEPORT spreads connections);
         # a local subchannel pool stops grpc from sharing one connection between channels
         clients = [
@@ -164,5 +166,5 @@ def test_cli_prints_tables_and_json(served):
     assert out.returncode != 0 and "--card" in out.stderr
     out = _run_cli("scenarios", "--json", *env_target)
     assert {s["name"] for s in json.loads(out.stdout)} >= {"campus_fitness", "metro_pay_later"}
-    out = _run_cli("token", served.citizen(row))
+    out = _run_cli("token", served.citizen(row), "--data-dir", str(served.data_dir))
     assert out.stdout.strip() == served.token(row).hex()

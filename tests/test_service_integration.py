@@ -439,6 +439,9 @@ def _check_explanation(served, row: int) -> None:
     spec = served.runtime.spec
     e = served.client.explain(served.citizen(row))
     score = served.client.get_score(served.citizen(row))
+    assert e.score.disclosure_id != score.disclosure_id, "each disclosure gets its own audit id"
+    e.score.ClearField("disclosure_id")
+    score.ClearField("disclosure_id")
     assert e.score == score
     assert [v.variable for v in e.variables] == [v.name for v in spec.variables]
     assert [(v.dimension, v.direction) for v in e.variables] == [(v.dimension, v.direction) for v in spec.variables]
@@ -798,6 +801,7 @@ def _all_results(client: QianjiangClient, ids: list[str]) -> list[score_pb2.Scor
         out.extend(client.batch_scores(ids[i:i + 1000]))
     for r in out:
         r.score.ClearField("computed_at")
+        r.score.ClearField("disclosure_id")  # every disclosure has its own id
     return out
 
 
