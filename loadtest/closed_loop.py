@@ -44,7 +44,16 @@ async def _run(args, proc_index: int, result_queue) -> None:
 
     rng = random.Random(args.seed * 1000 + proc_index)
     tokens = _tokens(args.citizens, args.data_dir, 20_000, args.unknown_share, rng)
-    channel = grpc.aio.insecure_channel(args.target, options=[("grpc.use_local_subchannel_pool", 1)])
+    options = [("grpc.use_local_subchannel_pool", 1)]
+    metadata = (("authorization", f"Bearer {args.token}"),) if args.token else None
+    if args.certs:
+        from pathlib import Path
+
+        from server.tls import channel_credentials
+
+        channel = grpc.aio.secure_channel(args.target, channel_credentials(Path(args.certs), args.caller), options=options)
+    else:
+        channel = grpc.aio.insecure_channel(args.target, options=options)
     stub = eligibility_pb2_grpc.EligibilityServiceStub(channel)
     batch = b"".join(tokens[: args.batch_size])
     latencies: list[float] = []
@@ -59,10 +68,10 @@ async def _run(args, proc_index: int, result_queue) -> None:
             t0 = time.perf_counter()
             try:
                 if args.mode == "unary":
-                    await stub.Check(eligibility_pb2.CheckRequest(scenario=args.scenario, card_token=tokens[i % len(tokens)]), timeout=5)
+                    await stub.Check(eligibility_pb2.CheckRequest(scenario=args.scenario, card_token=tokens[i % len(tokens)]), timeout=5, metadata=metadata)
                     checks += 1
                 else:
-                    await stub.BatchCheck(eligibility_pb2.BatchCheckRequest(scenario=args.scenario, card_tokens=batch), timeout=5)
+                    await stub.BatchCheck(eligibility_pb2.BatchCheckRequest(scenario=args.scenario, card_tokens=batch), timeout=5, metadata=metadata)
                     checks += args.batch_size
                 latencies.append(time.perf_counter() - t0)
             except grpc.aio.AioRpcError as exc:
@@ -79,7 +88,7 @@ def _proc(args, index, queue):
     asyncio.run(_run(args, index, queue))
 
 
-def main(argv=None) -> dict:
+def main(argv=None, quiet: bool = False) -> dict:
     ap = argparse.ArgumentParser(prog="python -m loadtest.closed_loop", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="127.0.0.1:50051")
     ap.add_argument("--mode", choices=("unary", "batch"), default="unary")
@@ -92,6 +101,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--seed", type=int, default=2018, help="seeds the token mix")
     ap.add_argument("--data-dir", default="data", help="the server's data directory (for the card-token key)")
     ap.add_argument("--unknown-share", type=float, default=0.02)
+    ap.add_argument("--token", help="development bearer token")
+    ap.add_argument("--certs", help="certificate directory (mutual TLS)")
+    ap.add_argument("--caller", default="metro_gateway", help="caller certificate to present with --certs")
     args = ap.parse_args(argv)
     queue = mp.get_context("spawn").Queue()
     procs = [mp.get_context("spawn").Process(target=_proc, args=(args, i, queue)) for i in range(args.processes)]
@@ -122,7 +134,8 @@ def main(argv=None) -> dict:
         "wall_s": round(wall, 2),
         "cpu_count": os.cpu_count(),
     }
-    print(json.dumps(result))
+    if not quiet:
+        print(json.dumps(result))
     return result
 
 
