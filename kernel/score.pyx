@@ -286,28 +286,53 @@ cdef Py_ssize_t score_block(
 
 # --- batch loop -----------------------------------------------------------------------
 
+cdef struct Out:
+    # Pointers to the first row of each output column (kernel/columns.py::ScoreColumns).
+    double* dims
+    double* raw
+    double* pct
+    short* score
+    signed char* level
+    short* reasons
+    unsigned char* flags
+
+
+cdef Out out_pointers(out) except *:
+    """Pointers into a checked ScoreColumns; valid while ``out``'s arrays live."""
+    cdef double[:, ::1] dims = out.dimension_points
+    cdef double[::1] raw = out.raw
+    cdef double[::1] pct = out.percentile
+    cdef short[::1] score = out.score
+    cdef signed char[::1] level = out.level
+    cdef short[:, ::1] reasons = out.reasons
+    cdef unsigned char[::1] flags = out.flags
+    cdef Out o
+    o.dims, o.raw, o.pct = &dims[0, 0], &raw[0], &pct[0]
+    o.score, o.level, o.reasons, o.flags = &score[0], &level[0], &reasons[0, 0], &flags[0]
+    return o
+
+
+cdef inline Py_ssize_t score_at(const Model* m, const feature_t* features, const unsigned char* adult,
+                                Py_ssize_t first, Py_ssize_t n, const Out* o) noexcept nogil:
+    """score_block for rows first..first+n-1 of whole-population arrays."""
+    return score_block(
+        m, features + first * m.n_vars, adult + first, n, o.dims + first * m.n_dims, o.raw + first,
+        o.pct + first, o.score + first, o.level + first, o.reasons + first * N_REASONS, o.flags + first,
+    )
+
+
 cdef Py_ssize_t score_rows(
     const Model* m,
-    const feature_t[:, ::1] features,        # IN  (n, n_vars)
-    const unsigned char[::1] adult,          # IN  (n,)
-    double[:, ::1] dimension_points,         # OUT (n, n_dims)
-    double[::1] raw,                         # OUT
-    double[::1] pct,                         # OUT
-    short[::1] score,                        # OUT
-    signed char[::1] level,                  # OUT
-    short[:, ::1] reasons,                   # OUT (n, N_REASONS)
-    unsigned char[::1] flags,                # OUT
+    const feature_t* features,      # IN  (n, n_vars)
+    const unsigned char* adult,     # IN  (n,)
+    Py_ssize_t n,
+    const Out* o,                   # OUT (n rows)
     int n_threads,
 ) noexcept nogil:
-    cdef Py_ssize_t b, i, n_invalid = 0
-    cdef Py_ssize_t n = features.shape[0]
+    cdef Py_ssize_t b, n_invalid = 0
     cdef Py_ssize_t n_blocks = (n + BLOCK - 1) // BLOCK
     for b in prange(n_blocks, schedule="static", num_threads=n_threads):
-        i = b * BLOCK
-        n_invalid += score_block(
-            m, &features[i, 0], &adult[i], min(<Py_ssize_t>BLOCK, n - i),
-            &dimension_points[i, 0], &raw[i], &pct[i], &score[i], &level[i], &reasons[i, 0], &flags[i],
-        )
+        n_invalid += score_at(m, features, adult, b * BLOCK, min(<Py_ssize_t>BLOCK, n - b * BLOCK), o)
     return n_invalid
 
 
@@ -415,25 +440,19 @@ cdef class Scorer:
             raise ValueError(f"n_threads: must be >= 1, got {n_threads}")
         if n == 0:
             return out
-        cdef Py_ssize_t n_invalid
+        cdef Py_ssize_t n_invalid, n_rows = n
         cdef const float[:, ::1] f32
         cdef const double[:, ::1] f64
         cdef const unsigned char[::1] adult_v = adult
-        cdef double[:, ::1] dims = out.dimension_points
-        cdef double[::1] raw = out.raw
-        cdef double[::1] pct = out.percentile
-        cdef short[::1] score = out.score
-        cdef signed char[::1] level = out.level
-        cdef short[:, ::1] reasons = out.reasons
-        cdef unsigned char[::1] flags = out.flags
+        cdef Out o = out_pointers(out)
         if features.dtype == np.float32:
             f32 = features
             with nogil:
-                n_invalid = score_rows(&self.m, f32, adult_v, dims, raw, pct, score, level, reasons, flags, n_threads)
+                n_invalid = score_rows[float](&self.m, &f32[0, 0], &adult_v[0], n_rows, &o, n_threads)
         else:
             f64 = features
             with nogil:
-                n_invalid = score_rows(&self.m, f64, adult_v, dims, raw, pct, score, level, reasons, flags, n_threads)
+                n_invalid = score_rows[double](&self.m, &f64[0, 0], &adult_v[0], n_rows, &o, n_threads)
         if n_invalid:
             row = int(np.flatnonzero(out.flags & FLAG_INVALID)[0])
             raise ValueError(self._describe_invalid(features, row, n_invalid))
@@ -489,13 +508,7 @@ cdef class RowScorer:
     cdef const double* f64
     cdef const unsigned char* adult_p
     cdef Py_ssize_t n
-    cdef double* dims
-    cdef double* raw
-    cdef double* pct
-    cdef short* score
-    cdef signed char* level
-    cdef short* reasons
-    cdef unsigned char* flags
+    cdef Out o
 
     def __cinit__(self, Scorer scorer, features, adult, out):
         features = scorer._check_features(features)
@@ -515,17 +528,8 @@ cdef class RowScorer:
             f64v = features
             self.f64 = &f64v[0, 0]
         cdef const unsigned char[::1] adult_v = adult
-        cdef double[:, ::1] dims = out.dimension_points
-        cdef double[::1] raw = out.raw
-        cdef double[::1] pct = out.percentile
-        cdef short[::1] score = out.score
-        cdef signed char[::1] level = out.level
-        cdef short[:, ::1] reasons = out.reasons
-        cdef unsigned char[::1] flags = out.flags
         self.adult_p = &adult_v[0]
-        self.dims, self.raw, self.pct = &dims[0, 0], &raw[0], &pct[0]
-        self.score, self.level = &score[0], &level[0]
-        self.reasons, self.flags = &reasons[0, 0], &flags[0]
+        self.o = out_pointers(out)
 
     cpdef int rescore(self, Py_ssize_t row) except -2:
         """Re-score ``row`` from its current features; returns the new score (-1: none)."""
@@ -533,18 +537,13 @@ cdef class RowScorer:
             raise IndexError(f"row {row} is outside the bound population of {self.n}")
         cdef const Model* m = &self.scorer.m
         cdef Py_ssize_t invalid
-        cdef Py_ssize_t nv = m.n_vars, nd = m.n_dims
         if self.is_f32:
-            invalid = score_block(m, self.f32 + row * nv, self.adult_p + row, 1, self.dims + row * nd,
-                                  self.raw + row, self.pct + row, self.score + row, self.level + row,
-                                  self.reasons + row * N_REASONS, self.flags + row)
+            invalid = score_at(m, self.f32, self.adult_p, row, 1, &self.o)
         else:
-            invalid = score_block(m, self.f64 + row * nv, self.adult_p + row, 1, self.dims + row * nd,
-                                  self.raw + row, self.pct + row, self.score + row, self.level + row,
-                                  self.reasons + row * N_REASONS, self.flags + row)
+            invalid = score_at(m, self.f64, self.adult_p, row, 1, &self.o)
         if invalid:
             raise ValueError(self.scorer._describe_invalid(self.features, row))
-        return self.score[row]
+        return self.o.score[row]
 
 
 def _check_vector(arr, name, dtype, n):
