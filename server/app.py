@@ -280,19 +280,21 @@ class Node:
         scorer = Scorer(rt.spec, rt.calibration())
         decisions = m.decisions
 
-        def on_decisions(scenario: str, outcomes: np.ndarray) -> None:
-            counts = np.bincount(outcomes, minlength=8)
-            for value in np.flatnonzero(counts):
-                decisions.labels(scenario=scenario, outcome=_OUTCOME_NAMES[value]).inc(int(counts[value]))
-
         children = {}
 
-        def on_decision(scenario: str, outcome) -> None:
-            key = (scenario, outcome)
-            child = children.get(key)
+        def counter(scenario: str, outcome: int):
+            child = children.get((scenario, outcome))
             if child is None:
-                child = children[key] = decisions.labels(scenario=scenario, outcome=_OUTCOME_NAMES[outcome])
-            child.inc()
+                child = children[(scenario, outcome)] = decisions.labels(scenario=scenario, outcome=_OUTCOME_NAMES[outcome])
+            return child
+
+        def on_decisions(scenario: str, outcomes: np.ndarray) -> None:
+            counts = np.bincount(outcomes, minlength=8)
+            for value in np.flatnonzero(counts).tolist():
+                counter(scenario, value).inc(int(counts[value]))
+
+        def on_decision(scenario: str, outcome) -> None:
+            counter(scenario, int(outcome)).inc()
 
         if rt.config.audit:
             from server.audit import AuditLog

@@ -5,8 +5,9 @@
     >>> scenarios["campus_fitness"].min_score      # the seed: "above 580"
     581
 
-:func:`decide` is vectorised over citizens, so a station gateway's batch of card scans is
-decided with a handful of numpy operations; a unary check is the same call on one row.
+The rule itself is compiled (server/token_index.pyx::check_tokens): one pass over a station
+gateway's packed card tokens, lookup and decision together, without the GIL; a unary check
+is the same call on one token.
 """
 
 from __future__ import annotations
@@ -16,9 +17,6 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from kernel.columns import FLAG_HARD_RULE
 
 DEFAULT_SCENARIOS_PATH = Path(__file__).resolve().parent.parent / "config" / "scenarios.toml"
 
@@ -96,48 +94,4 @@ def load_scenarios(path: str | Path | None = None) -> dict[str, Scenario]:
         out[name] = Scenario(name, item["zh"], item["en"], min_score, pay_later, default_bit)
     if not out:
         raise ScenarioConfigError(f"{path}: no scenarios")
-    return out
-
-
-def decide_one(scenario: Scenario, row: int, adult, consent, score, flags, defaults) -> Outcome:
-    """:func:`decide` for one card, in plain Python (numpy on one element costs more than
-    the rule itself). The tests hold the two to the same answers."""
-    if row < 0:
-        return Outcome.UNKNOWN_CARD
-    if not adult[row]:
-        return Outcome.UNDER_18
-    if not consent[row]:
-        return Outcome.NOT_AUTHORISED
-    if scenario.pay_later:
-        if flags[row] & FLAG_HARD_RULE:
-            return Outcome.DENY_HARD_RULE
-        if (int(defaults[row]) >> scenario.default_bit) & 1:
-            return Outcome.DENY_UNPAID_DEFAULT
-    return Outcome.ALLOW if score[row] >= scenario.min_score else Outcome.DENY_BELOW_THRESHOLD
-
-
-def decide(
-    scenario: Scenario,
-    rows: np.ndarray,
-    adult: np.ndarray,
-    consent: np.ndarray,
-    score: np.ndarray,
-    flags: np.ndarray,
-    defaults: np.ndarray,
-) -> np.ndarray:
-    """Outcome (uint8) per card: ``rows`` are citizen rows from the token index (-1: unknown
-    card); the other arrays are the serving columns, indexed by row. Precedence: unknown
-    card, under 18, not authorised, then for pay-later scenarios an active serious record
-    and an unpaid default in this scenario, then the threshold."""
-    out = np.full(len(rows), Outcome.UNKNOWN_CARD, np.uint8)
-    known = rows >= 0
-    r = rows[known]
-    s = score[r]
-    o = np.where(s >= scenario.min_score, Outcome.ALLOW, Outcome.DENY_BELOW_THRESHOLD).astype(np.uint8)
-    if scenario.pay_later:
-        o[(defaults[r] >> np.uint32(scenario.default_bit)) & np.uint32(1) != 0] = Outcome.DENY_UNPAID_DEFAULT
-        o[(flags[r] & FLAG_HARD_RULE) != 0] = Outcome.DENY_HARD_RULE
-    o[consent[r] == 0] = Outcome.NOT_AUTHORISED
-    o[adult[r] == 0] = Outcome.UNDER_18
-    out[known] = o
     return out

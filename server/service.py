@@ -28,7 +28,8 @@ from kernel.reference import variable_points
 from kernel.score import Scorer
 from server.auth import Caller
 from server.errors import CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, UnknownCitizen, UnknownScenario
-from server.scenarios import REASON_CODES, Outcome, Scenario, decide, decide_one
+from server.scenarios import REASON_CODES, Outcome, Scenario
+from server.token_index import check_tokens
 from server.state import N_CITIZENS, ServingState, adults
 from server.store import NotFound, RecordIn, RecordRow, Store
 
@@ -238,26 +239,26 @@ class CreditService:
 
     # --- eligibility ------------------------------------------------------------------
 
-    def _decide(self, scenario: Scenario, rows: np.ndarray) -> np.ndarray:
+    def _check_tokens(self, scenario: Scenario, tokens: bytes):
+        """The compiled lookup and rule (server/token_index.pyx): (outcomes, subjects, allowed)."""
         s = self.state
-        outcomes = decide(scenario, rows, s.adult, s.consent, s.columns.score, s.columns.flags, s.defaults)
-        self._on_decisions(scenario.name, outcomes)
-        return outcomes
+        return check_tokens(
+            s.tokens, tokens, s.adult, s.consent, s.columns.score, s.columns.flags, s.defaults, s.subject,
+            scenario.min_score, scenario.pay_later, max(scenario.default_bit, 0),
+        )
 
     def check(self, scenario_name: str, token: bytes, caller: Caller, method: str = "EligibilityService/Check") -> DecisionView:
         caller.check_scenario(scenario_name)
         scenario = self.scenario(scenario_name)
         check_token(token)
-        row = self.state.tokens.get(token)
-        s = self.state
-        outcome = decide_one(scenario, row, s.adult, s.consent, s.columns.score, s.columns.flags, s.defaults)
+        outcomes, subjects, _ = self._check_tokens(scenario, token)
+        outcome = Outcome(int(outcomes[0]))
         self._on_decision(scenario.name, outcome)
         codes = REASON_CODES[outcome]
         if outcome == Outcome.DENY_HARD_RULE:
-            codes = tuple(f"HARD_RULE:{self.spec.variables[v].reason.code}" for v in self._hard_rules(row))
+            codes = tuple(f"HARD_RULE:{self.spec.variables[v].reason.code}" for v in self._hard_rules(self.state.tokens.get(token)))
         seq, decision_id = self.ids.next()
-        subject = int(s.subject[row]) if row >= 0 else 0
-        self.audit.record(seq, caller.identity, method, scenario.name, subject, int(outcome), self.model_version)
+        self.audit.record(seq, caller.identity, method, scenario.name, int(subjects[0]), int(outcome), self.model_version)
         return DecisionView(outcome, codes, decision_id, self.model_version, scenario.name)
 
     def _hard_rules(self, row: int) -> list[int]:
@@ -272,11 +273,9 @@ class CreditService:
         n = len(tokens) // TOKEN_BYTES
         if n > MAX_BATCH_TOKENS:
             raise InvalidArgument("card_tokens", f"{n} tokens exceed the limit of {MAX_BATCH_TOKENS}")
-        rows = self.state.tokens.lookup_batch(tokens)
-        outcomes = self._decide(scenario, rows)
-        allowed = int(np.count_nonzero(outcomes == Outcome.ALLOW))
+        outcomes, subjects, allowed = self._check_tokens(scenario, tokens)
+        self._on_decisions(scenario.name, outcomes)
         seq, batch_id = self.ids.next()
-        subjects = np.where(rows >= 0, self.state.subject[np.maximum(rows, 0)], np.uint64(0))
         self.audit.record_batch(seq, caller.identity, "EligibilityService/BatchCheck", scenario.name, subjects, outcomes, self.model_version)
         return BatchDecision(outcomes.tobytes(), batch_id, self.model_version, scenario.name, allowed)
 

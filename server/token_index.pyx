@@ -186,3 +186,89 @@ cdef const unsigned char[::1] _token(token):
     if not isinstance(token, (bytes, bytearray)) or len(token) != 16:
         raise ValueError(f"card_token: expected 16 bytes, got {len(token) if isinstance(token, (bytes, bytearray)) else type(token).__name__}")
     return np.frombuffer(token, dtype=np.uint8)
+
+
+# --- the compiled eligibility check -------------------------------------------------------
+# Outcome codes: the values of qianjiang.v1.Outcome and server/scenarios.py::Outcome (a test
+# holds them equal). FLAG_HARD_RULE is kernel/columns.py's bit.
+cdef enum:
+    ALLOW = 1
+    DENY_BELOW_THRESHOLD = 2
+    DENY_HARD_RULE = 3
+    DENY_UNPAID_DEFAULT = 4
+    UNKNOWN_CARD = 5
+    NOT_AUTHORISED = 6
+    UNDER_18 = 7
+    FLAG_HARD_RULE = 1
+
+
+cdef Py_ssize_t check_many(
+    const uint64_t* keys, const int32_t* rows, Py_ssize_t mask,
+    const unsigned char* tokens, Py_ssize_t n,
+    const unsigned char* adult, const unsigned char* consent, const short* score,
+    const unsigned char* flags, const unsigned int* defaults, const uint64_t* subject,
+    int min_score, bint pay_later, int default_bit,
+    unsigned char* outcomes, uint64_t* subjects_out,
+) noexcept nogil:
+    cdef Py_ssize_t i, slot, allowed = 0
+    cdef int32_t row
+    cdef uint64_t k[2]
+    cdef unsigned char o
+    for i in range(n):
+        memcpy(k, tokens + 16 * i, 16)
+        slot = find(keys, rows, mask, k[0], k[1])
+        row = rows[slot]
+        if row < 0:
+            outcomes[i] = UNKNOWN_CARD
+            subjects_out[i] = 0
+            continue
+        subjects_out[i] = subject[row]
+        # precedence: under 18, not authorised, (pay-later) serious record, unpaid default,
+        # then the threshold — the order of design section 4
+        if not adult[row]:
+            o = UNDER_18
+        elif not consent[row]:
+            o = NOT_AUTHORISED
+        elif pay_later and flags[row] & FLAG_HARD_RULE:
+            o = DENY_HARD_RULE
+        elif pay_later and (defaults[row] >> default_bit) & 1:
+            o = DENY_UNPAID_DEFAULT
+        elif score[row] >= min_score:
+            o = ALLOW
+        else:
+            o = DENY_BELOW_THRESHOLD
+        outcomes[i] = o
+        allowed += o == ALLOW
+    return allowed
+
+
+def check_tokens(TokenIndex index, tokens, adult, consent, score, flags, defaults, subject,
+                 int min_score, bint pay_later, int default_bit):
+    """Look up N packed 16-byte tokens and apply one scenario's rule to each, in one pass
+    without the GIL. Returns (outcomes uint8 (N,), subjects uint64 (N,), allowed count):
+    the subjects are the audit log's pseudonyms (0 for an unknown card).
+
+    ``adult``, ``consent``, ``score``, ``flags``, ``defaults``, ``subject`` are the serving
+    state's columns (server/state.py), indexed by citizen row."""
+    cdef const unsigned char[::1] buf = np.frombuffer(tokens, dtype=np.uint8) if isinstance(tokens, (bytes, bytearray, memoryview)) else tokens
+    if buf.shape[0] % 16:
+        raise ValueError(f"card_tokens: {buf.shape[0]} bytes is not a whole number of 16-byte tokens")
+    if pay_later and not 0 <= default_bit < 32:
+        raise ValueError(f"default_bit: {default_bit} is outside [0, 32)")
+    cdef Py_ssize_t n = buf.shape[0] // 16
+    cdef const unsigned char[::1] a = adult
+    cdef const unsigned char[::1] c = consent
+    cdef const short[::1] s = score
+    cdef const unsigned char[::1] f = flags
+    cdef const unsigned int[::1] d = defaults
+    cdef const uint64_t[::1] subj = subject
+    outcomes = np.empty(n, np.uint8)
+    subjects = np.empty(n, np.uint64)
+    cdef unsigned char[::1] o = outcomes
+    cdef uint64_t[::1] so = subjects
+    cdef Py_ssize_t allowed = 0
+    if n:
+        with nogil:
+            allowed = check_many(index.k, index.r, index.mask, &buf[0], n, &a[0], &c[0], &s[0], &f[0], &d[0], &subj[0],
+                                 min_score, pay_later, default_bit, &o[0], &so[0])
+    return outcomes, subjects, allowed

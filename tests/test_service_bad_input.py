@@ -335,3 +335,31 @@ def test_unknown_method_is_unimplemented(served, probe):
         call(score_pb2.GetScoreRequest(citizen_id="c00000001"), timeout=5)
     assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
     still_serving(served, probe)
+
+
+def test_compiled_outcome_codes_are_the_protos():
+    """server/token_index.pyx hard-codes the Outcome values for its nogil loop."""
+    import numpy as np
+
+    from qianjiang.v1 import eligibility_pb2
+    from server.scenarios import Outcome
+    from server.token_index import TokenIndex, check_tokens
+
+    for o in Outcome:
+        assert eligibility_pb2.Outcome.Value(o.name) == o.value
+    idx = TokenIndex.allocate(8)
+    for row in range(6):
+        idx.insert(bytes([row]) * 16, row)
+    adult = np.array([0, 1, 1, 1, 1, 1], np.uint8)
+    consent = np.array([1, 0, 1, 1, 1, 1], np.uint8)
+    score = np.array([700, 700, 700, 700, 700, 500], np.int16)
+    flags = np.array([0, 0, 1, 0, 0, 0], np.uint8)
+    defaults = np.array([0, 0, 0, 4, 0, 0], np.uint32)
+    subject = np.arange(10, 16, dtype=np.uint64)
+    tokens = b"".join(bytes([r]) * 16 for r in range(6)) + b"\xff" * 16
+    outcomes, subjects, allowed = check_tokens(idx, tokens, adult, consent, score, flags, defaults, subject, 600, True, 2)
+    assert [Outcome(o).name for o in outcomes] == [
+        "UNDER_18", "NOT_AUTHORISED", "DENY_HARD_RULE", "DENY_UNPAID_DEFAULT", "ALLOW", "DENY_BELOW_THRESHOLD", "UNKNOWN_CARD"]
+    assert subjects.tolist() == [10, 11, 12, 13, 14, 15, 0] and allowed == 1
+    outcomes, _, _ = check_tokens(idx, tokens, adult, consent, score, flags, defaults, subject, 600, False, 0)
+    assert Outcome(outcomes[2]).name == "ALLOW" and Outcome(outcomes[3]).name == "ALLOW", "not pay-later: no hard rule or default"
