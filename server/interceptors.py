@@ -70,11 +70,17 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             started.inc()
             return time.perf_counter()
 
-        def fail(exc: BaseException, context) -> None:
+        def gone(context) -> grpc.StatusCode:
+            remaining = context.time_remaining()
+            return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
+
+        def fail(exc: BaseException, context) -> grpc.StatusCode | None:
             """Abort the call with the table's code for exc (raises), unless the client has
-            already gone (its deadline passed or it cancelled): then there is no one to answer."""
-            if not context.is_active():
-                return
+            already gone: its deadline passed or it cancelled, which is also what a request
+            stream raising grpc.RpcError means. Then there is no one to answer, and the code
+            to count is returned."""
+            if isinstance(exc, grpc.RpcError) or not context.is_active():
+                return gone(context)
             code = status_for(exc)
             if code is None:
                 log.exception("internal error in %s", full_method)
@@ -97,27 +103,27 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             if remaining is not None and remaining <= 0:
                 context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
 
-        def code_of(context) -> grpc.StatusCode:
+        def code_of(context, ended: grpc.StatusCode | None) -> grpc.StatusCode:
             code = context.code()
             if isinstance(code, grpc.StatusCode):
                 return code
-            if not context.is_active():  # the client went away or its deadline passed
-                remaining = context.time_remaining()
-                return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
-            return grpc.StatusCode.OK
+            if ended is not None:
+                return ended
+            return grpc.StatusCode.OK if context.is_active() else gone(context)
 
         if not handler.response_streaming:
             behaviour = handler.unary_unary or handler.stream_unary
 
             def unary(request_or_iterator, context):
                 t0 = begin(context)
+                ended = None
                 try:
                     precheck(context)
                     return behaviour(request_or_iterator, context)
                 except Exception as exc:  # noqa: BLE001 - mapped by the table
-                    fail(exc, context)
+                    ended = fail(exc, context)
                 finally:
-                    finish(code_of(context), t0)
+                    finish(code_of(context, ended), t0)
 
             wrap = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
             return wrap(unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
@@ -126,13 +132,14 @@ class ServiceInterceptor(grpc.ServerInterceptor):
 
         def streaming(request_or_iterator, context):
             t0 = begin(context)
+            ended = None
             try:
                 precheck(context)
                 yield from behaviour(request_or_iterator, context)
             except Exception as exc:  # noqa: BLE001
-                fail(exc, context)
+                ended = fail(exc, context)
             finally:
-                finish(code_of(context), t0)
+                finish(code_of(context, ended), t0)
 
         wrap = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
         return wrap(streaming, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
