@@ -68,6 +68,11 @@ class CapacityExhausted(ServiceError):
     pass
 
 
+class DeadlineExceeded(ServiceError):
+    def __init__(self):
+        super().__init__("deadline exceeded before the call started")
+
+
 class NotReady(ServiceError):
     def __init__(self):
         super().__init__("the service is loading or draining; retry shortly")
@@ -88,6 +93,7 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TokenIndexFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
     NotReady: grpc.StatusCode.UNAVAILABLE,
+    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     StoreError: grpc.StatusCode.UNAVAILABLE,
 }
 

@@ -14,7 +14,7 @@ from typing import Callable
 import grpc
 
 from server.auth import OPEN_SERVICES, Authenticator, PermissionDenied, set_current_caller
-from server.errors import NotReady, status_for
+from server.errors import DeadlineExceeded, NotReady, status_for
 from server.metrics import Metrics
 
 log = logging.getLogger("qianjiang.server")
@@ -81,6 +81,8 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             to count is returned."""
             if isinstance(exc, grpc.RpcError) or not context.is_active():
                 return gone(context)
+            if isinstance(context.code(), grpc.StatusCode):  # a handler already aborted the call
+                raise exc
             code = status_for(exc)
             if code is None:
                 log.exception("internal error in %s", full_method)
@@ -101,7 +103,7 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 raise NotReady()
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "deadline exceeded before the call started")
+                raise DeadlineExceeded()
 
         def code_of(context, ended: grpc.StatusCode | None) -> grpc.StatusCode:
             code = context.code()
