@@ -78,8 +78,29 @@ async def _run(args, proc_index: int, result_queue) -> None:
                 errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
             i += args.concurrency
 
+    async def streamer(k: int) -> None:
+        """One long-lived gateway stream: keep a window of requests in flight on it."""
+        nonlocal checks
+        window = 32
+        call = stub.StreamCheck(metadata=metadata, timeout=args.seconds + 30)
+        sent_at: dict[int, float] = {}
+        i = 0
+        try:
+            while time.perf_counter() < stop_at:
+                for _ in range(window):
+                    i += 1
+                    sent_at[i] = time.perf_counter()
+                    await call.write(eligibility_pb2.CheckRequest(scenario=args.scenario, card_token=tokens[(k + i) % len(tokens)], request_id=i))
+                for _ in range(window):
+                    d = await call.read()
+                    latencies.append(time.perf_counter() - sent_at.pop(d.request_id))
+                    checks += 1
+            await call.done_writing()
+        except grpc.aio.AioRpcError as exc:
+            errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
+
     cpu0 = time.process_time()
-    await asyncio.gather(*(worker(k) for k in range(args.concurrency)))
+    await asyncio.gather(*((streamer if args.mode == "stream" else worker)(k) for k in range(args.concurrency)))
     result_queue.put({"latencies": latencies, "errors": errors, "checks": checks, "cpu_s": time.process_time() - cpu0})
     await channel.close()
 
@@ -91,7 +112,7 @@ def _proc(args, index, queue):
 def main(argv=None, quiet: bool = False) -> dict:
     ap = argparse.ArgumentParser(prog="python -m loadtest.closed_loop", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="127.0.0.1:50051")
-    ap.add_argument("--mode", choices=("unary", "batch"), default="unary")
+    ap.add_argument("--mode", choices=("unary", "batch", "stream"), default="unary")
     ap.add_argument("--scenario", default="metro_pay_later")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--processes", type=int, default=2, help="client processes")

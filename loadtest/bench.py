@@ -1,0 +1,147 @@
+"""The service's load benchmark, beside a bare grpcio baseline, in one run.
+
+    python -m loadtest.bench            # about 2 minutes once data/bench is seeded
+
+Starts the service as it runs in production (one worker per core, metrics on, the audit log
+on) and the baseline (loadtest/baseline_server.py: the same message shapes and process count,
+no logic) on loopback, then measures, alternating between the two where they are compared:
+
+* unary Check: the closed-loop maximum of each (``baseline_unary_rps``, ``check_unary_rps``);
+* latency: the open-loop runner (loadtest/open_loop.py) at half of ``check_unary_rps``:
+  p50/p99/p99.9 from the intended send time;
+* BatchCheck of 1,000 tokens and StreamCheck (a gateway's long-lived streams), closed loop;
+* overload: open loop at twice the maximum for a few seconds (RESOURCE_EXHAUSTED is the
+  expected answer, not a queue), then half the maximum again (it must recover at once).
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from loadtest import closed_loop
+from loadtest.open_loop import run_open_loop
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(cmd: list[str], ready_text: str, log_path: Path, timeout: float = 600) -> subprocess.Popen:
+    """Start a server with its output going to a file (a pipe nobody reads would fill up
+    and block the server's logging, and with it the server)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + timeout
+    while ready_text not in log_path.read_text():
+        if proc.poll() is not None or time.time() > deadline:
+            proc.kill()
+            raise RuntimeError(f"{cmd[2:4]} did not start:\n{log_path.read_text()[-2000:]}")
+        time.sleep(0.2)
+    return proc
+
+
+def _probe(target: str, mode: str, seconds: float, data_dir: str, concurrency: int = 16) -> dict:
+    return closed_loop.main(
+        ["--target", target, "--mode", mode, "--seconds", str(seconds), "--processes", "1",
+         "--concurrency", str(concurrency), "--data-dir", data_dir],
+        quiet=True,
+    )
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(prog="python -m loadtest.bench", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--data-dir", default="data/bench")
+    ap.add_argument("--citizens", type=int, default=100_000)
+    ap.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="server worker processes")
+    ap.add_argument("--seconds", type=float, default=5.0, help="length of each measurement")
+    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds of the unary comparison")
+    ap.add_argument("--no-audit", action="store_true", help="run the service without its audit log")
+    args = ap.parse_args(argv)
+    data = str(Path(args.data_dir))
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+
+    svc_port, base_port = _free_port(), _free_port()
+    svc_target, base_target = f"127.0.0.1:{svc_port}", f"127.0.0.1:{base_port}"
+    log(f"starting the service ({args.processes} workers) and the baseline ...")
+    service = _start(
+        [sys.executable, "-m", "clients.cli", "serve", "--data-dir", data, "--port", str(svc_port),
+         "--metrics-port", str(_free_port()), "--workers", str(args.processes), "--seed-citizens", str(args.citizens)]
+        + (["--no-audit"] if args.no_audit else []),
+        "Stop with Ctrl-C", Path(data) / "service.log",
+    )
+    baseline = _start(
+        [sys.executable, "-m", "loadtest.baseline_server", "--port", str(base_port), "--workers", str(args.processes)],
+        "baseline serving", Path(data) / "baseline.log",
+    )
+    result: dict = {"processes": args.processes, "metrics": True, "audit_log": not args.no_audit}
+    try:
+        log("unary maximum, service and baseline alternating ...")
+        best = {"baseline": None, "check": None}
+        for _ in range(args.rounds):
+            for name, target in (("baseline", base_target), ("check", svc_target)):
+                r = _probe(target, "unary", args.seconds, data)
+                if best[name] is None or r["checks_per_s"] > best[name]["checks_per_s"]:
+                    best[name] = r
+        base_rps, check_rps = best["baseline"]["checks_per_s"], best["check"]["checks_per_s"]
+        result.update(
+            baseline_unary_rps=base_rps, check_unary_rps=check_rps, unary_ratio=round(check_rps / base_rps, 3),
+            check_unary_closed_p50_ms=best["check"]["p50_ms"], check_unary_closed_p99_ms=best["check"]["p99_ms"],
+        )
+
+        log(f"open loop at half the maximum ({check_rps / 2:.0f}/s) ...")
+        ol = run_open_loop(svc_target, rate=check_rps / 2, seconds=max(args.seconds, 6.0), processes=1,
+                           data_dir=data, citizens=args.citizens)
+        result.update(
+            open_loop_rps=ol["achieved_rps"], p50_ms=ol["p50_ms"], p90_ms=ol["p90_ms"], p99_ms=ol["p99_ms"],
+            p999_ms=ol["p999_ms"], max_ms=ol["max_ms"], open_loop_errors=ol["errors"],
+            open_loop_runner_cpu_s=ol["runner_cpu_s"], open_loop_max_schedule_lag_ms=ol["max_schedule_lag_ms"],
+        )
+
+        log("batch and stream ...")
+        batch = _probe(svc_target, "batch", args.seconds, data)
+        base_batch = _probe(base_target, "batch", args.seconds, data)
+        stream = _probe(svc_target, "stream", args.seconds, data, concurrency=8)
+        result.update(
+            batch_checks_per_s=batch["checks_per_s"], baseline_batch_checks_per_s=base_batch["checks_per_s"],
+            batch_p99_ms=batch["p99_ms"], stream_checks_per_s=stream["checks_per_s"],
+            batch_errors=batch["errors"], stream_errors=stream["errors"],
+        )
+
+        log(f"overload at twice the maximum ({2 * check_rps:.0f}/s), then recovery ...")
+        over = run_open_loop(svc_target, rate=2 * check_rps, seconds=3.0, processes=1, data_dir=data,
+                             citizens=args.citizens, timeout=0.5)
+        after = run_open_loop(svc_target, rate=check_rps / 2, seconds=3.0, processes=1, data_dir=data,
+                              citizens=args.citizens)
+        result.update(
+            overload_rate=round(2 * check_rps, 1), overload_ok=over["ok"], overload_errors=over["errors"],
+            overload_p99_ms=over["p99_ms"], recovery_errors=after["errors"], recovery_p99_ms=after["p99_ms"],
+        )
+    finally:
+        for proc in (service, baseline):
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    result["cpu_count"] = os.cpu_count()
+    print(json.dumps(result))
+    return result
+
+
+if __name__ == "__main__":
+    main()
