@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: run test build venv bench calibrate clean
+.PHONY: run test build venv bench calibrate loadbench loadtest-deps clean
 
 # The service on its embedded default: SQLite under data/, seeded once with a synthetic city
 # of 100,000 people; later starts reuse the data. Pass options with ARGS="--workers 2".
@@ -18,6 +18,13 @@ test: build
 
 bench: build
 	$(PY) -m kernel.bench --citizens 2000000
+
+loadbench: build
+	$(PY) -m loadtest.bench
+
+# Locust and its gevent stack are only for load tests, not the main suite.
+loadtest-deps: build
+	$(PY) -m pip install -q -r requirements-loadtest.txt
 
 calibrate: build
 	$(PY) -m kernel.calibrate --citizens 1000000 --out data/calibration-report.npz --png data/calibration-report.png

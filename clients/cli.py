@@ -344,7 +344,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus endpoint (0: off)")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--threads", type=int, default=16, help="handler threads per worker")
-    p.add_argument("--max-concurrent-rpcs", type=int, default=128, help="calls in flight per worker; beyond this, RESOURCE_EXHAUSTED")
+    p.add_argument("--max-concurrent-rpcs", type=int, default=128, help="calls in flight per worker; beyond this, RESOURCE_EXHAUSTED (0: no limit)")
     p.add_argument("--seed-citizens", type=int, default=100_000, help="size of the synthetic city for an empty store")
     p.add_argument("--seed", type=int, default=2018)
     p.add_argument("--security", choices=("insecure", "token", "mtls"), default="insecure",

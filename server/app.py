@@ -238,7 +238,7 @@ class Node:
         self.server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="qj-rpc"),
             interceptors=[ServiceInterceptor(self.metrics, ready=self._ready, authenticator=runtime.authenticator)],
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs,
+            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,  # 0: no limit
             options=[
                 ("grpc.so_reuseport", 1 if reuseport else 0),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
