@@ -21,7 +21,6 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kernel.calibration import CalibrationTable
 from kernel.columns import ScoreColumns
 from kernel.features import Records, build_features, record_weights
 from kernel.score import Scorer

@@ -4,7 +4,6 @@ and no identifiers in logs."""
 
 from __future__ import annotations
 
-import itertools
 import logging
 import os
 
