@@ -13,7 +13,8 @@ no logic) on loopback, then measures, alternating between the two where they are
 * overload: open loop at twice the maximum for a few seconds (RESOURCE_EXHAUSTED is the
   expected answer, not a queue), then half the maximum again (it must recover at once).
 
-The last line printed is one JSON object with every figure.
+The last line printed is one JSON object with every figure; ``<data-dir>/report.html`` and
+``report.png`` plot the open-loop latency distribution beside them (loadtest/report.py).
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ import time
 from pathlib import Path
 
 from loadtest import closed_loop
+from loadtest.hdr import Histogram
 from loadtest.open_loop import run_open_loop
+from loadtest.report import write_report
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -139,6 +142,8 @@ def main(argv=None) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
     result["cpu_count"] = os.cpu_count()
+    png, page = write_report(result, Histogram.from_dict(ol["histogram"]), Path(data) / "report")
+    log(f"report: {page} ({png})")
     print(json.dumps(result))
     return result
 

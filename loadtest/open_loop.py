@@ -408,6 +408,7 @@ def run_open_loop(
         "mean_schedule_lag_ms": round(sum(part["lag_sum_s"] for part in parts) / total * 1000, 3),
         "max_in_flight_seen": max(part["max_in_flight"] for part in parts),
         "elapsed_s": round(elapsed, 3),
+        "histogram": hist.to_dict(),  # for plots (loadtest/report.py); left out of printed JSON
     }
 
 
@@ -524,7 +525,7 @@ def main(argv=None, quiet: bool = False) -> dict:
                 "processes": args.processes, "call": args.call, "cpu_count": os.cpu_count()}
     else:
         result = run_open_loop(args.target, args.rate, args.seconds, **run_kwargs)
-        line = {**result, "cpu_count": os.cpu_count()}
+        line = {k: v for k, v in result.items() if k != "histogram"} | {"cpu_count": os.cpu_count()}
     if not quiet:
         print(json.dumps(line), flush=True)
     return line

@@ -197,3 +197,20 @@ def test_backlog_is_counted_not_hidden(stalling, tmp_path):
     assert r["errors"].get("CLIENT_BACKLOG", 0) >= 5
     assert r["ok"] + sum(r["errors"].values()) == r["sent"] == 100
     assert r["max_in_flight_seen"] == 1
+
+
+def test_report_plots_the_latency_distribution(tmp_path):
+    import numpy as np
+
+    from loadtest.hdr import Histogram
+    from loadtest.report import percentile_curve, write_report
+
+    h = Histogram()
+    h.record_many(np.concatenate([np.full(990, 0.001), np.full(9, 0.004), [0.012]]))
+    p, ms = percentile_curve(h)
+    assert p[0] == 0.0 and (np.diff(p) > 0).all() and (np.diff(ms) > 0).all()
+    assert 11.9 < ms[-1] < 12.2, "the maximum is the last point"
+    png, page = write_report({"processes": 2, "open_loop_rps": 1000.0, "p99_ms": 4.0}, h, tmp_path / "report")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = page.read_text()
+    assert "data:image/png;base64," in text and "p99_ms" in text
