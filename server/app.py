@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -340,9 +341,10 @@ _OUTCOME_NAMES = _outcome_names()
 # --- running ----------------------------------------------------------------------------------
 
 
-def _wait_for_signal(parent: int | None = None) -> int:
-    """Block until SIGTERM or SIGINT, or (in a worker) until the parent process is gone,
-    so that no worker outlives its parent."""
+def _wait_for_signal(parent: int | None = None, children: list[int] | None = None) -> int:
+    """Block until SIGTERM or SIGINT, or (in a worker) until the parent process is gone, so
+    that no worker outlives its parent, or (in the parent) until a worker dies. Returns the
+    signal, or -1 when a worker died."""
     stop = threading.Event()
     got = {"signum": 0}
 
@@ -355,6 +357,10 @@ def _wait_for_signal(parent: int | None = None) -> int:
     while not stop.wait(0.5):
         if parent is not None and os.getppid() != parent:
             break
+        for pid in children or ():
+            if os.waitpid(pid, os.WNOHANG)[0] == pid:
+                children.remove(pid)
+                return -1
     return got["signum"]
 
 
@@ -437,7 +443,15 @@ def _serve_workers(runtime: Runtime, on_ready) -> None:
         on_ready(runtime, cfg.port)
     stop = threading.Event()
     threading.Thread(target=_maintenance, args=(runtime, metrics, stop), daemon=True).start()
-    _wait_for_signal()
+    if _wait_for_signal(children=children) == -1:
+        # A worker died (killed, out of memory): it may have held the shared write lock, which
+        # no other process can release, so writes would hang. Stop every worker and exit
+        # non-zero for the supervisor to restart the service; the store has everything that
+        # was acknowledged.
+        log.error("a worker died; stopping the service so that it restarts cleanly")
+        exit_code = 1
+    else:
+        exit_code = 0
     stop.set()
     log.info("draining %d workers", len(children))
     for pid in children:
@@ -447,6 +461,8 @@ def _serve_workers(runtime: Runtime, on_ready) -> None:
             pass
     for pid in children:
         os.waitpid(pid, 0)
+    if exit_code:
+        sys.exit(exit_code)
 
 
 def _worker(runtime: Runtime, parent: int) -> None:

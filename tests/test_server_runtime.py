@@ -168,3 +168,33 @@ def test_cli_prints_tables_and_json(served):
     assert {s["name"] for s in json.loads(out.stdout)} >= {"campus_fitness", "metro_pay_later"}
     out = _run_cli("token", served.citizen(row), "--data-dir", str(served.data_dir))
     assert out.stdout.strip() == served.token(row).hex()
+
+
+@pytest.mark.slow
+def test_a_dead_worker_stops_the_service_instead_of_leaving_writes_hanging(tmp_path):
+    """A worker killed while it may hold the shared write lock would leave every write
+    hanging; the parent notices the death, stops the others and exits non-zero."""
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "clients.cli", "serve", "--data-dir", str(tmp_path), "--port", str(port),
+         "--metrics-port", "0", "--workers", "2", "--seed-citizens", "500"],
+        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+    )
+    try:
+        out = ""
+        while "Stop with Ctrl-C" not in out:
+            line = proc.stdout.readline()
+            assert line, out
+            out += line
+        workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+        assert len(workers) == 2
+        os.kill(int(workers[0]), signal.SIGKILL)
+        assert proc.wait(timeout=30) == 1
+        rest = proc.stdout.read()
+        assert "a worker died" in rest
+        assert subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True).returncode != 0, "no worker left behind"
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
