@@ -111,7 +111,10 @@ class ServiceInterceptor(grpc.ServerInterceptor):
                 return code
             if ended is not None:
                 return ended
-            return grpc.StatusCode.OK if context.is_active() else gone(context)
+            remaining = context.time_remaining()
+            if not context.is_active() or (remaining is not None and remaining <= 0):
+                return gone(context)  # the client stopped waiting: it did not get an OK
+            return grpc.StatusCode.OK
 
         if not handler.response_streaming:
             behaviour = handler.unary_unary or handler.stream_unary
