@@ -1,8 +1,9 @@
 """The durable store: citizens, consent, card tokens and credit records.
 
 :class:`Store` is the interface the servicers use; :class:`SQLiteStore` is the embedded
-default (one file, WAL journal, zero set-up). A PostgreSQL implementation will fill the same
-interface and pass the same tests (design section 6). Pick one with :func:`open_store`.
+default (one file, WAL journal, zero set-up); :class:`server.store_pg.PostgresStore` fills the
+same interface in PostgreSQL and passes the same tests (design section 6). Pick one with
+:func:`open_store`.
 
     >>> import tempfile
     >>> from server.store import RecordIn, open_store
@@ -721,11 +722,14 @@ def open_store(url: str | Path, on_write: Callable[[str, float], None] | None = 
 
     * ``sqlite:///data/qj.db`` (relative) or ``sqlite:////var/lib/qj.db`` (absolute: four
       slashes, the SQLAlchemy convention), or a plain path: :class:`SQLiteStore`;
-    * ``postgresql://…``: not yet implemented.
+    * ``postgresql://user@host:port/dbname`` (any libpq URI; ``postgres://`` and
+      ``postgresql+psycopg://`` too): :class:`server.store_pg.PostgresStore`.
     """
     url = str(url)
     if url.startswith(("postgresql://", "postgres://", "postgresql+")):
-        raise NotImplementedError("PostgreSQL store: not yet implemented (issue 6)")
+        from server.store_pg import PostgresStore  # imports psycopg: only when asked for
+
+        return PostgresStore(url, on_write=on_write)
     if url.startswith("sqlite:///"):
         return SQLiteStore(url.removeprefix("sqlite:///"), on_write=on_write)
     if "://" in url:

@@ -1,0 +1,593 @@
+"""The store in PostgreSQL (psycopg 3): the same interface and contract as :class:`SQLiteStore`.
+
+Usage (``open_store`` picks this class for ``postgresql://`` and ``postgres://`` URLs)::
+
+    from server.store import RecordIn, open_store
+    store = open_store("postgresql://qj@db.internal:5432/qianjiang")  # connects, migrates
+    store.upsert_citizen("c-1", birth_day=7000)                        # (0, True)
+    store.add_records([RecordIn("r-1", "c-1", "traffic_violations", 19000, 1.0, "police")])
+    store.close()
+
+    qjscore serve --store postgresql://qj@db.internal/qianjiang
+
+The DSN is anything libpq takes: a URI (``?sslmode=verify-full&options=-csearch_path%3Dqj``
+picks TLS and a schema) or ``key=value`` pairs; ``postgresql+psycopg://`` (SQLAlchemy's
+spelling) works too. Passwords come from the DSN, ``PGPASSWORD`` or ``~/.pgpass`` and never
+appear in messages. The role needs to create tables the first time (migrations), then only to
+read and write them. A throwaway server for tests: ``scripts/pg_test_server.sh start DIR``.
+
+How the contract of :mod:`server.store` is kept:
+
+* Durability: every write is one explicit transaction, committed before the method returns.
+  ``synchronous_commit`` stays at the server's setting unless that is ``off``, which this
+  session raises to ``on``: an acknowledged write is on disk (or on the synchronous standby).
+* One writer at a time, readers never blocked: every write transaction (migrations too)
+  starts by taking one transaction-level advisory lock, ``pg_advisory_xact_lock``, the
+  equivalent of SQLite's ``BEGIN IMMEDIATE``, across threads, processes and machines. Every
+  write that changes data updates the one row of ``changes`` (the high-water mark) and so
+  holds that row's lock until it commits anyway; the advisory lock first costs little and buys
+  the rest: dense citizen rows as ``MAX + 1`` cannot race (the insert also takes ``LOCK TABLE
+  citizens IN SHARE ROW EXCLUSIVE MODE``, against writers that bypass this class), identity
+  ids follow commit order (so "insertion order" means what it means in SQLite), read-then-write
+  steps (correct a record that is still active) need no retry loop, processes starting
+  together on an empty database migrate it once, and there is no lock order to get wrong, so
+  no deadlocks. Unlike a row lock it writes nothing, so a call that changes nothing (a
+  resent record, an unchanged citizen or card) commits without a WAL flush. Writes run at READ COMMITTED (each
+  statement sees what the writer before committed); a writer that waits more than
+  ``lock_timeout`` (10 s, like SQLite's ``busy_timeout``) fails with :class:`StoreError`. The
+  lock's key is per database: stores in several schemas of one database share it.
+* Reads: each read method is one statement outside any transaction block (one round trip,
+  one consistent snapshot; ``counts()`` and ``consent_history()`` are single statements too).
+* Migrations: run on open, in one write transaction; DDL is transactional, so a step is all
+  or nothing. Version numbers are those of the SQLite schema (same tables, PostgreSQL types).
+* Errors: the same :class:`StoreError` subclasses and messages as SQLite. A lost connection,
+  a lock timeout or a server shutting down is a :class:`StoreError` (UNAVAILABLE to callers);
+  the next call reconnects. Constraint messages never include the offending value (a card
+  token), unlike PostgreSQL's DETAIL line.
+* Fork: as with SQLite, a store must not be used across ``fork``; the child gets
+  :class:`StoreError` and its ``close()`` leaves the parent's connection alone.
+* Bulk (seeding) methods stream rows with binary ``COPY``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import numpy as np
+import psycopg
+from psycopg import errors as pg_errors
+from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
+
+from server.store import (
+    ACTIVE, INACTIVE_STATUSES, TOKEN_BYTES, ActiveRecords, CardTable, CitizenTable, Conflict,
+    ConsentEvent, NotFound, RecordIn, RecordRow, Store, StoreError, WrongState, _check_token,
+    _token_hint,
+)
+
+log = logging.getLogger(__name__)
+
+#: Schema migrations: MIGRATIONS[i] takes the schema from version i to version i + 1. Append
+#: only; never edit a released step. Version i here is version i of the SQLite schema
+#: (server/store.py): the same tables and columns, in PostgreSQL's types.
+MIGRATIONS: list[list[str]] = [
+    [
+        # citizen_row is assigned explicitly: dense 0..n-1 (see upsert_citizen).
+        """CREATE TABLE citizens (
+            citizen_row BIGINT PRIMARY KEY CHECK (citizen_row >= 0),
+            citizen_id TEXT NOT NULL UNIQUE,
+            birth_day INTEGER NOT NULL,
+            consent SMALLINT NOT NULL DEFAULT 0
+        )""",
+        """CREATE TABLE consent_history (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            citizen_row BIGINT NOT NULL REFERENCES citizens (citizen_row),
+            granted SMALLINT NOT NULL,
+            at DOUBLE PRECISION NOT NULL
+        )""",
+        "CREATE INDEX consent_history_by_citizen ON consent_history (citizen_row)",
+        """CREATE TABLE cards (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            token BYTEA NOT NULL UNIQUE CHECK (length(token) = 16),
+            citizen_row BIGINT NOT NULL REFERENCES citizens (citizen_row)
+        )""",
+        "CREATE INDEX cards_by_citizen ON cards (citizen_row)",
+        # No CHECK on status, as in SQLite: the code checks.
+        """CREATE TABLE records (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            record_id TEXT NOT NULL UNIQUE,
+            citizen_row BIGINT NOT NULL REFERENCES citizens (citizen_row),
+            variable TEXT NOT NULL,
+            day INTEGER NOT NULL,
+            value DOUBLE PRECISION NOT NULL,
+            source TEXT NOT NULL,
+            scenario TEXT,
+            status TEXT NOT NULL DEFAULT 'active'
+        )""",
+        "CREATE INDEX records_by_citizen ON records (citizen_row, status)",
+        # The high-water mark: one row, bumped by every transaction that changes data.
+        "CREATE TABLE changes (id INTEGER PRIMARY KEY CHECK (id = 1), n BIGINT NOT NULL)",
+        "INSERT INTO changes (id, n) VALUES (1, 0)",
+    ],
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+#: The pg_advisory_xact_lock key that serialises writers ("qjstore" in ASCII).
+_WRITERS_LOCK = 0x716A73746F7265
+
+#: How long a writer waits for another (SQLite's busy_timeout is 10 s too).
+_LOCK_TIMEOUT = "10s"
+
+_NEXT_ROW = "(SELECT COALESCE(MAX(citizen_row), -1) + 1 FROM citizens)"
+
+_RECORD_COLUMNS = """r.record_id, r.citizen_row, c.citizen_id, r.variable, r.day, r.value,
+    r.source, r.scenario, r.status"""
+
+#: Errors that say "the server or the connection is not available right now" (connection
+#: lost, server shutting down, lock timeout, serialization failure): a StoreError, which
+#: callers see as UNAVAILABLE and may retry. Anything else from PostgreSQL is a bug.
+_UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
+
+
+def _describe(dsn: str) -> str:
+    """The DSN for messages: ``postgresql://user@host:port/dbname``, never the password."""
+    try:
+        params = conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError:
+        return "postgresql://?"
+    user = params.get("user") or ""
+    host = params.get("host") or params.get("hostaddr") or ""
+    port = params.get("port")
+    where = f"{host}:{port}" if port else host
+    return f"postgresql://{user + '@' if user else ''}{where}/{params.get('dbname') or ''}"
+
+
+class PostgresStore(Store):
+    """The store in a PostgreSQL database: one connection per object, shared by threads.
+
+    Several processes (and machines) may use the same database, each with its own store;
+    open one per process after fork, as with SQLite. ``on_write(operation, seconds)`` is
+    called after each committed write.
+    """
+
+    def __init__(self, dsn: str, on_write: Callable[[str, float], None] | None = None):
+        if dsn.startswith("postgresql+"):  # postgresql+psycopg://… (SQLAlchemy's spelling)
+            dsn = "postgresql://" + dsn.split("://", 1)[1]
+        try:
+            self._params = conninfo_to_dict(dsn)
+        except psycopg.ProgrammingError:
+            # Not libpq's message: it may quote the string, password and all.
+            raise ValueError("not a PostgreSQL connection string (a postgresql:// URI or"
+                             " key=value pairs)") from None
+        self._dsn = dsn
+        self.name = _describe(dsn)
+        self._on_write = on_write
+        self._lock = threading.Lock()
+        self._pid = os.getpid()
+        self._closed = False
+        self._db: psycopg.Connection | None = None
+        try:
+            with self._lock:
+                self._db = self._connect()
+            self.migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    def __repr__(self) -> str:
+        return f"<PostgresStore {self.name}>"
+
+    # Plumbing ---------------------------------------------------------------------------
+
+    def _connect(self) -> psycopg.Connection:
+        defaults = {"connect_timeout": 10, "application_name": "qianjiang-store"}
+        extra = {k: v for k, v in defaults.items() if k not in self._params}
+        try:
+            # autocommit: no implicit transactions; every write opens its own (below).
+            db = psycopg.connect(self._dsn, autocommit=True, **extra)
+        except psycopg.Error as e:
+            raise StoreError(f"cannot connect to the store {self.name}: {e}") from e
+        try:
+            db.execute(f"SET lock_timeout = '{_LOCK_TIMEOUT}'")
+            if db.execute("SHOW synchronous_commit").fetchone()[0] == "off":
+                # Keep "local", "remote_write", "remote_apply" and "on"; never acknowledge a
+                # write that is not yet on disk.
+                db.execute("SET synchronous_commit = on")
+        except BaseException as e:
+            db.close()
+            if isinstance(e, _UNAVAILABLE):
+                raise StoreError(f"cannot connect to the store {self.name}: {e}") from e
+            raise
+        return db
+
+    def _connection(self) -> psycopg.Connection:
+        if self._closed:
+            raise StoreError(f"store {self.name} is closed")
+        if os.getpid() != self._pid:
+            raise StoreError(f"store {self.name} was opened in process {self._pid}; "
+                             "open a new one after fork")
+        if self._db is None or self._db.closed or self._db.broken:
+            if self._db is not None:
+                self._db.close()
+                log.warning("store %s: reconnecting after a lost connection", self.name)
+            self._db = None
+            self._db = self._connect()
+        return self._db
+
+    @staticmethod
+    def _rollback(db: psycopg.Connection) -> None:
+        if db.closed or db.broken or db.info.transaction_status == TransactionStatus.IDLE:
+            return
+        try:
+            db.execute("ROLLBACK")
+        except psycopg.Error:
+            pass  # the connection is gone: the server rolls back, the next call reconnects
+
+    def _unavailable(self, e: Exception) -> StoreError:
+        return StoreError(f"store {self.name}: {e}".rstrip())
+
+    @contextmanager
+    def _write(self, operation: str) -> Iterator[psycopg.Connection]:
+        """One write transaction, holding the writers' lock: committed when the block ends,
+        rolled back if it raises."""
+        start = time.perf_counter()
+        with self._lock:
+            db = self._connection()
+            try:
+                # One round trip (no parameters: the simple protocol takes both statements).
+                db.execute("BEGIN ISOLATION LEVEL READ COMMITTED;"
+                           f" SELECT pg_advisory_xact_lock({_WRITERS_LOCK})")
+                yield db
+                db.execute("COMMIT")
+            except BaseException as e:
+                self._rollback(db)  # also when the lock timed out: BEGIN had succeeded
+                if isinstance(e, _UNAVAILABLE):
+                    raise self._unavailable(e) from e
+                raise
+        if self._on_write is not None:
+            try:
+                self._on_write(operation, time.perf_counter() - start)
+            except Exception:
+                # The write is committed: failing the call now would make the client retry
+                # something that succeeded. A broken metrics hook is logged, not fatal.
+                log.exception("on_write hook failed for %s", operation)
+
+    @contextmanager
+    def _read(self) -> Iterator[psycopg.Connection]:
+        """A read: every read method is one statement, which sees one committed state."""
+        with self._lock:
+            db = self._connection()
+            try:
+                yield db
+            except _UNAVAILABLE as e:
+                raise self._unavailable(e) from e
+
+    @staticmethod
+    def _bump(db: psycopg.Connection) -> None:
+        db.execute("UPDATE changes SET n = n + 1 WHERE id = 1")
+
+    @staticmethod
+    def _row_of(db: psycopg.Connection, citizen_id: str) -> int:
+        found = db.execute(
+            "SELECT citizen_row FROM citizens WHERE citizen_id = %s", (citizen_id,)).fetchone()
+        if found is None:
+            raise NotFound(f"citizen {citizen_id!r} not found")
+        return found[0]
+
+    @staticmethod
+    def _check_rows(db: psycopg.Connection, rows: np.ndarray) -> None:
+        # Rows are dense, so a range check proves every row exists (MAX uses the index).
+        n = db.execute(f"SELECT {_NEXT_ROW}").fetchone()[0]
+        if len(rows) and (rows.min() < 0 or rows.max() >= n):
+            raise NotFound(f"citizen rows must be in 0..{n - 1}; got {rows.min()}..{rows.max()}")
+
+    @staticmethod
+    def _record(db: psycopg.Connection, record_id: str) -> RecordRow:
+        found = db.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM records r JOIN citizens c USING (citizen_row)"
+            " WHERE r.record_id = %s", (record_id,)).fetchone()
+        if found is None:
+            raise NotFound(f"record {record_id!r} not found")
+        return RecordRow(*found)
+
+    @staticmethod
+    def _copy(db: psycopg.Connection, table: str, columns: Sequence[str], types: Sequence[str],
+              rows: Iterator[tuple]) -> None:
+        """Binary COPY of ``rows`` into ``table``; the connection's transaction stays open."""
+        sql = f"COPY {table} ({', '.join(columns)}) FROM STDIN (FORMAT BINARY)"
+        with db.cursor() as cur, cur.copy(sql) as copy:
+            copy.set_types(list(types))
+            for row in rows:
+                copy.write_row(row)
+
+    # Schema -----------------------------------------------------------------------------
+
+    def migrate(self) -> None:
+        # Two processes starting on an empty database: the second waits for the writers' lock,
+        # then finds the schema current.
+        with self._write("migrate") as db:
+            if db.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
+                db.execute("CREATE TABLE schema_version ("
+                           "version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
+            current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+            if current > SCHEMA_VERSION:
+                raise StoreError(f"{self.name} has schema version {current}, newer than this "
+                                 f"code's {SCHEMA_VERSION}: upgrade the server")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in MIGRATIONS[version - 1]:
+                    db.execute(statement)
+                db.execute("INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)",
+                           (version, time.time()))
+            if current < SCHEMA_VERSION:
+                self._bump(db)
+
+    # Citizens and consent ---------------------------------------------------------------
+
+    def upsert_citizen(self, citizen_id: str, birth_day: int) -> tuple[int, bool]:
+        with self._write("upsert_citizen") as db:
+            found = db.execute("SELECT citizen_row, birth_day FROM citizens WHERE citizen_id = %s",
+                               (citizen_id,)).fetchone()
+            if found is not None:
+                row, stored_day = found
+                if stored_day != birth_day:
+                    db.execute("UPDATE citizens SET birth_day = %s WHERE citizen_row = %s",
+                               (int(birth_day), row))
+                    self._bump(db)
+                return row, False
+            db.execute("LOCK TABLE citizens IN SHARE ROW EXCLUSIVE MODE")
+            row = db.execute(
+                f"INSERT INTO citizens (citizen_row, citizen_id, birth_day) VALUES ({_NEXT_ROW}, %s, %s)"
+                " RETURNING citizen_row", (citizen_id, int(birth_day))).fetchone()[0]
+            self._bump(db)
+            return row, True
+
+    def upsert_citizens_bulk(self, ids: Sequence[str], birth_days: np.ndarray) -> None:
+        days = np.asarray(birth_days, np.int64)
+        if len(ids) != len(days):
+            raise ValueError(f"{len(ids)} ids but {len(days)} birth days")
+        with self._write("upsert_citizens_bulk") as db:
+            db.execute("CREATE TEMPORARY TABLE qj_citizens_in (ord BIGINT NOT NULL,"
+                       " citizen_id TEXT NOT NULL, birth_day INTEGER NOT NULL) ON COMMIT DROP")
+            self._copy(db, "qj_citizens_in", ("ord", "citizen_id", "birth_day"), ("int8", "text", "int4"),
+                       zip(range(len(ids)), ids, days.tolist()))
+            db.execute("ANALYZE qj_citizens_in")
+            db.execute("LOCK TABLE citizens IN SHARE ROW EXCLUSIVE MODE")
+            # As the same upserts one by one would leave it: a new id takes the next row at its
+            # first occurrence in the list; the birth day is that of its last occurrence.
+            db.execute("""
+                CREATE TEMPORARY TABLE qj_citizens_last ON COMMIT DROP AS
+                SELECT DISTINCT ON (citizen_id) citizen_id, birth_day, first_ord
+                FROM (SELECT citizen_id, birth_day, ord, MIN(ord) OVER (PARTITION BY citizen_id) AS first_ord
+                      FROM qj_citizens_in) s
+                ORDER BY citizen_id, ord DESC""")
+            db.execute("""
+                UPDATE citizens c SET birth_day = l.birth_day FROM qj_citizens_last l
+                WHERE c.citizen_id = l.citizen_id AND c.birth_day <> l.birth_day""")
+            db.execute(f"""
+                INSERT INTO citizens (citizen_row, citizen_id, birth_day)
+                SELECT {_NEXT_ROW} + ROW_NUMBER() OVER (ORDER BY l.first_ord) - 1, l.citizen_id, l.birth_day
+                FROM qj_citizens_last l
+                WHERE NOT EXISTS (SELECT 1 FROM citizens c WHERE c.citizen_id = l.citizen_id)""")
+            self._bump(db)
+
+    def citizen_row(self, citizen_id: str) -> int:
+        with self._read() as db:
+            return self._row_of(db, citizen_id)
+
+    def citizens(self) -> CitizenTable:
+        with self._read() as db:
+            rows = db.execute("SELECT citizen_id, birth_day, consent FROM citizens"
+                              " ORDER BY citizen_row").fetchall()
+        ids, birth, consent = zip(*rows) if rows else ((), (), ())
+        return CitizenTable(list(ids), np.asarray(birth, np.int32), np.asarray(consent, np.uint8))
+
+    def set_consent(self, citizen_id: str, granted: bool) -> int:
+        with self._write("set_consent") as db:
+            row = self._row_of(db, citizen_id)
+            db.execute("UPDATE citizens SET consent = %s WHERE citizen_row = %s", (int(granted), row))
+            # Every call is an event in the history, even one that repeats the current state.
+            db.execute("INSERT INTO consent_history (citizen_row, granted, at) VALUES (%s, %s, %s)",
+                       (row, int(granted), time.time()))
+            self._bump(db)
+            return row
+
+    def set_consents_bulk(self, rows: np.ndarray, granted: bool) -> None:
+        rows = np.asarray(rows, np.int64)
+        at = time.time()
+        with self._write("set_consents_bulk") as db:
+            self._check_rows(db, rows)
+            listed = rows.tolist()
+            db.execute("UPDATE citizens SET consent = %s WHERE citizen_row = ANY(%s::bigint[])",
+                       (int(granted), listed))
+            # One event per listed row, in list order (repeats included, as one by one).
+            db.execute("INSERT INTO consent_history (citizen_row, granted, at)"
+                       " SELECT u.r, %s, %s FROM unnest(%s::bigint[]) WITH ORDINALITY AS u (r, i)"
+                       " ORDER BY u.i", (int(granted), at, listed))
+            self._bump(db)
+
+    def consent_history(self, citizen_id: str) -> list[ConsentEvent]:
+        with self._read() as db:
+            # One statement: the citizen (NotFound) and its events, in one snapshot.
+            events = db.execute(
+                "SELECT h.granted, h.at FROM citizens c LEFT JOIN consent_history h USING (citizen_row)"
+                " WHERE c.citizen_id = %s ORDER BY h.id", (citizen_id,)).fetchall()
+        if not events:
+            raise NotFound(f"citizen {citizen_id!r} not found")
+        return [ConsentEvent(bool(g), at) for g, at in events if g is not None]
+
+    # Card tokens ------------------------------------------------------------------------
+
+    def register_card(self, token: bytes, citizen_id: str) -> tuple[int, bool]:
+        token = _check_token(token)
+        with self._write("register_card") as db:
+            row = self._row_of(db, citizen_id)
+            bound = db.execute("SELECT citizen_row FROM cards WHERE token = %s", (token,)).fetchone()
+            if bound is not None:
+                if bound[0] != row:
+                    raise Conflict(f"card token {_token_hint(token)} is bound to another citizen")
+                return row, False
+            db.execute("INSERT INTO cards (token, citizen_row) VALUES (%s, %s)", (token, row))
+            self._bump(db)
+            return row, True
+
+    def register_cards_bulk(self, tokens: np.ndarray, rows: np.ndarray) -> None:
+        tokens = np.ascontiguousarray(tokens, np.uint8)
+        rows = np.asarray(rows, np.int64)
+        if tokens.ndim != 2 or tokens.shape[1] != TOKEN_BYTES or len(tokens) != len(rows):
+            raise ValueError(f"tokens must have shape (n, {TOKEN_BYTES}) with n = len(rows)")
+        with self._write("register_cards_bulk") as db:
+            self._check_rows(db, rows)
+            try:
+                self._copy(db, "cards", ("token", "citizen_row"), ("bytea", "int8"),
+                           zip((t.tobytes() for t in tokens), rows.tolist()))
+            except pg_errors.UniqueViolation as e:  # the batch is rolled back
+                # Not str(e): its DETAIL line quotes the token.
+                raise Conflict("a card token in the batch is already registered"
+                               f" ({e.diag.message_primary})") from None
+            self._bump(db)
+
+    def cards(self) -> CardTable:
+        with self._read() as db:
+            rows = db.execute("SELECT token, citizen_row FROM cards ORDER BY id").fetchall()
+        tokens, owners = zip(*rows) if rows else ((), ())
+        return CardTable(
+            np.frombuffer(b"".join(tokens), np.uint8).reshape(len(rows), TOKEN_BYTES).copy(),
+            np.asarray(owners, np.int64))
+
+    # Records ----------------------------------------------------------------------------
+
+    def add_records(self, records: Sequence[RecordIn]) -> list[bool]:
+        inserted: list[bool] = []
+        with self._write("add_records") as db:
+            ids = list(dict.fromkeys(r.citizen_id for r in records))
+            rows = dict(db.execute("SELECT citizen_id, citizen_row FROM citizens"
+                                   " WHERE citizen_id = ANY(%s::text[])", (ids,)).fetchall()) if ids else {}
+            for citizen_id in ids:  # the first unknown one in batch order, as one by one
+                if citizen_id not in rows:
+                    raise NotFound(f"citizen {citizen_id!r} not found")  # nothing written
+            # Resent records are found first, so a batch of only those writes nothing at all
+            # (an INSERT … DO NOTHING would still take a transaction id and a WAL flush). No
+            # other writer can add one in between: we hold the writers' lock.
+            record_ids = list(dict.fromkeys(r.record_id for r in records))
+            stored = {rid for (rid,) in db.execute(
+                "SELECT record_id FROM records WHERE record_id = ANY(%s::text[])", (record_ids,))
+                } if records else set()
+            new: list[int] = []
+            for i, r in enumerate(records):
+                inserted.append(r.record_id not in stored)  # a repeat inside the batch: False
+                if inserted[-1]:
+                    stored.add(r.record_id)
+                    new.append(i)
+            if new:
+                # One statement per record, in order, in one round trip (pipeline). DO NOTHING
+                # still guards against a writer that bypasses the lock.
+                with db.cursor() as cur:
+                    cur.executemany(
+                        "INSERT INTO records (record_id, citizen_row, variable, day, value, source,"
+                        " scenario) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+                        " ON CONFLICT (record_id) DO NOTHING RETURNING 1",
+                        [(r.record_id, rows[r.citizen_id], r.variable, int(r.day), float(r.value),
+                          r.source, r.scenario) for r in (records[i] for i in new)],
+                        returning=True)
+                    for i in new:
+                        inserted[i] = cur.rowcount == 1
+                        cur.nextset()
+            if any(inserted):
+                self._bump(db)
+        return inserted
+
+    def add_records_bulk(
+        self, citizen_row: np.ndarray, variable: Sequence[str] | np.ndarray, day: np.ndarray,
+        value: np.ndarray, source: str, record_ids: Sequence[str],
+    ) -> None:
+        rows = np.asarray(citizen_row, np.int64)
+        day = np.asarray(day, np.int64)
+        value = np.asarray(value, np.float64)
+        variable = variable.tolist() if isinstance(variable, np.ndarray) else variable
+        if not len(rows) == len(variable) == len(day) == len(value) == len(record_ids):
+            raise ValueError("add_records_bulk: all columns must have the same length")
+        with self._write("add_records_bulk") as db:
+            self._check_rows(db, rows)
+            try:
+                self._copy(
+                    db, "records", ("record_id", "citizen_row", "variable", "day", "value", "source"),
+                    ("text", "int8", "text", "int4", "float8", "text"),
+                    zip(record_ids, rows.tolist(), variable, day.tolist(), value.tolist(),
+                        (source for _ in range(len(rows)))))
+            except pg_errors.UniqueViolation as e:  # the batch is rolled back
+                raise Conflict("a record_id in the batch is already stored"
+                               f" ({e.diag.message_primary})") from None
+            self._bump(db)
+
+    def get_record(self, record_id: str) -> RecordRow:
+        with self._read() as db:
+            return self._record(db, record_id)
+
+    def correct_record(self, record_id: str, day: int, value: float) -> RecordRow:
+        with self._write("correct_record") as db:
+            record = self._record(db, record_id)
+            if record.status != ACTIVE:
+                raise WrongState(f"record {record_id!r} is {record.status}")
+            db.execute("UPDATE records SET day = %s, value = %s WHERE record_id = %s",
+                       (int(day), float(value), record_id))
+            self._bump(db)
+            return self._record(db, record_id)
+
+    def set_record_status(self, record_id: str, status: str) -> RecordRow:
+        if status not in INACTIVE_STATUSES:
+            raise ValueError(f"status must be one of {INACTIVE_STATUSES}, not {status!r}")
+        with self._write("set_record_status") as db:
+            record = self._record(db, record_id)
+            if record.status == status:
+                return record
+            db.execute("UPDATE records SET status = %s WHERE record_id = %s", (status, record_id))
+            self._bump(db)
+            return self._record(db, record_id)
+
+    def active_records(self, citizen_row: int | None = None) -> ActiveRecords:
+        query = ("SELECT record_id, citizen_row, variable, day, value, scenario FROM records"
+                 " WHERE status = 'active'")
+        # Binary results: no number parsing for the millions of rows of a start-up load.
+        with self._read() as db, db.cursor(binary=True) as cur:
+            if citizen_row is None:
+                rows = cur.execute(query + " ORDER BY id").fetchall()
+            else:
+                rows = cur.execute(query + " AND citizen_row = %s ORDER BY id",
+                                   (int(citizen_row),)).fetchall()
+        return ActiveRecords.from_rows(rows)
+
+    # Bookkeeping ------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        queries = {
+            "citizens": "SELECT COUNT(*) FROM citizens",
+            "cards": "SELECT COUNT(*) FROM cards",
+            "records": "SELECT COUNT(*) FROM records",
+            "active_records": "SELECT COUNT(*) FROM records WHERE status = 'active'",
+            "consents_granted": "SELECT COUNT(*) FROM citizens WHERE consent = 1",
+        }
+        # One statement, so one snapshot and one round trip.
+        sql = "SELECT " + ", ".join(f"({q})" for q in queries.values())
+        with self._read() as db:
+            values = db.execute(sql).fetchone()
+        return dict(zip(queries, values))
+
+    def high_water_mark(self) -> int:
+        with self._read() as db:
+            return db.execute("SELECT n FROM changes WHERE id = 1").fetchone()[0]
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            if self._db is not None:
+                # A store inherited through fork must not touch the parent's connection:
+                # closing would end the parent's session. (psycopg does not close it when the
+                # object is collected in another process either.)
+                if os.getpid() == self._pid:
+                    self._db.close()
+                self._db = None
