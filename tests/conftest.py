@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import subprocess
+import tempfile
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit
+
 import pytest
 from hypothesis import HealthCheck, settings
 
@@ -81,3 +89,101 @@ def served(tmp_path_factory):
     s = Served(tmp_path_factory)
     yield s
     s.stop()
+
+
+# --- stores: every store test runs on SQLite and on PostgreSQL ------------------------------
+
+PG_SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pg_test_server.sh"
+
+
+@pytest.fixture(scope="session")
+def pg_server():
+    """The DSN of a PostgreSQL server for the session.
+
+    ``QJ_TEST_PG_DSN=postgresql://…`` (as .ci/run sets it from scripts/pg_test_server.sh; its
+    role must be allowed to CREATE DATABASE): that one; set but not working is an error. Unset:
+    a throwaway server started with that script if PostgreSQL is installed (never installs it
+    from here), else the postgres tests are skipped. ``QJ_TEST_PG_DSN=off``: skipped.
+    """
+    dsn = os.environ.get("QJ_TEST_PG_DSN", "").strip()
+    if dsn.lower() == "off":
+        pytest.skip("QJ_TEST_PG_DSN=off: PostgreSQL store tests turned off")
+    try:
+        import psycopg  # noqa: F401
+    except ImportError:
+        if dsn:
+            pytest.fail("QJ_TEST_PG_DSN is set but psycopg is not installed (pip install -r requirements-pg.txt)")
+        pytest.skip("psycopg is not installed (pip install -r requirements-pg.txt)")
+    if dsn:
+        if urlsplit(dsn).scheme not in ("postgresql", "postgres"):
+            pytest.fail(f"QJ_TEST_PG_DSN must be a postgresql:// URI, not {dsn.split('@')[-1]!r}")
+        yield dsn
+        return
+    # Not under pytest's basetemp: that is private to root, and the server may run as postgres.
+    where = tempfile.mkdtemp(prefix="qj-pg-test-")
+    started = subprocess.run(["bash", str(PG_SCRIPT), "start", where], capture_output=True, text=True,
+                             check=False, timeout=120, env={**os.environ, "QJ_PG_NO_INSTALL": "1"})
+    if started.returncode != 0:
+        subprocess.run(["bash", str(PG_SCRIPT), "stop", where], capture_output=True, check=False, timeout=60)
+        why = (started.stderr.strip().splitlines() or ["?"])[-1]
+        pytest.skip(f"QJ_TEST_PG_DSN is unset and no PostgreSQL server could be started here ({why}); "
+                    "set it, e.g. from scripts/pg_test_server.sh start DIR")
+    try:
+        yield started.stdout.strip()
+    finally:
+        subprocess.run(["bash", str(PG_SCRIPT), "stop", where], capture_output=True, check=False, timeout=60)
+
+
+@pytest.fixture
+def pg_url(pg_server):
+    """A URL to a new, empty database on the session's server; dropped after the test."""
+    import psycopg
+    from psycopg import sql
+
+    name = f"qj_test_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        admin.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    yield urlsplit(pg_server)._replace(path=f"/{name}").geturl()
+    with psycopg.connect(pg_server, autocommit=True) as admin:
+        # FORCE: a connection a failed test left open must not keep the database alive.
+        admin.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request, tmp_path) -> str:
+    """A new, empty store's URL: [sqlite] a file (its directory does not exist yet), [postgres]
+    a database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/nested/qj.db"
+    return request.getfixturevalue("pg_url")
+
+
+@pytest.fixture
+def store(store_url):
+    from server.store import open_store
+
+    s = open_store(store_url)
+    yield s
+    s.close()
+
+
+def run_sql(url: str, query: str, params: tuple = ()) -> list[tuple]:
+    """One statement on a store's database behind the store's back (``%s`` placeholders)."""
+    if url.startswith("sqlite:///"):
+        db = sqlite3.connect(url.removeprefix("sqlite:///"))
+        try:
+            with db:
+                return db.execute(query.replace("%s", "?"), params).fetchall()
+        finally:
+            db.close()
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as db:
+        cur = db.execute(query, params)
+        return cur.fetchall() if cur.description else []
+
+
+@pytest.fixture
+def sql(store_url):
+    """``sql(query, params=())``: :func:`run_sql` on the test's store."""
+    return lambda query, params=(): run_sql(store_url, query, params)

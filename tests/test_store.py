@@ -1,4 +1,8 @@
-"""The durable store (server/store.py) on real SQLite files: schema, semantics, durability."""
+"""The durable store's contract (server/store.py), on both stores: schema, semantics, durability.
+
+Tests taking ``store`` or ``store_url`` (tests/conftest.py) run twice: ``[sqlite]`` on a new
+file, ``[postgres]`` on a new database (QJ_TEST_PG_DSN; see ``pg_server``). The rest are about
+SQLite itself; tests/test_store_pg.py has PostgreSQL's own."""
 
 from __future__ import annotations
 
@@ -15,7 +19,7 @@ import numpy as np
 import pytest
 
 from server.store import (
-    SCHEMA_VERSION, Conflict, NotFound, RecordIn, SQLiteStore, StoreError, WrongState, open_store,
+    SCHEMA_VERSION, Conflict, NotFound, RecordIn, SQLiteStore, Store, StoreError, WrongState, open_store,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,7 +33,7 @@ def db_path(tmp_path) -> Path:
 
 
 @pytest.fixture
-def store(db_path):
+def sqlite_store(db_path):
     s = SQLiteStore(db_path)
     yield s
     s.close()
@@ -40,7 +44,7 @@ def rec(record_id, citizen_id="c-0", variable="traffic_violations", day=19_000, 
     return RecordIn(record_id, citizen_id, variable, day, value, source, scenario)
 
 
-def with_citizens(store, n=3) -> SQLiteStore:
+def with_citizens(store, n=3) -> Store:
     for i in range(n):
         store.upsert_citizen(f"c-{i}", 7_000 + i)
     return store
@@ -49,41 +53,38 @@ def with_citizens(store, n=3) -> SQLiteStore:
 # Schema and connection ---------------------------------------------------------------------
 
 
-def test_migrate_is_idempotent(db_path):
-    with SQLiteStore(db_path) as first:
+def test_migrate_is_idempotent(store_url, sql):
+    with open_store(store_url) as first:
         first.upsert_citizen("c-0", 7_000)
         mark = first.high_water_mark()
         first.migrate()  # nothing to do: no change, no new version row
         assert first.high_water_mark() == mark
-    with SQLiteStore(db_path) as second:  # opening migrates again
+    with open_store(store_url) as second:  # opening migrates again
         assert second.citizens().ids == ["c-0"]
         assert second.high_water_mark() == mark
-    versions = sqlite3.connect(db_path).execute("SELECT version FROM schema_version").fetchall()
+    versions = sql("SELECT version FROM schema_version ORDER BY version")
     assert versions == [(v,) for v in range(1, SCHEMA_VERSION + 1)]
 
 
-def test_newer_schema_is_refused(db_path):
-    SQLiteStore(db_path).close()
-    raw = sqlite3.connect(db_path)
-    with raw:
-        raw.execute("INSERT INTO schema_version (version, applied_at) VALUES (99, 0)")
-    raw.close()
+def test_newer_schema_is_refused(store_url, sql):
+    open_store(store_url).close()
+    sql("INSERT INTO schema_version (version, applied_at) VALUES (99, 0)")
     with pytest.raises(StoreError, match="schema version 99"):
-        SQLiteStore(db_path)
+        open_store(store_url)
 
 
-def test_wal_and_durability_pragmas(store, db_path):
+def test_wal_and_durability_pragmas(sqlite_store, db_path):
     # journal_mode is a property of the file: any other connection sees it.
     assert sqlite3.connect(db_path).execute("PRAGMA journal_mode").fetchone() == ("wal",)
     # The others belong to the store's own connection.
-    pragma = lambda name: store._db.execute(f"PRAGMA {name}").fetchone()[0]  # noqa: E731
+    pragma = lambda name: sqlite_store._db.execute(f"PRAGMA {name}").fetchone()[0]  # noqa: E731
     assert pragma("synchronous") == 2  # FULL
     assert pragma("busy_timeout") == 10_000
     assert pragma("foreign_keys") == 1
 
 
-def test_closed_store_refuses_and_close_is_idempotent(db_path):
-    s = SQLiteStore(db_path)
+def test_closed_store_refuses_and_close_is_idempotent(store_url):
+    s = open_store(store_url)
     s.close()
     s.close()
     with pytest.raises(StoreError, match="closed"):
@@ -328,15 +329,15 @@ def test_high_water_mark_increases_on_every_write_kind(store):
 # Durability and sharing between connections --------------------------------------------------
 
 
-def test_everything_survives_close_and_reopen(db_path):
-    with SQLiteStore(db_path) as s:
+def test_everything_survives_close_and_reopen(store_url):
+    with open_store(store_url) as s:
         with_citizens(s)
         s.set_consent("c-1", True)
         s.register_card(TOKEN_A, "c-2")
         s.add_records([rec("r-1"), rec("r-2", "c-1")])
         s.set_record_status("r-2", "repaired")
         counts, mark = s.counts(), s.high_water_mark()
-    with SQLiteStore(db_path) as again:
+    with open_store(store_url) as again:
         assert again.counts() == counts and again.high_water_mark() == mark
         assert again.citizens().consent.tolist() == [0, 1, 0]
         assert bytes(again.cards().tokens[0]) == TOKEN_A
@@ -344,8 +345,8 @@ def test_everything_survives_close_and_reopen(db_path):
         assert again.get_record("r-2").status == "repaired"
 
 
-def test_a_write_through_one_store_is_seen_by_another_open_one(db_path):
-    with SQLiteStore(db_path) as a, SQLiteStore(db_path) as b:
+def test_a_write_through_one_store_is_seen_by_another_open_one(store_url):
+    with open_store(store_url) as a, open_store(store_url) as b:
         assert b.counts()["citizens"] == 0  # b has read before a writes
         mark = b.high_water_mark()
         a.upsert_citizen("c-0", 7_000)
@@ -358,10 +359,11 @@ def test_a_write_through_one_store_is_seen_by_another_open_one(db_path):
         assert len(a.active_records()) == 0
 
 
-def test_concurrent_writers_wait_for_each_other(db_path):
+def test_concurrent_writers_wait_for_each_other(store_url):
     # Two connections (as two worker processes would have), each used from several threads:
-    # the file lock plus busy_timeout serialise them; nobody gets "database is locked".
-    with SQLiteStore(db_path) as a, SQLiteStore(db_path) as b:
+    # the store's write lock (SQLite: the file lock plus busy_timeout; PostgreSQL: an advisory
+    # lock) serialises them; nobody gets "database is locked".
+    with open_store(store_url) as a, open_store(store_url) as b:
         a.upsert_citizen("c-0", 7_000)
 
         def ingest(args):
@@ -376,8 +378,8 @@ def test_concurrent_writers_wait_for_each_other(db_path):
 
 _INGEST_AND_DIE = textwrap.dedent("""
     import os, sys, time
-    from server.store import RecordIn, SQLiteStore
-    store = SQLiteStore(sys.argv[1])
+    from server.store import RecordIn, open_store
+    store = open_store(sys.argv[1])
     store.upsert_citizen("c-0", 7000)
     assert store.add_records([RecordIn("r-acked", "c-0", "traffic_violations", 19000, 1.0, "police", None)]) == [True]
     print("acked", flush=True)
@@ -388,11 +390,11 @@ _INGEST_AND_DIE = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("death", ["exit", "sigkill"])
-def test_an_acknowledged_record_survives_the_process_dying(db_path, death):
-    # Process death, not a power cut: the latter is what synchronous=FULL is for (see
-    # test_wal_and_durability_pragmas). This checks that the ack comes after the commit.
+def test_an_acknowledged_record_survives_the_process_dying(store_url, death):
+    # Process death, not a power cut: the latter is what synchronous=FULL (SQLite) and
+    # synchronous_commit (PostgreSQL) are for. This checks that the ack comes after the commit.
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-c", _INGEST_AND_DIE, str(db_path), death],
+    proc = subprocess.Popen([sys.executable, "-c", _INGEST_AND_DIE, store_url, death],
                             stdout=subprocess.PIPE, text=True, env=env, cwd=REPO)
     try:
         assert proc.stdout.readline().strip() == "acked"
@@ -402,13 +404,13 @@ def test_an_acknowledged_record_survives_the_process_dying(db_path, death):
     finally:
         proc.kill()
         proc.stdout.close()
-    with SQLiteStore(db_path) as reopened:
+    with open_store(store_url) as reopened:
         assert reopened.get_record("r-acked").citizen_id == "c-0"
         assert reopened.active_records().record_id.tolist() == ["r-acked"]
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
-def test_a_store_is_not_usable_across_fork(store, db_path):
+def test_a_store_is_not_usable_across_fork(store, store_url):
     store.upsert_citizen("c-0", 7_000)
     pid = os.fork()
     if pid == 0:  # the child: report through the exit code, never return into pytest
@@ -421,7 +423,7 @@ def test_a_store_is_not_usable_across_fork(store, db_path):
                     code = 2
             store.close()  # must not close the parent's connection
             if code == 2:
-                with SQLiteStore(db_path) as own:  # the right way: open after fork
+                with open_store(store_url) as own:  # the right way: open after fork
                     code = 0 if own.citizen_row("c-0") == 0 else 3
         finally:
             os._exit(code)
@@ -433,16 +435,16 @@ def test_a_store_is_not_usable_across_fork(store, db_path):
 # Metrics hook and URLs -----------------------------------------------------------------------
 
 
-def test_on_write_is_called_after_each_committed_write(db_path):
+def test_on_write_is_called_after_each_committed_write(store_url):
     calls = []
     seen_by_other = []
 
     def hook(op, seconds):
         calls.append((op, seconds))
-        with SQLiteStore(db_path) as other:  # committed before the hook runs
+        with open_store(store_url) as other:  # committed before the hook runs
             seen_by_other.append(other.counts()["records"])
 
-    with SQLiteStore(db_path, on_write=hook) as s:
+    with open_store(store_url, on_write=hook) as s:
         calls.clear(), seen_by_other.clear()  # the migration at open was a write too
         s.upsert_citizen("c-0", 7_000)
         s.add_records([rec("r-1")])
@@ -453,11 +455,11 @@ def test_on_write_is_called_after_each_committed_write(db_path):
     assert seen_by_other == [0, 1]
 
 
-def test_a_failing_hook_does_not_fail_a_committed_write(db_path, caplog):
+def test_a_failing_hook_does_not_fail_a_committed_write(store_url, caplog):
     def broken(op, seconds):
         raise RuntimeError("metrics down")
 
-    with SQLiteStore(db_path, on_write=broken) as s:
+    with open_store(store_url, on_write=broken) as s:
         assert s.upsert_citizen("c-0", 7_000) == (0, True)
         assert s.citizen_row("c-0") == 0
     assert "on_write hook failed" in caplog.text
@@ -474,8 +476,9 @@ def test_open_store_urls(tmp_path, monkeypatch):
     with open_store(tmp_path / "plain.db"), open_store("plain2.db"):
         pass
     assert (tmp_path / "plain.db").exists() and (tmp_path / "plain2.db").exists()
-    with pytest.raises(NotImplementedError, match="issue 6"):
-        open_store("postgresql://qj@localhost/qj")
+    # postgresql:// is PostgresStore (tests/test_store_pg.py); nothing listens on port 1.
+    with pytest.raises(StoreError, match="cannot connect"):
+        open_store("postgresql://qj@127.0.0.1:1/qj")
     with pytest.raises(ValueError, match="mysql"):
         open_store("mysql://x")
 
