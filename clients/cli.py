@@ -338,7 +338,7 @@ def parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="run the service (seeds a synthetic city into an empty store)")
     p.add_argument("--data-dir", default="data")
-    p.add_argument("--store", default=None, help="store URL (default sqlite:///<data-dir>/qianjiang.db)")
+    p.add_argument("--store", default=None, help="store URL: sqlite:///path or postgresql://user@host/db (default sqlite:///<data-dir>/qianjiang.db)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus endpoint (0: off)")
