@@ -365,7 +365,102 @@ _RECORD_COLUMNS = """r.record_id, r.citizen_row, c.citizen_id, r.variable, r.day
     r.source, r.scenario, r.status"""
 
 
-class SQLiteStore(Store):
+class SQLStore(Store):
+    """What SQLiteStore and PostgresStore (server/store_pg.py) share: the statements that are
+    the same in both dialects but for the placeholder. A subclass gives ``PARAM`` and the
+    ``_read()``/``_write(operation)`` transactions and ``_bump(db)``."""
+
+    #: The DB-API placeholder of the dialect ("?" for sqlite3, "%s" for psycopg).
+    PARAM = "?"
+
+    def _q(self, sql: str) -> str:
+        """A statement written with "?" placeholders, in this dialect."""
+        return sql if self.PARAM == "?" else sql.replace("?", self.PARAM)
+
+    def _row_of(self, db, citizen_id: str) -> int:
+        found = db.execute(self._q(
+            "SELECT citizen_row FROM citizens WHERE citizen_id = ?"), (citizen_id,)).fetchone()
+        if found is None:
+            raise NotFound(f"citizen {citizen_id!r} not found")
+        return found[0]
+
+    def _record(self, db, record_id: str) -> RecordRow:
+        found = db.execute(self._q(
+            f"SELECT {_RECORD_COLUMNS} FROM records r JOIN citizens c USING (citizen_row)"
+            " WHERE r.record_id = ?"), (record_id,)).fetchone()
+        if found is None:
+            raise NotFound(f"record {record_id!r} not found")
+        return RecordRow(*found)
+
+    def citizen_row(self, citizen_id: str) -> int:
+        with self._read() as db:
+            return self._row_of(db, citizen_id)
+
+    def citizens(self) -> CitizenTable:
+        with self._read() as db:
+            rows = db.execute(self._q(
+                "SELECT citizen_id, birth_day, consent FROM citizens ORDER BY citizen_row")).fetchall()
+        ids, birth, consent = zip(*rows) if rows else ((), (), ())
+        return CitizenTable(list(ids), np.asarray(birth, np.int32), np.asarray(consent, np.uint8))
+
+    def set_consent(self, citizen_id: str, granted: bool) -> int:
+        with self._write("set_consent") as db:
+            row = self._row_of(db, citizen_id)
+            db.execute(self._q("UPDATE citizens SET consent = ? WHERE citizen_row = ?"), (int(granted), row))
+            # Every call is an event in the history, even one that repeats the current state.
+            db.execute(self._q("INSERT INTO consent_history (citizen_row, granted, at) VALUES (?, ?, ?)"),
+                       (row, int(granted), time.time()))
+            self._bump(db)
+            return row
+
+    def register_card(self, token: bytes, citizen_id: str) -> tuple[int, bool]:
+        token = _check_token(token)
+        with self._write("register_card") as db:
+            row = self._row_of(db, citizen_id)
+            bound = db.execute(self._q("SELECT citizen_row FROM cards WHERE token = ?"), (token,)).fetchone()
+            if bound is not None:
+                if bound[0] != row:
+                    raise Conflict(f"card token {_token_hint(token)} is bound to another citizen")
+                return row, False
+            db.execute(self._q("INSERT INTO cards (token, citizen_row) VALUES (?, ?)"), (token, row))
+            self._bump(db)
+            return row, True
+
+    def cards(self) -> CardTable:
+        with self._read() as db:
+            rows = db.execute(self._q("SELECT token, citizen_row FROM cards ORDER BY id")).fetchall()
+        tokens, owners = zip(*rows) if rows else ((), ())
+        return CardTable(
+            np.frombuffer(b"".join(tokens), np.uint8).reshape(len(rows), TOKEN_BYTES).copy(),
+            np.asarray(owners, np.int64))
+
+    def get_record(self, record_id: str) -> RecordRow:
+        with self._read() as db:
+            return self._record(db, record_id)
+
+    def correct_record(self, record_id: str, day: int, value: float) -> RecordRow:
+        with self._write("correct_record") as db:
+            record = self._record(db, record_id)
+            if record.status != ACTIVE:
+                raise WrongState(f"record {record_id!r} is {record.status}")
+            db.execute(self._q("UPDATE records SET day = ?, value = ? WHERE record_id = ?"),
+                       (int(day), float(value), record_id))
+            self._bump(db)
+            return self._record(db, record_id)
+
+    def set_record_status(self, record_id: str, status: str) -> RecordRow:
+        if status not in INACTIVE_STATUSES:
+            raise ValueError(f"status must be one of {INACTIVE_STATUSES}, not {status!r}")
+        with self._write("set_record_status") as db:
+            record = self._record(db, record_id)
+            if record.status == status:
+                return record
+            db.execute(self._q("UPDATE records SET status = ? WHERE record_id = ?"), (status, record_id))
+            self._bump(db)
+            return self._record(db, record_id)
+
+
+class SQLiteStore(SQLStore):
     """The store in one SQLite file (WAL journal), safe to share between threads.
 
     Several processes may open the same file (each server worker opens its own store after
@@ -462,28 +557,11 @@ class SQLiteStore(Store):
         db.execute("UPDATE changes SET n = n + 1")
 
     @staticmethod
-    def _row_of(db: sqlite3.Connection, citizen_id: str) -> int:
-        found = db.execute(
-            "SELECT citizen_row FROM citizens WHERE citizen_id = ?", (citizen_id,)).fetchone()
-        if found is None:
-            raise NotFound(f"citizen {citizen_id!r} not found")
-        return found[0]
-
-    @staticmethod
     def _check_rows(db: sqlite3.Connection, rows: np.ndarray) -> None:
         # Rows are dense, so a range check proves every row exists.
         n = db.execute("SELECT COUNT(*) FROM citizens").fetchone()[0]
         if len(rows) and (rows.min() < 0 or rows.max() >= n):
             raise NotFound(f"citizen rows must be in 0..{n - 1}; got {rows.min()}..{rows.max()}")
-
-    @staticmethod
-    def _record(db: sqlite3.Connection, record_id: str) -> RecordRow:
-        found = db.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM records r JOIN citizens c USING (citizen_row)"
-            " WHERE r.record_id = ?", (record_id,)).fetchone()
-        if found is None:
-            raise NotFound(f"record {record_id!r} not found")
-        return RecordRow(*found)
 
     # Schema -----------------------------------------------------------------------------
 
@@ -535,27 +613,6 @@ class SQLiteStore(Store):
                 zip(ids, days.tolist()))
             self._bump(db)
 
-    def citizen_row(self, citizen_id: str) -> int:
-        with self._read() as db:
-            return self._row_of(db, citizen_id)
-
-    def citizens(self) -> CitizenTable:
-        with self._read() as db:
-            rows = db.execute("SELECT citizen_id, birth_day, consent FROM citizens"
-                              " ORDER BY citizen_row").fetchall()
-        ids, birth, consent = zip(*rows) if rows else ((), (), ())
-        return CitizenTable(list(ids), np.asarray(birth, np.int32), np.asarray(consent, np.uint8))
-
-    def set_consent(self, citizen_id: str, granted: bool) -> int:
-        with self._write("set_consent") as db:
-            row = self._row_of(db, citizen_id)
-            db.execute("UPDATE citizens SET consent = ? WHERE citizen_row = ?", (int(granted), row))
-            # Every call is an event in the history, even one that repeats the current state.
-            db.execute("INSERT INTO consent_history (citizen_row, granted, at) VALUES (?, ?, ?)",
-                       (row, int(granted), time.time()))
-            self._bump(db)
-            return row
-
     def set_consents_bulk(self, rows: np.ndarray, granted: bool) -> None:
         rows = np.asarray(rows, np.int64)
         at = time.time()
@@ -576,19 +633,6 @@ class SQLiteStore(Store):
 
     # Card tokens ------------------------------------------------------------------------
 
-    def register_card(self, token: bytes, citizen_id: str) -> tuple[int, bool]:
-        token = _check_token(token)
-        with self._write("register_card") as db:
-            row = self._row_of(db, citizen_id)
-            bound = db.execute("SELECT citizen_row FROM cards WHERE token = ?", (token,)).fetchone()
-            if bound is not None:
-                if bound[0] != row:
-                    raise Conflict(f"card token {_token_hint(token)} is bound to another citizen")
-                return row, False
-            db.execute("INSERT INTO cards (token, citizen_row) VALUES (?, ?)", (token, row))
-            self._bump(db)
-            return row, True
-
     def register_cards_bulk(self, tokens: np.ndarray, rows: np.ndarray) -> None:
         tokens = np.ascontiguousarray(tokens, np.uint8)
         rows = np.asarray(rows, np.int64)
@@ -602,14 +646,6 @@ class SQLiteStore(Store):
             except sqlite3.IntegrityError as e:  # UNIQUE(token): the batch is rolled back
                 raise Conflict(f"a card token in the batch is already registered ({e})") from e
             self._bump(db)
-
-    def cards(self) -> CardTable:
-        with self._read() as db:
-            rows = db.execute("SELECT token, citizen_row FROM cards ORDER BY id").fetchall()
-        tokens, owners = zip(*rows) if rows else ((), ())
-        return CardTable(
-            np.frombuffer(b"".join(tokens), np.uint8).reshape(len(rows), TOKEN_BYTES).copy(),
-            np.asarray(owners, np.int64))
 
     # Records ----------------------------------------------------------------------------
 
@@ -651,31 +687,6 @@ class SQLiteStore(Store):
             except sqlite3.IntegrityError as e:  # UNIQUE(record_id): the batch is rolled back
                 raise Conflict(f"a record_id in the batch is already stored ({e})") from e
             self._bump(db)
-
-    def get_record(self, record_id: str) -> RecordRow:
-        with self._read() as db:
-            return self._record(db, record_id)
-
-    def correct_record(self, record_id: str, day: int, value: float) -> RecordRow:
-        with self._write("correct_record") as db:
-            record = self._record(db, record_id)
-            if record.status != ACTIVE:
-                raise WrongState(f"record {record_id!r} is {record.status}")
-            db.execute("UPDATE records SET day = ?, value = ? WHERE record_id = ?",
-                       (int(day), float(value), record_id))
-            self._bump(db)
-            return self._record(db, record_id)
-
-    def set_record_status(self, record_id: str, status: str) -> RecordRow:
-        if status not in INACTIVE_STATUSES:
-            raise ValueError(f"status must be one of {INACTIVE_STATUSES}, not {status!r}")
-        with self._write("set_record_status") as db:
-            record = self._record(db, record_id)
-            if record.status == status:
-                return record
-            db.execute("UPDATE records SET status = ? WHERE record_id = ?", (status, record_id))
-            self._bump(db)
-            return self._record(db, record_id)
 
     def active_records(self, citizen_row: int | None = None) -> ActiveRecords:
         query = ("SELECT record_id, citizen_row, variable, day, value, scenario FROM records"

@@ -65,9 +65,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from server.store import (
-    ACTIVE, INACTIVE_STATUSES, TOKEN_BYTES, ActiveRecords, CardTable, CitizenTable, Conflict,
-    ConsentEvent, NotFound, RecordIn, RecordRow, Store, StoreError, WrongState, _check_token,
-    _token_hint,
+    TOKEN_BYTES, ActiveRecords, ConsentEvent, Conflict, NotFound, RecordIn, SQLStore, StoreError,
 )
 
 log = logging.getLogger(__name__)
@@ -125,8 +123,6 @@ _LOCK_TIMEOUT = "10s"
 
 _NEXT_ROW = "(SELECT COALESCE(MAX(citizen_row), -1) + 1 FROM citizens)"
 
-_RECORD_COLUMNS = """r.record_id, r.citizen_row, c.citizen_id, r.variable, r.day, r.value,
-    r.source, r.scenario, r.status"""
 
 #: Errors that say "the server or the connection is not available right now" (connection
 #: lost, server shutting down, lock timeout, serialization failure): a StoreError, which
@@ -147,13 +143,15 @@ def _describe(dsn: str) -> str:
     return f"postgresql://{user + '@' if user else ''}{where}/{params.get('dbname') or ''}"
 
 
-class PostgresStore(Store):
+class PostgresStore(SQLStore):
     """The store in a PostgreSQL database: one connection per object, shared by threads.
 
     Several processes (and machines) may use the same database, each with its own store;
     open one per process after fork, as with SQLite. ``on_write(operation, seconds)`` is
     called after each committed write.
     """
+
+    PARAM = "%s"
 
     def __init__(self, dsn: str, on_write: Callable[[str, float], None] | None = None):
         if dsn.startswith("postgresql+"):  # postgresql+psycopg://… (SQLAlchemy's spelling)
@@ -272,28 +270,11 @@ class PostgresStore(Store):
         db.execute("UPDATE changes SET n = n + 1 WHERE id = 1")
 
     @staticmethod
-    def _row_of(db: psycopg.Connection, citizen_id: str) -> int:
-        found = db.execute(
-            "SELECT citizen_row FROM citizens WHERE citizen_id = %s", (citizen_id,)).fetchone()
-        if found is None:
-            raise NotFound(f"citizen {citizen_id!r} not found")
-        return found[0]
-
-    @staticmethod
     def _check_rows(db: psycopg.Connection, rows: np.ndarray) -> None:
         # Rows are dense, so a range check proves every row exists (MAX uses the index).
         n = db.execute(f"SELECT {_NEXT_ROW}").fetchone()[0]
         if len(rows) and (rows.min() < 0 or rows.max() >= n):
             raise NotFound(f"citizen rows must be in 0..{n - 1}; got {rows.min()}..{rows.max()}")
-
-    @staticmethod
-    def _record(db: psycopg.Connection, record_id: str) -> RecordRow:
-        found = db.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM records r JOIN citizens c USING (citizen_row)"
-            " WHERE r.record_id = %s", (record_id,)).fetchone()
-        if found is None:
-            raise NotFound(f"record {record_id!r} not found")
-        return RecordRow(*found)
 
     @staticmethod
     def _copy(db: psycopg.Connection, table: str, columns: Sequence[str], types: Sequence[str],
@@ -375,27 +356,6 @@ class PostgresStore(Store):
                 WHERE NOT EXISTS (SELECT 1 FROM citizens c WHERE c.citizen_id = l.citizen_id)""")
             self._bump(db)
 
-    def citizen_row(self, citizen_id: str) -> int:
-        with self._read() as db:
-            return self._row_of(db, citizen_id)
-
-    def citizens(self) -> CitizenTable:
-        with self._read() as db:
-            rows = db.execute("SELECT citizen_id, birth_day, consent FROM citizens"
-                              " ORDER BY citizen_row").fetchall()
-        ids, birth, consent = zip(*rows) if rows else ((), (), ())
-        return CitizenTable(list(ids), np.asarray(birth, np.int32), np.asarray(consent, np.uint8))
-
-    def set_consent(self, citizen_id: str, granted: bool) -> int:
-        with self._write("set_consent") as db:
-            row = self._row_of(db, citizen_id)
-            db.execute("UPDATE citizens SET consent = %s WHERE citizen_row = %s", (int(granted), row))
-            # Every call is an event in the history, even one that repeats the current state.
-            db.execute("INSERT INTO consent_history (citizen_row, granted, at) VALUES (%s, %s, %s)",
-                       (row, int(granted), time.time()))
-            self._bump(db)
-            return row
-
     def set_consents_bulk(self, rows: np.ndarray, granted: bool) -> None:
         rows = np.asarray(rows, np.int64)
         at = time.time()
@@ -422,19 +382,6 @@ class PostgresStore(Store):
 
     # Card tokens ------------------------------------------------------------------------
 
-    def register_card(self, token: bytes, citizen_id: str) -> tuple[int, bool]:
-        token = _check_token(token)
-        with self._write("register_card") as db:
-            row = self._row_of(db, citizen_id)
-            bound = db.execute("SELECT citizen_row FROM cards WHERE token = %s", (token,)).fetchone()
-            if bound is not None:
-                if bound[0] != row:
-                    raise Conflict(f"card token {_token_hint(token)} is bound to another citizen")
-                return row, False
-            db.execute("INSERT INTO cards (token, citizen_row) VALUES (%s, %s)", (token, row))
-            self._bump(db)
-            return row, True
-
     def register_cards_bulk(self, tokens: np.ndarray, rows: np.ndarray) -> None:
         tokens = np.ascontiguousarray(tokens, np.uint8)
         rows = np.asarray(rows, np.int64)
@@ -450,14 +397,6 @@ class PostgresStore(Store):
                 raise Conflict("a card token in the batch is already registered"
                                f" ({e.diag.message_primary})") from None
             self._bump(db)
-
-    def cards(self) -> CardTable:
-        with self._read() as db:
-            rows = db.execute("SELECT token, citizen_row FROM cards ORDER BY id").fetchall()
-        tokens, owners = zip(*rows) if rows else ((), ())
-        return CardTable(
-            np.frombuffer(b"".join(tokens), np.uint8).reshape(len(rows), TOKEN_BYTES).copy(),
-            np.asarray(owners, np.int64))
 
     # Records ----------------------------------------------------------------------------
 
@@ -523,31 +462,6 @@ class PostgresStore(Store):
                 raise Conflict("a record_id in the batch is already stored"
                                f" ({e.diag.message_primary})") from None
             self._bump(db)
-
-    def get_record(self, record_id: str) -> RecordRow:
-        with self._read() as db:
-            return self._record(db, record_id)
-
-    def correct_record(self, record_id: str, day: int, value: float) -> RecordRow:
-        with self._write("correct_record") as db:
-            record = self._record(db, record_id)
-            if record.status != ACTIVE:
-                raise WrongState(f"record {record_id!r} is {record.status}")
-            db.execute("UPDATE records SET day = %s, value = %s WHERE record_id = %s",
-                       (int(day), float(value), record_id))
-            self._bump(db)
-            return self._record(db, record_id)
-
-    def set_record_status(self, record_id: str, status: str) -> RecordRow:
-        if status not in INACTIVE_STATUSES:
-            raise ValueError(f"status must be one of {INACTIVE_STATUSES}, not {status!r}")
-        with self._write("set_record_status") as db:
-            record = self._record(db, record_id)
-            if record.status == status:
-                return record
-            db.execute("UPDATE records SET status = %s WHERE record_id = %s", (status, record_id))
-            self._bump(db)
-            return self._record(db, record_id)
 
     def active_records(self, citizen_row: int | None = None) -> ActiveRecords:
         query = ("SELECT record_id, citizen_row, variable, day, value, scenario FROM records"
