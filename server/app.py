@@ -42,7 +42,7 @@ from server.interceptors import ServiceInterceptor
 from server.keys import Keys, load_keys, synthetic_card_number
 from server.keys import card_token as keyed_card_token
 from server.metrics import Metrics
-from server.scenarios import load_scenarios
+from server.scenarios import Outcome, load_scenarios
 from server.service import CreditService
 from server.servicers import AuditServicer, EligibilityServicer, RecordsServicer, ScoreServicer
 from server.state import WORKERS_SERVING, ServingState, today
@@ -159,18 +159,18 @@ class Runtime:
         t0 = time.perf_counter()
         store = self.open_store()
         try:
-            as_of = today()
-            if not self.calibration_path.exists():
-                self.state.load(store, Scorer(self.spec), self.scenarios, as_of, mark_ready=False)
-                n = self.state.n_citizens
-                cols = self.state.columns
-                hist = RawHistogram.empty(self.spec)
-                hist.add(cols.raw[:n][self.state.adult[:n] == 1])
-                hist.freeze().save(self.calibration_path)
-                log.info("calibrated model %s on %d adults", self.spec.model_version, int(hist.counts.sum()))
-            self.state.load(store, Scorer(self.spec, self.calibration()), self.scenarios, as_of)
+            calibrated = self.calibration_path.exists()
+            scorer = Scorer(self.spec, self.calibration()) if calibrated else Scorer(self.spec)
+            self.state.load(store, scorer, self.scenarios, today(), mark_ready=calibrated)
         finally:
             store.close()
+        if not calibrated:
+            n = self.state.n_citizens
+            hist = RawHistogram.empty(self.spec)
+            hist.add(self.state.columns.raw[:n][self.state.adult[:n] == 1])
+            hist.freeze().save(self.calibration_path)
+            log.info("calibrated model %s on %d adults", self.spec.model_version, int(hist.counts.sum()))
+            self.state.rescore(Scorer(self.spec, self.calibration()))  # the features are derived already
         if metrics:
             metrics.kernel_batch_seconds.observe(self.state.last_batch_seconds)
             metrics.citizens.set(self.state.n_citizens)
@@ -326,16 +326,7 @@ class Node:
             self._store.close()
 
 
-def _outcome_names():
-    from server.scenarios import Outcome
-
-    names = ["UNSPECIFIED"] * 8
-    for o in Outcome:
-        names[o.value] = o.name
-    return names
-
-
-_OUTCOME_NAMES = _outcome_names()
+_OUTCOME_NAMES = {o.value: o.name for o in Outcome}
 
 
 # --- running ----------------------------------------------------------------------------------

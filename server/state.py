@@ -169,14 +169,24 @@ class ServingState:
         with self.lock:
             self._rescore_all(store.active_records(), scorer, scenarios, as_of_day, n_threads)
 
+    def rescore(self, scorer: Scorer, n_threads: int = 2) -> None:
+        """Score everyone again from the features already derived (a new calibration), and
+        mark the state ready."""
+        with self.lock:
+            self._score(scorer, n_threads)
+            self.meta[READY] = 1
+
     def _rescore_all(self, active: ActiveRecords, scorer: Scorer, scenarios, as_of_day: int, n_threads: int) -> None:
         n = self.n_citizens
         records, scenario_bits = self.to_records(active, scenarios)
         build_features(self.spec, records, n, as_of_day, out=self.features[:n])
-        self.defaults[:n] = 0
         self.defaults[:n] = self.default_masks(records, scenario_bits, n, as_of_day)
         self.adult[:n] = adults(self.birth_day[:n], as_of_day)
         self.meta[AS_OF_DAY] = as_of_day
+        self._score(scorer, n_threads)
+
+    def _score(self, scorer: Scorer, n_threads: int) -> None:
+        n = self.n_citizens
         t0 = time.perf_counter()
         scorer.score(self.features[:n], self.adult[:n], out=self.columns.take(slice(0, n)), n_threads=n_threads)
         self.last_batch_seconds = time.perf_counter() - t0
