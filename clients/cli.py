@@ -287,6 +287,107 @@ def cmd_calibrate(args) -> int:
     return 0
 
 
+# --- model releases (local: the registry in --data-dir) ------------------------------------------
+
+
+def _store_url(args) -> str:
+    if args.store:
+        return args.store
+    db = Path(args.data_dir).resolve() / "qianjiang.db"
+    if not db.exists():
+        raise SystemExit(f"model stage: no store at {db}: start the server once (it seeds one), or give --store")
+    return f"sqlite:///{db}"
+
+
+def _tell_server(args, registry, done: str) -> int:
+    from server.models import server_pid, signal_server
+
+    pid = server_pid(args.data_dir)
+    signalled = signal_server(args.data_dir)
+    note = (f"told the server (pid {pid}) to switch (SIGHUP)" if signalled else
+            f"no running server found ({Path(args.data_dir) / 'qjscore.pid'}): served from the next start")
+    obj = {"active": registry.active(), "previous": registry.previous(), "server_pid": pid if signalled else None,
+           "signalled": signalled}
+    emit(args, obj, table([("done", done), ("active", obj["active"]), ("previous", obj["previous"] or "-"), ("server", note)]))
+    return 0
+
+
+def cmd_model_status(args) -> int:
+    from server.models import ModelRegistry, server_pid
+
+    reg = ModelRegistry(args.data_dir)
+    active, previous = reg.active(), reg.previous()
+    rows, releases = [], []
+    for rid in reg.releases():
+        info = reg.info(rid)
+        report = info.get("report") or {}
+        mark = "active" if rid == active else "previous" if rid == previous else ""
+        releases.append({**{k: info.get(k) for k in ("release_id", "model_version", "calibration_version", "staged_at",
+                                                       "origin", "source_spec", "calibration")},
+                         "state": mark or "staged", "report": report or None})
+        rows.append((rid, mark, info.get("staged_at", "?"),
+                     f"{report['psi_raw']:.4f}" if report else "-", f"{100 * report['changed_share']:.2f} %" if report else "-",
+                     report.get("old_release", "-") if report else "-"))
+    pid = server_pid(args.data_dir)
+    obj = {"active": active, "previous": previous, "server_pid": pid, "releases": releases, "history": reg.history(10)}
+    text = table([("active", active or "- (none yet: the server registers one at first start)"),
+                  ("previous", previous or "-"), ("server", f"pid {pid}" if pid else "not running")])
+    if rows:
+        text += "\n\n" + table(rows, ("release", "", "staged (UTC)", "PSI raw", "level changes", "compared with"))
+    emit(args, obj, text)
+    return 0
+
+
+def cmd_model_stage(args) -> int:
+    from server.models import ModelRegistry
+    from server.scenarios import load_scenarios
+    from server.store import open_store
+
+    reg = ModelRegistry(args.data_dir)
+    reg.adopt_legacy()  # a data directory from before the registry: its v1 calibration is the active release
+    store = open_store(_store_url(args))
+    try:
+        rid, report = reg.stage(args.spec, args.calibration, store=store, scenarios=load_scenarios(args.scenarios))
+    finally:
+        store.close()
+    obj = {"release_id": rid, "active": reg.active(), "report": report.to_dict() if report else None}
+    text = f"staged    {rid}\n" + (report.format() if report else "nothing is active yet: no comparison")
+    text += f"\n\nactivate with: qjscore model activate {rid}" + (f" --data-dir {args.data_dir}" if args.data_dir != "data" else "")
+    emit(args, obj, text)
+    return 0
+
+
+def cmd_model_activate(args) -> int:
+    from server.models import ModelRegistry
+
+    reg = ModelRegistry(args.data_dir)
+    reg.adopt_legacy()
+    before = reg.activate(args.release)
+    done = f"{args.release} is already active" if before == args.release else f"activated {args.release}"
+    return _tell_server(args, reg, done)
+
+
+def cmd_model_restore(args) -> int:
+    from server.models import ModelRegistry
+
+    reg = ModelRegistry(args.data_dir)
+    now = reg.restore()
+    return _tell_server(args, reg, f"restored {now}")
+
+
+def cmd_model(args) -> int:
+    """Registry errors are the operator's to fix: one line on stderr, exit status 2."""
+    from kernel.calibration import CalibrationError
+    from kernel.spec import SpecError
+    from server.models import RegistryError
+
+    try:
+        return args.model_fn(args)
+    except (SpecError, CalibrationError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
 # --- parser -------------------------------------------------------------------------------------
 
 
@@ -382,6 +483,26 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--png", default=None)
     p.add_argument("--json", action="store_true")
     p.set_defaults(fn=cmd_calibrate)
+
+    model = sub.add_parser("model", help="model releases: status, stage (with a rollout report), activate, restore")
+    msub = model.add_subparsers(dest="model_command", required=True)
+
+    def model_cmd(name, fn, help):
+        p = msub.add_parser(name, help=help)
+        p.add_argument("--data-dir", default="data", help="the server's data directory (the registry is <data-dir>/models)")
+        p.add_argument("--store", default=None, help="store URL (default sqlite:///<data-dir>/qianjiang.db)")
+        p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+        p.set_defaults(fn=cmd_model, model_fn=fn)
+        return p
+
+    model_cmd("status", cmd_model_status, "the active and previous releases, and every staged one")
+    p = model_cmd("stage", cmd_model_stage, "validate a spec, calibrate it, and report PSI and level migration vs the active release")
+    p.add_argument("spec", nargs="?", default=None, help="model spec TOML (default: the active release's, to recalibrate it)")
+    p.add_argument("--calibration", default=None, help="a frozen calibration table (.npz) for the spec (default: freeze one on the store's population)")
+    p.add_argument("--scenarios", default=None, help="scenarios config (default config/scenarios.toml)")
+    p = model_cmd("activate", cmd_model_activate, "make a staged release active and tell the running server to switch")
+    p.add_argument("release", help="release id, as `model stage` or `model status` prints it")
+    model_cmd("restore", cmd_model_restore, "go back to the previous release and tell the running server to switch")
     return ap
 
 
