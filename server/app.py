@@ -15,6 +15,8 @@ loads the state, and the workers turn SERVING when it is ready. SIGTERM drains g
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import os
 import signal
@@ -42,10 +44,14 @@ from server.interceptors import ServiceInterceptor
 from server.keys import Keys, load_keys, synthetic_card_number
 from server.keys import card_token as keyed_card_token
 from server.metrics import Metrics
+from server.models import ModelRegistry, remove_pid_file, write_pid_file
+from server.rollout import roll_out
 from server.scenarios import Outcome, load_scenarios
 from server.service import CreditService
 from server.servicers import AuditServicer, EligibilityServicer, RecordsServicer, ScoreServicer
-from server.state import WORKERS_SERVING, ServingState, today
+from server.state import (
+    ACTIVE_GENERATION, CONTROL_WORKERS_SERVING, PREPARED_GENERATION, WARMED, Control, ServingState, today,
+)
 from server.store import Store, open_store
 
 log = logging.getLogger("qianjiang.server")
@@ -96,8 +102,19 @@ class ServerConfig:
 
 
 class Runtime:
-    def __init__(self, config: ServerConfig, spec: ModelSpec, scenarios, state: ServingState, keys: Keys):
+    """The serving release (spec + calibration), the shared state and its control block.
+
+    The release comes from the model registry (server/models.py: ``<data_dir>/models/ACTIVE``)
+    or, with ``--spec``, from that file; on the very first start of a spec its calibration
+    is frozen from the population and registered as the active release. A rollout
+    (server/rollout.py) replaces spec, calibration, release and state together."""
+
+    def __init__(self, config: ServerConfig, spec: ModelSpec, scenarios, state: ServingState, keys: Keys,
+                 control: Control, calibration: CalibrationTable | None = None, release: str | None = None):
         self.config, self.spec, self.scenarios, self.state, self.keys = config, spec, scenarios, state, keys
+        self.control = control
+        self.registry = ModelRegistry(config.data_dir)
+        self._calibration, self.release = calibration, release
         self.calibration_path = Path(config.data_dir) / f"calibration-{spec.model_version}.npz"
         self.policy = load_policy(config.policy_path)
         self.authenticator = self._authenticator()
@@ -129,9 +146,16 @@ class Runtime:
     def prepare(cls, config: ServerConfig) -> "Runtime":
         """Open the store (seeding an empty one) and allocate the shared state. Cheap
         enough to run before the workers fork; loading comes after (:meth:`load`)."""
-        spec = load_spec(config.spec_path)
         scenarios = load_scenarios(config.scenarios_path)
         Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        registry = ModelRegistry(config.data_dir)
+        calibration = release = None
+        if config.spec_path is None:
+            release = registry.active() or registry.adopt_legacy()
+        if release is not None:
+            spec, calibration = registry.release(release)
+        else:
+            spec = load_spec(config.spec_path)
         keys = load_keys(Path(config.data_dir))
         store = open_store(config.resolved_store_url)
         try:
@@ -141,16 +165,20 @@ class Runtime:
         finally:
             store.close()
         capacity = max(1024, int(counts["citizens"] * 1.25) + 1024)
+        control = Control(capacity)
         state = ServingState.allocate(
             spec, capacity, token_capacity=max(capacity, int(counts["cards"] * 1.25) + 1024), audit_key=keys.audit,
+            lock=control.lock,
         )
-        return cls(config, spec, scenarios, state, keys)
+        return cls(config, spec, scenarios, state, keys, control, calibration, release)
 
     def open_store(self, metrics: Metrics | None = None) -> Store:
         return open_store(self.config.resolved_store_url, on_write=metrics.observe_store_write if metrics else None)
 
     def calibration(self) -> CalibrationTable:
-        return CalibrationTable.load(self.calibration_path, self.spec)
+        if self._calibration is None:
+            self._calibration = CalibrationTable.load(self.calibration_path, self.spec)
+        return self._calibration
 
     def load(self, metrics: Metrics | None = None) -> None:
         """Fill the shared state from the store and score everyone. The first time a model
@@ -159,7 +187,7 @@ class Runtime:
         t0 = time.perf_counter()
         store = self.open_store()
         try:
-            calibrated = self.calibration_path.exists()
+            calibrated = self._calibration is not None or self.calibration_path.exists()
             scorer = Scorer(self.spec, self.calibration()) if calibrated else Scorer(self.spec)
             self.state.load(store, scorer, self.scenarios, today(), mark_ready=calibrated)
         finally:
@@ -171,6 +199,8 @@ class Runtime:
             hist.freeze().save(self.calibration_path)
             log.info("calibrated model %s on %d adults", self.spec.model_version, int(hist.counts.sum()))
             self.state.rescore(Scorer(self.spec, self.calibration()))  # the features are derived already
+        if self.release is None:
+            self.release = self.registry.bootstrap(self.spec, self.calibration(), self.config.spec_path)
         if metrics:
             metrics.kernel_batch_seconds.observe(self.state.last_batch_seconds)
             metrics.citizens.set(self.state.n_citizens)
@@ -225,19 +255,49 @@ def seed_store(store: Store, spec: ModelSpec, n: int, seed: int, keys: Keys, aut
 
 
 class Node:
-    """One gRPC server: health, reflection and the three services."""
+    """One gRPC server (grpc.aio): health, reflection and the four services.
+
+    The server runs on its own event loop in a thread of this process (``qj-grpc``), so the
+    code that builds, attaches and drains it stays synchronous; blocking domain calls go to
+    a small thread pool (server/servicers.py).
+    """
 
     def __init__(self, runtime: Runtime, port: int | None = None, host: str | None = None,
                  metrics: Metrics | None = None, reuseport: bool = False):
         cfg = runtime.config
         self.runtime = runtime
         self.metrics = metrics or Metrics()
-        self.health = health.HealthServicer()
-        for name in ("",) + SERVICE_NAMES:
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="qj-rpc"),
-            interceptors=[ServiceInterceptor(self.metrics, ready=self._ready, authenticator=runtime.authenticator)],
+        self.pool = futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="qj-io")
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="qj-grpc", daemon=True)
+        self._thread.start()
+        self.score = ScoreServicer(self.pool, self._ready)
+        self.eligibility = EligibilityServicer(self.pool, self._ready)
+        self.records = RecordsServicer(self.pool, self._ready)
+        self.audit_servicer = AuditServicer(self.pool, self._ready)
+        self.service: CreditService | None = None
+        self.generation = 0  # of the model release being served (server/rollout.py)
+        self._next: tuple[int, CreditService] | None = None  # built for the next generation
+        self._switching = threading.Lock()
+        self._watching = threading.Event()
+        self._store: Store | None = None
+        self.audit = None
+        try:
+            self.port = self._on_loop(self._build(host or cfg.host, cfg.port if port is None else port, reuseport))
+        except BaseException:
+            self._stop_loop()
+            raise
+
+    def _on_loop(self, coro, timeout: float | None = None):
+        """Run a coroutine on the server's loop from any other thread and wait for it."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    async def _build(self, host: str, port: int, reuseport: bool) -> int:
+        cfg = self.runtime.config
+        self.health = health.aio.HealthServicer()
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self.metrics, ready=self._ready, authenticator=self.runtime.authenticator)],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,  # 0: no limit
             options=[
                 ("grpc.so_reuseport", 1 if reuseport else 0),
@@ -245,34 +305,42 @@ class Node:
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
-        self.score = ScoreServicer(None)
-        self.eligibility = EligibilityServicer(None)
-        self.records = RecordsServicer(None)
-        self.audit_servicer = AuditServicer(None)
         audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, self.server)
         score_pb2_grpc.add_ScoreServiceServicer_to_server(self.score, self.server)
         eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(self.eligibility, self.server)
         records_pb2_grpc.add_RecordsServiceServicer_to_server(self.records, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
-        addr = f"{host or cfg.host}:{cfg.port if port is None else port}"
+        addr = f"{host}:{port}"
         if cfg.cert_dir:
             from server.tls import server_credentials
 
-            self.port = self.server.add_secure_port(addr, server_credentials(Path(cfg.cert_dir), require_client_auth=cfg.security == "mtls"))
+            bound = self.server.add_secure_port(addr, server_credentials(Path(cfg.cert_dir), require_client_auth=cfg.security == "mtls"))
         else:
-            self.port = self.server.add_insecure_port(addr)
-        if not self.port:
+            bound = self.server.add_insecure_port(addr)
+        if not bound:
             raise OSError(f"cannot listen on {addr}")
-        self.service: CreditService | None = None
-        self._store: Store | None = None
-        self.audit = None
+        return bound
+
+    async def _set_health(self, status, names=("",) + SERVICE_NAMES) -> None:
+        for name in names:
+            await self.health.set(name, status)
+
+    def set_health(self, status, names=("",) + SERVICE_NAMES) -> None:
+        self._on_loop(self._set_health(status, names))
 
     def _ready(self) -> bool:
-        return self.service is not None and self.runtime.state.ready
+        """Asked before every call (the interceptor): switches to a new model generation
+        the moment it is active, then answers whether the state is loaded."""
+        service = self.service
+        if service is None:
+            return False
+        if self.runtime.control.meta[ACTIVE_GENERATION] != self.generation:
+            service = self._switch()
+        return service.state.ready
 
     def start(self) -> "Node":
-        self.server.start()
+        self._on_loop(self.server.start())
         return self
 
     def attach(self) -> CreditService:
@@ -280,9 +348,22 @@ class Node:
         connection, and turn SERVING."""
         rt, m = self.runtime, self.metrics
         self._store = rt.open_store(m)
-        scorer = Scorer(rt.spec, rt.calibration())
-        decisions = m.decisions
+        if rt.config.audit:
+            from server.audit import AuditLog
 
+            self.audit = AuditLog(Path(rt.config.data_dir) / "audit", rt.keys.audit, flush_interval=rt.config.audit_flush_seconds)
+            self.audit.start()
+        self.generation = rt.control.generation
+        service = self._service_on(rt.state, rt.spec, rt.calibration())
+        self._serve(service)
+        self.set_health(health_pb2.HealthCheckResponse.SERVING)
+        threading.Thread(target=self._watch, name="qj-rollout", daemon=True).start()
+        return service
+
+    def _service_on(self, state: ServingState, spec: ModelSpec, calibration: CalibrationTable,
+                    generation: int = 0, previous: CreditService | None = None) -> CreditService:
+        m = self.metrics
+        decisions = m.decisions
         children = {}
 
         def counter(scenario: str, outcome: int):
@@ -299,43 +380,106 @@ class Node:
         def on_decision(scenario: str, outcome) -> None:
             counter(scenario, int(outcome)).inc()
 
-        if rt.config.audit:
-            from server.audit import AuditLog
-
-            self.audit = AuditLog(Path(rt.config.data_dir) / "audit", rt.keys.audit, flush_interval=rt.config.audit_flush_seconds)
-            self.audit.start()
-        service = CreditService(
-            rt.state, self._store, scorer, rt.scenarios,
+        return CreditService(
+            state, self._store, Scorer(spec, calibration), self.runtime.scenarios,
             on_rescore=m.observe_rescore, on_decisions=on_decisions, on_decision=on_decision, audit=self.audit,
+            control=self.runtime.control, generation=generation or self.generation,
+            ids=previous.ids if previous else None, row_cache=previous._row_of if previous else None,
         )
+
+    def _serve(self, service: CreditService) -> None:
+        old = self.service
         self.score.service = self.eligibility.service = self.records.service = self.audit_servicer.service = service
         self.service = service
-        m.model_info.labels(model_version=rt.spec.model_version, calibration_version=scorer.calibration.calibration_version).set(1)
-        for name in ("",) + SERVICE_NAMES:
-            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
-        return service
+        info = self.metrics.model_info
+        if old is not None:
+            info.labels(model_version=old.model_version, calibration_version=old.calibration_version).set(0)
+        info.labels(model_version=service.model_version, calibration_version=service.calibration_version).set(1)
+
+    def _switch(self) -> CreditService:
+        with self._switching:
+            active = int(self.runtime.control.meta[ACTIVE_GENERATION])
+            if active != self.generation and self._next is not None and self._next[0] == active:
+                self.generation, service = self._next
+                self._next = None
+                self._serve(service)
+                log.info("serving model %s, calibration %s (generation %d)", service.model_version,
+                         service.calibration_version, active)
+            return self.service
+
+    def _watch(self) -> None:
+        """Builds and warms up the service of a generation the parent prepares, before it
+        becomes active (server/rollout.py)."""
+        control = self.runtime.control
+        while not self._watching.wait(0.02):
+            prepared = int(control.meta[PREPARED_GENERATION])
+            nxt = self._next
+            if nxt is not None and prepared != nxt[0]:
+                self._next = None  # the rollout was called off
+            if prepared <= self.generation or (nxt is not None and nxt[0] == prepared):
+                continue
+            generation, path, release = control.prepared()
+            try:
+                spec, calibration = self.runtime.registry.release(release)
+                old = self.service
+                state = ServingState.attach(path, spec, old.state.capacity, old.state.token_capacity,
+                                            old.state.audit_key, control.lock)
+                service = self._service_on(state, spec, calibration, generation, previous=old)
+                _warm_up(service)
+            except Exception:  # noqa: BLE001 - the parent times out and keeps the old release
+                log.exception("could not prepare model generation %d (%s)", generation, release)
+                continue
+            self._next = (generation, service)
+            with control.lock:
+                control.meta[WARMED] += 1
 
     def drain(self, grace: float | None = None) -> None:
         """NOT_SERVING first (load balancers stop sending), then finish calls in flight."""
-        for name in ("",) + SERVICE_NAMES:
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.server.stop(self.runtime.config.grace_seconds if grace is None else grace).wait()
-        if self.audit is not None:
-            self.audit.close()  # flushes: nothing disclosed goes unrecorded
-        if self._store is not None:
-            self._store.close()
+        grace = self.runtime.config.grace_seconds if grace is None else grace
+        self._watching.set()
+        try:
+            self.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            self._on_loop(self.server.stop(grace))
+        finally:
+            self._stop_loop()
+            self.pool.shutdown(wait=True)
+            if self.audit is not None:
+                self.audit.close()  # flushes: nothing disclosed goes unrecorded
+            if self._store is not None:
+                self._store.close()
+
+    def _stop_loop(self) -> None:
+        if self.loop.is_running():
+            self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        if not self.loop.is_running():
+            self.loop.close()
 
 
 _OUTCOME_NAMES = {o.value: o.name for o in Outcome}
 
 
+def _warm_up(service: CreditService) -> None:
+    """Touch every page of a freshly mapped state and run the check path once, so the first
+    calls after the switch pay no page faults or first-call costs."""
+    s = service.state
+    n = s.n_citizens
+    for column in (s.columns.score, s.columns.flags, s.adult, s.consent, s.defaults, s.subject, s.tokens.rows):
+        int(np.asarray(column[: max(n, 1)]).view(np.uint8).sum())
+    int(s.tokens.keys.view(np.uint8).sum())
+    scenario = next(iter(service.scenarios.values()))
+    service._check_tokens(scenario, bytes(16 * 64))
+
+
 # --- running ----------------------------------------------------------------------------------
 
 
-def _wait_for_signal(parent: int | None = None, children: list[int] | None = None) -> int:
+def _wait_for_signal(parent: int | None = None, children: list[int] | None = None,
+                     reload: threading.Event | None = None) -> int:
     """Block until SIGTERM or SIGINT, or (in a worker) until the parent process is gone, so
     that no worker outlives its parent, or (in the parent) until a worker dies. Returns the
-    signal, or -1 when a worker died."""
+    signal, or -1 when a worker died. SIGHUP sets ``reload`` (switch to the registry's
+    active model release) and keeps waiting."""
     stop = threading.Event()
     got = {"signum": 0}
 
@@ -345,6 +489,8 @@ def _wait_for_signal(parent: int | None = None, children: list[int] | None = Non
 
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)
+    if reload is not None:
+        signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
     while not stop.wait(0.5):
         if parent is not None and os.getppid() != parent:
             break
@@ -361,6 +507,8 @@ def serve(config: ServerConfig, on_ready=None) -> None:
     if config.workers > 1 and config.port == 0:
         raise ValueError("--workers > 1 needs a fixed --port (every worker binds the same one)")
     runtime = Runtime.prepare(config)
+    write_pid_file(config.data_dir)  # `qjscore model activate|restore` signals this process
+    atexit.register(remove_pid_file, config.data_dir)
     if config.security == "insecure":
         banner = "=" * 78
         log.warning(
@@ -373,13 +521,24 @@ def serve(config: ServerConfig, on_ready=None) -> None:
         _serve_workers(runtime, on_ready)
 
 
-def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event) -> None:
-    while not stop.wait(60.0):
-        try:
-            if runtime.refresh_if_new_day(metrics):
-                log.info("new day: re-derived every citizen's features")
-        except Exception:  # noqa: BLE001 - keep serving yesterday's scores, retry next minute
-            log.exception("daily refresh failed")
+def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event, reload: threading.Event, nodes: int) -> None:
+    """The parent's background work, one thing at a time: a model rollout when SIGHUP asks
+    for one (server/rollout.py), and the daily refresh."""
+    next_refresh = time.monotonic() + 60
+    while not stop.is_set():
+        if reload.wait(1.0):
+            reload.clear()
+            try:
+                roll_out(runtime, nodes, metrics)
+            except Exception:  # keep serving the release that serves now
+                log.exception("model rollout failed")
+        if time.monotonic() >= next_refresh:
+            next_refresh = time.monotonic() + 60
+            try:
+                if runtime.refresh_if_new_day(metrics):
+                    log.info("new day: re-derived every citizen's features")
+            except Exception:  # keep serving yesterday's scores, retry next minute
+                log.exception("daily refresh failed")
 
 
 def _serve_single(runtime: Runtime, on_ready) -> None:
@@ -392,11 +551,11 @@ def _serve_single(runtime: Runtime, on_ready) -> None:
     node = Node(runtime, metrics=metrics).start()
     runtime.load(metrics)
     node.attach()
-    stop = threading.Event()
-    threading.Thread(target=_maintenance, args=(runtime, metrics, stop), daemon=True).start()
+    stop, reload = threading.Event(), threading.Event()
+    threading.Thread(target=_maintenance, args=(runtime, metrics, stop, reload, 1), daemon=True).start()
     if on_ready:
         on_ready(runtime, node.port)
-    _wait_for_signal()
+    _wait_for_signal(reload=reload)
     stop.set()
     log.info("draining")
     node.drain()
@@ -428,13 +587,13 @@ def _serve_workers(runtime: Runtime, on_ready) -> None:
         start_http_server(cfg.metrics_port, addr=cfg.host, registry=registry)
     runtime.load(metrics)
     deadline = time.monotonic() + 60
-    while runtime.state.meta[WORKERS_SERVING] < cfg.workers and time.monotonic() < deadline:
+    while runtime.control.meta[CONTROL_WORKERS_SERVING] < cfg.workers and time.monotonic() < deadline:
         time.sleep(0.05)
     if on_ready:
         on_ready(runtime, cfg.port)
-    stop = threading.Event()
-    threading.Thread(target=_maintenance, args=(runtime, metrics, stop), daemon=True).start()
-    if _wait_for_signal(children=children) == -1:
+    stop, reload = threading.Event(), threading.Event()
+    threading.Thread(target=_maintenance, args=(runtime, metrics, stop, reload, cfg.workers), daemon=True).start()
+    if _wait_for_signal(children=children, reload=reload) == -1:
         # A worker died (killed, out of memory): it may have held the shared write lock, which
         # no other process can release, so writes would hang. Stop every worker and exit
         # non-zero for the supervisor to restart the service; the store has everything that
@@ -464,9 +623,9 @@ def _worker(runtime: Runtime, parent: int) -> None:
             return
         time.sleep(0.05)
     node.attach()
-    with runtime.state.lock:
-        runtime.state.meta[WORKERS_SERVING] += 1
+    with runtime.control.lock:
+        runtime.control.meta[CONTROL_WORKERS_SERVING] += 1
     _wait_for_signal(parent)
-    with runtime.state.lock:
-        runtime.state.meta[WORKERS_SERVING] -= 1
+    with runtime.control.lock:
+        runtime.control.meta[CONTROL_WORKERS_SERVING] -= 1
     node.drain()

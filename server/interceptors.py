@@ -2,11 +2,17 @@
 and the mapping of domain errors to status codes (server/errors.py), in one place.
 
 A handler body runs inside try/finally so that every call is counted once with the status
-it ended with, whatever it raised.
+it ended with, whatever it raised. The server is grpc.aio: handlers are coroutines or async
+generators, and a call the client gives up on is cancelled (asyncio.CancelledError, or
+GeneratorExit in a response stream) and counted CANCELLED or DEADLINE_EXCEEDED.
+
+Health and reflection pass through untouched: they answer without an identity and disclose
+nothing about a person (server/auth.py OPEN_SERVICES).
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from typing import Callable
@@ -19,8 +25,14 @@ from server.metrics import Metrics
 
 log = logging.getLogger("qianjiang.server")
 
-#: Services gated on readiness (health and reflection always answer).
+#: Services gated on readiness and identity.
 GATED_PREFIX = "/qianjiang.v1."
+
+COUNTED = object()  # the call has been counted already
+
+_OK, _CANCELLED, _DEADLINE, _INTERNAL = (
+    grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+)
 
 
 def _rpc_type(handler) -> str:
@@ -33,30 +45,43 @@ def _rpc_type(handler) -> str:
     return "unary"
 
 
-class ServiceInterceptor(grpc.ServerInterceptor):
+def _gone(context) -> grpc.StatusCode:
+    """Why a call ended without an answer: its deadline passed, or the client cancelled."""
+    remaining = context.time_remaining()
+    return _DEADLINE if remaining is not None and remaining <= 0 else _CANCELLED
+
+
+def _ended(context) -> grpc.StatusCode:
+    """The code of a call whose handler returned normally."""
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return _DEADLINE  # the client stopped waiting: it did not get an OK
+    return _CANCELLED if context.cancelled() else _OK
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: Metrics, ready: Callable[[], bool], authenticator: Authenticator):
         self.metrics = metrics
         self.ready = ready
         self.auth = authenticator
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
-    def intercept_service(self, continuation, details):
+    async def intercept_service(self, continuation, details):
         # grpc asks for every call: wrap each method's handler once and reuse it
         wrapped = self._wrapped.get(details.method)
         if wrapped is None:
-            handler = continuation(details)
-            if handler is None:
-                return None
+            handler = await continuation(details)
+            if handler is None or not details.method.startswith(GATED_PREFIX):
+                return handler
             wrapped = self._wrapped[details.method] = self._wrap(handler, details.method)
         return wrapped
 
     def _wrap(self, handler, full_method: str):
         service, _, method = full_method.lstrip("/").partition("/")
+        assert service not in OPEN_SERVICES
         labels = dict(grpc_type=_rpc_type(handler), grpc_service=service, grpc_method=method)
-        gated = full_method.startswith(GATED_PREFIX)
-        open_service = service in OPEN_SERVICES
         short = f"{service.rsplit('.', 1)[-1]}/{method}"  # "EligibilityService/Check"
-        auth = self.auth
+        auth, ready = self.auth, self.ready
         m = self.metrics
         started = m.started.labels(**labels)
         handling = m.handling.labels(**labels)
@@ -66,85 +91,90 @@ class ServiceInterceptor(grpc.ServerInterceptor):
             handled[code].inc()
             handling.observe(time.perf_counter() - t0)
 
-        def begin(context) -> float:
-            started.inc()
-            return time.perf_counter()
-
-        def gone(context) -> grpc.StatusCode:
-            remaining = context.time_remaining()
-            return grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 else grpc.StatusCode.CANCELLED
-
-        def fail(exc: BaseException, context) -> grpc.StatusCode | None:
-            """Abort the call with the table's code for exc (raises), unless the client has
-            already gone: its deadline passed or it cancelled, which is also what a request
-            stream raising grpc.RpcError means. Then there is no one to answer, and the code
-            to count is returned."""
-            if isinstance(exc, grpc.RpcError) or not context.is_active():
-                return gone(context)
-            if isinstance(context.code(), grpc.StatusCode):  # a handler already aborted the call
-                raise exc
-            code = status_for(exc)
-            if code is None:
-                log.exception("internal error in %s", full_method)
-                code, message = grpc.StatusCode.INTERNAL, "internal error"
-            else:
-                message = str(exc)
-            context.abort(code, message)
-
         def precheck(context) -> None:
             """Identity first (nothing about a person is looked up before it), then the
             method grant, readiness and the deadline."""
-            if not open_service:
-                caller = auth.authenticate(context)
-                if not caller.may_call(short):
-                    raise PermissionDenied(f"{caller.identity} may not call {short}")
-                set_current_caller(caller)
-            if gated and not self.ready():
+            caller = auth.authenticate(context)
+            if not caller.may_call(short):
+                raise PermissionDenied(f"{caller.identity} may not call {short}")
+            set_current_caller(caller)
+            if not ready():
                 raise NotReady()
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded()
 
-        def code_of(context, ended: grpc.StatusCode | None) -> grpc.StatusCode:
+        async def fail(exc: Exception, context, t0: float) -> None:
+            """Count the call with the table's code for exc, then abort it with that code
+            (raises AbortError). Counted first: abort sends the status at once, and whoever
+            sees it may read the metrics."""
+            code = status_for(exc)
+            if code is None:
+                log.error("internal error in %s", full_method, exc_info=exc)
+                code, message = _INTERNAL, "internal error"
+            else:
+                message = str(exc)
+            if context.done():  # nobody to answer
+                finish(_gone(context), t0)
+                return
+            finish(code, t0)
+            await context.abort(code, message)
+
+        def aborted_code(context) -> grpc.StatusCode:
             code = context.code()
-            if isinstance(code, grpc.StatusCode):
-                return code
-            if ended is not None:
-                return ended
-            remaining = context.time_remaining()
-            if not context.is_active() or (remaining is not None and remaining <= 0):
-                return gone(context)  # the client stopped waiting: it did not get an OK
-            return grpc.StatusCode.OK
+            return code if isinstance(code, grpc.StatusCode) else _INTERNAL
 
         if not handler.response_streaming:
             behaviour = handler.unary_unary or handler.stream_unary
 
-            def unary(request_or_iterator, context):
-                t0 = begin(context)
-                ended = None
+            async def unary(request_or_iterator, context):
+                started.inc()
+                t0 = time.perf_counter()
+                code = None
                 try:
                     precheck(context)
-                    return behaviour(request_or_iterator, context)
+                    response = await behaviour(request_or_iterator, context)
+                    code = _ended(context)
+                    return response
+                except asyncio.CancelledError:
+                    code = _gone(context)
+                    raise
+                except grpc.aio.AbortError:
+                    code = code or aborted_code(context)
+                    raise
                 except Exception as exc:  # noqa: BLE001 - mapped by the table
-                    ended = fail(exc, context)
+                    code = COUNTED
+                    await fail(exc, context, t0)
                 finally:
-                    finish(code_of(context, ended), t0)
+                    if code is not COUNTED:
+                        finish(code or _INTERNAL, t0)
 
             wrap = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
             return wrap(unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 
         behaviour = handler.unary_stream or handler.stream_stream
 
-        def streaming(request_or_iterator, context):
-            t0 = begin(context)
-            ended = None
+        async def streaming(request_or_iterator, context):
+            started.inc()
+            t0 = time.perf_counter()
+            code = None
             try:
                 precheck(context)
-                yield from behaviour(request_or_iterator, context)
+                async for response in behaviour(request_or_iterator, context):
+                    yield response
+                code = _ended(context)
+            except (asyncio.CancelledError, GeneratorExit):
+                code = _gone(context)
+                raise
+            except grpc.aio.AbortError:
+                code = code or aborted_code(context)
+                raise
             except Exception as exc:  # noqa: BLE001
-                ended = fail(exc, context)
+                code = COUNTED
+                await fail(exc, context, t0)
             finally:
-                finish(code_of(context, ended), t0)
+                if code is not COUNTED:
+                    finish(code or _INTERNAL, t0)
 
         wrap = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
         return wrap(streaming, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)

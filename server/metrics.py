@@ -46,6 +46,10 @@ class Metrics:
             "qianjiang_model_info", "The model and calibration versions being served (value 1).",
             ["model_version", "calibration_version"], registry=r, multiprocess_mode="max",
         )
+        self.rollouts = Counter(
+            "qianjiang_rollouts", "Model rollouts by result: switched, rejected (invalid release), failed.",
+            ["result"], registry=r,
+        )
         self.citizens = Gauge("qianjiang_citizens", "Citizens in the serving state.", registry=r, multiprocess_mode="max")
 
     def observe_store_write(self, operation: str, seconds: float) -> None:

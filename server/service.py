@@ -11,6 +11,7 @@ every write goes store first (durable), then state, under the state's process-sh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -23,14 +24,13 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernel.columns import FLAG_HARD_RULE, NO_REASON
-from kernel.features import Records, build_features
 from kernel.reference import variable_points
 from kernel.score import Scorer
 from server.auth import Caller
 from server.errors import CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, UnknownCitizen, UnknownScenario
 from server.scenarios import REASON_CODES, Outcome, Scenario
 from server.token_index import check_tokens
-from server.state import N_CITIZENS, ServingState, adults
+from server.state import N_CITIZENS, Control, ServingState
 from server.store import NotFound, RecordIn, RecordRow, Store
 
 #: Limits (documented in proto/): bigger requests are INVALID_ARGUMENT, not slow answers.
@@ -125,14 +125,25 @@ class _NoAudit:
         pass
 
 
+class StaleGeneration(Exception):
+    """A write reached a service whose model generation is no longer the active one (a
+    rollout switched meanwhile): nothing was written; retry on the current service."""
+
+
 class CreditService:
     def __init__(
         self, state: ServingState, store: Store, scorer: Scorer, scenarios: dict[str, Scenario],
         on_rescore=None, on_decisions=None, on_decision=None, audit=None,
+        control: Control | None = None, generation: int = 0, ids: DecisionIds | None = None,
+        row_cache: dict[str, int] | None = None,
     ):
         """``on_rescore(seconds)``, ``on_decisions(scenario, outcomes array)`` and
-        ``on_decision(scenario, outcome)`` feed metrics."""
+        ``on_decision(scenario, outcome)`` feed metrics. With a rollout's ``control`` block,
+        the service serves model ``generation``; a new generation's service shares the old
+        one's decision ``ids`` (ids stay unique) and citizen ``row_cache``."""
         self.state = state
+        self.control = control
+        self.generation = generation
         self.store = store
         self.scorer = scorer
         self.spec = scorer.spec
@@ -141,8 +152,8 @@ class CreditService:
         self.calibration_version = scorer.calibration.calibration_version
         self.rows = scorer.bind(state.features, state.adult, state.columns)
         self.audit = audit if audit is not None else _NoAudit()
-        self.ids = DecisionIds(self.audit.writer_prefix)
-        self._row_of: dict[str, int] = {}
+        self.ids = ids if ids is not None else DecisionIds(self.audit.writer_prefix)
+        self._row_of: dict[str, int] = row_cache if row_cache is not None else {}
         self._variables = {v.name: i for i, v in enumerate(self.spec.variables)}
         self._on_rescore = on_rescore or (lambda seconds: None)
         self._on_decisions = on_decisions or (lambda scenario, outcomes: None)
@@ -290,7 +301,7 @@ class CreditService:
             record = dataclasses.replace(record, source=caller.identity)
         self._check_record(record)
         row = self.row_of(record.citizen_id)
-        with self.state.lock:
+        with self._writing():
             (inserted,) = self.store.add_records([record])
             if inserted:
                 self._rescore(row)
@@ -319,7 +330,7 @@ class CreditService:
         check_value(value, "value")
         if day > self.state.as_of_day:
             raise InvalidArgument("date", "is in the future")
-        with self.state.lock:
+        with self._writing():
             row = self.store.correct_record(record_id, day, value)
             self._rescore(row.citizen_row)
         return row
@@ -327,14 +338,14 @@ class CreditService:
     def withdraw_record(self, record_id: str, status: str, caller: Caller) -> RecordRow:
         check_id(record_id, "record_id")
         caller.check_variable(self.store.get_record(record_id).variable)
-        with self.state.lock:
+        with self._writing():
             row = self.store.set_record_status(record_id, status)
             self._rescore(row.citizen_row)
         return row
 
     def set_consent(self, citizen_id: str, granted: bool) -> None:
         row = self.row_of(citizen_id)
-        with self.state.lock:
+        with self._writing():
             self.store.set_consent(citizen_id, granted)
             self.state.consent[row] = 1 if granted else 0
 
@@ -343,7 +354,7 @@ class CreditService:
         if birth_day > self.state.as_of_day:
             raise InvalidArgument("birth_date", "is in the future")
         s = self.state
-        with s.lock:
+        with self._writing():
             n = s.n_citizens
             if citizen_id not in self._row_of and n >= s.capacity:
                 try:
@@ -375,24 +386,28 @@ class CreditService:
     def register_card(self, citizen_id: str, token: bytes) -> bool:
         check_token(token)
         self.row_of(citizen_id)
-        with self.state.lock:
+        with self._writing():
             row, created = self.store.register_card(token, citizen_id)
             self.state.tokens.insert(token, row)
         return created
+
+    @contextlib.contextmanager
+    def _writing(self):
+        """The writers' lock, on the active generation only: a write that finds a rollout
+        has switched meanwhile writes nothing and raises StaleGeneration (retried on the new
+        service), so no acknowledged write lands in a state nobody reads any more."""
+        with self.state.lock:
+            if self.control is not None and self.control.generation != self.generation:
+                raise StaleGeneration()
+            yield
 
     def _rescore(self, row: int) -> None:
         """Re-derive one citizen's features from the store and re-score the row in place.
         Caller holds the state lock."""
         t0 = time.perf_counter()
-        s = self.state
-        active = self.store.active_records(citizen_row=row)
-        records, bits = s.to_records(active, self.scenarios)
-        local = Records(np.zeros(len(records), np.int64), records.variable, records.day, records.value)
-        s.features[row] = build_features(self.spec, local, 1, s.as_of_day)[0]
-        s.defaults[row] = s.default_masks(local, bits, 1, s.as_of_day)[0]
-        s.adult[row] = adults(s.birth_day[row : row + 1], s.as_of_day)[0]
-        self.rows.rescore(row)
-        s.computed_at[row] = time.time()
+        self.state.rederive(row, self.store, self.scenarios, self.rows)
+        if self.control is not None:
+            self.control.mark(row)
         self._on_rescore(time.perf_counter() - t0)
 
 

@@ -3,12 +3,17 @@
     >>> state = ServingState.allocate(spec, capacity=1000)        # doctest: +SKIP
     >>> state.load(store, calibration, as_of_day)                  # doctest: +SKIP
 
-All columns live in one anonymous shared mapping created before the worker processes fork
+All columns live in one shared mapping (a memfd) created before the worker processes fork
 (the grpc multiprocessing pattern), so every worker reads the same scores, consents and
 card tokens, and a write by one (a revoked consent, a new record's re-score) is seen by all
 on their very next request. Readers take no lock; writers serialise on one process-shared
 lock, held from the store write until the state is updated, so two workers can never
 interleave a citizen's records and scores. Rows are the store's dense citizen rows.
+
+A model rollout builds a second state for the new release while the first one serves
+(server/rollout.py): the :class:`Control` block, also created before the fork and shared by
+every generation of state, holds the write lock, which generation is active, and the rows
+written since the new state's load began (re-derived before the switch).
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import datetime as _dt
 import mmap
 import multiprocessing
+import os
 import time
 from dataclasses import dataclass
 
@@ -33,7 +39,7 @@ from server.token_index import TokenIndex
 EPOCH = _dt.date(1970, 1, 1)
 
 # meta slots
-N_CITIZENS, AS_OF_DAY, READY, GENERATION, WORKERS_SERVING = range(5)
+N_CITIZENS, AS_OF_DAY, READY, GENERATION = range(4)
 
 
 def today() -> int:
@@ -64,19 +70,83 @@ def adults(birth_day: np.ndarray, as_of_day: int) -> np.ndarray:
 
 
 class _SharedArena:
-    """numpy arrays carved out of one anonymous MAP_SHARED mapping (inherited by forks)."""
+    """numpy arrays carved out of one MAP_SHARED mapping of a memfd: inherited by forks, and
+    reachable by another process of the same user as ``/proc/<pid>/fd/<fd>`` (:attr:`path`),
+    which is how workers forked earlier map a state built later. The memory goes when the
+    last process unmaps it: nothing is left behind in /dev/shm after a crash."""
 
-    def __init__(self, layout: dict[str, tuple[np.dtype, tuple[int, ...]]]):
+    def __init__(self, layout: dict[str, tuple[np.dtype, tuple[int, ...]]], path: str | None = None,
+                 by_path: bool = False):
         offsets, size = {}, 0
         for name, (dtype, shape) in layout.items():
             size = (size + 63) // 64 * 64  # cache-line aligned
             offsets[name] = size
             size += int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        self.buffer = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_SHARED)
+        size = max(size, 1)
+        if path is None:
+            fd = os.memfd_create("qianjiang-state", os.MFD_CLOEXEC)
+            os.ftruncate(fd, size)
+            self.path = f"/proc/{os.getpid()}/fd/{fd}"
+        else:
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+            if os.fstat(fd).st_size != size:
+                os.close(fd)
+                raise ValueError(f"{path}: the shared state has another layout than this model's")
+            self.path = path
+        self.fd = fd
+        self.buffer = mmap.mmap(fd, size, flags=mmap.MAP_SHARED)
+        if path is not None or not by_path:  # the mapping is all this process needs
+            os.close(fd)
+            self.fd = None
         self.arrays = {
             name: np.frombuffer(self.buffer, dtype=dtype, count=int(np.prod(shape, dtype=np.int64)), offset=offsets[name]).reshape(shape)
             for name, (dtype, shape) in layout.items()
         }
+
+
+# control slots
+ACTIVE_GENERATION, PREPARED_GENERATION, WARMED, CONTROL_WORKERS_SERVING, TRACKING = range(5)
+RELEASE_BYTES = 512
+
+
+class Control:
+    """What every generation of state shares, created before the workers fork: the writers'
+    lock, the active and prepared generations, the prepared state's path and release, how
+    many workers have warmed it up, and the rows written while a new state was loading."""
+
+    def __init__(self, capacity: int):
+        a = _SharedArena({
+            "meta": (np.int64, (8,)),
+            "prepared": (np.uint8, (RELEASE_BYTES,)),
+            "dirty": (np.uint8, (capacity,)),
+        }).arrays
+        self.meta, self._prepared, self.dirty = a["meta"], a["prepared"], a["dirty"]
+        self.lock = multiprocessing.get_context("fork").Lock()
+
+    @property
+    def generation(self) -> int:
+        return int(self.meta[ACTIVE_GENERATION])
+
+    def mark(self, row: int) -> None:
+        """A writer changed this row (caller holds the lock): a state being built for a
+        rollout re-derives it before the switch."""
+        if self.meta[TRACKING]:
+            self.dirty[row] = 1
+
+    def announce(self, generation: int, path: str, release: str) -> None:
+        text = f"{path}\n{release}".encode()
+        if len(text) > RELEASE_BYTES:
+            raise ValueError("state path and release id too long for the control block")
+        self._prepared[:] = 0
+        self._prepared[: len(text)] = np.frombuffer(text, np.uint8)
+        self.meta[WARMED] = 0
+        self.meta[PREPARED_GENERATION] = generation
+
+    def prepared(self) -> tuple[int, str, str]:
+        """(generation, state path, release id) of the state prepared for the next switch."""
+        generation = int(self.meta[PREPARED_GENERATION])
+        path, _, release = bytes(self._prepared).rstrip(b"\0").decode().partition("\n")
+        return generation, path, release
 
 
 @dataclass
@@ -85,7 +155,7 @@ class ServingState:
 
     spec: ModelSpec
     capacity: int
-    meta: np.ndarray  # int64: N_CITIZENS, AS_OF_DAY, READY, GENERATION, WORKERS_SERVING
+    meta: np.ndarray  # int64: N_CITIZENS, AS_OF_DAY, READY, GENERATION (re-scores)
     features: np.ndarray  # float32 (capacity, V)
     adult: np.ndarray  # uint8
     consent: np.ndarray  # uint8: 1 while the citizen's authorisation stands
@@ -95,16 +165,18 @@ class ServingState:
     subject: np.ndarray  # uint64 pseudonymous subject of the audit log (server/keys.py)
     columns: ScoreColumns
     tokens: TokenIndex
-    lock: object  # multiprocessing.Lock: serialises writers across processes
+    lock: object  # multiprocessing.Lock: serialises writers across processes (Control.lock)
     audit_key: bytes = b""
+    path: str = ""  # where another process maps it (_SharedArena.path)
+    token_capacity: int = 0
 
     def subject_of(self, citizen_id: str) -> int:
         return subject_of(self.audit_key, citizen_id)
 
-    @classmethod
-    def allocate(cls, spec: ModelSpec, capacity: int, token_capacity: int | None = None, audit_key: bytes = b"") -> "ServingState":
+    @staticmethod
+    def layout(spec: ModelSpec, capacity: int, token_capacity: int) -> dict:
         n_vars = len(spec.variables)
-        tcap = TokenIndex.capacity_for(token_capacity or capacity)
+        tcap = TokenIndex.capacity_for(token_capacity)
         layout = {
             "meta": (np.int64, (8,)),
             "features": (np.float32, (capacity, n_vars)),
@@ -120,16 +192,47 @@ class ServingState:
         }
         for name, (dtype, shape) in ScoreColumns.DTYPES.items():
             layout[f"col_{name}"] = (dtype, (capacity, *shape))
-        a = _SharedArena(layout).arrays
-        a["token_rows"][:] = -1
+        return layout
+
+    @classmethod
+    def allocate(cls, spec: ModelSpec, capacity: int, token_capacity: int | None = None, audit_key: bytes = b"",
+                 lock=None, by_path: bool = False) -> ServingState:
+        """A new, empty state (``lock``: the writers' lock it shares with other generations).
+        ``by_path``: other processes will map it by :attr:`path` (until :meth:`release_fd`);
+        otherwise only this process and its later forks see it."""
+        layout = cls.layout(spec, capacity, token_capacity or capacity)
+        state = cls._on(_SharedArena(layout, by_path=by_path), spec, capacity,
+                        token_capacity or capacity, audit_key, lock)
+        state.tokens.rows[:] = -1
+        return state
+
+    @classmethod
+    def attach(cls, path: str, spec: ModelSpec, capacity: int, token_capacity: int, audit_key: bytes, lock) -> ServingState:
+        """Map a state another process built (a rollout's new generation)."""
+        return cls._on(_SharedArena(cls.layout(spec, capacity, token_capacity), path), spec, capacity,
+                       token_capacity, audit_key, lock)
+
+    @classmethod
+    def _on(cls, arena: _SharedArena, spec, capacity, token_capacity, audit_key, lock) -> ServingState:
+        a = arena.arrays
         columns = ScoreColumns(**{name: a[f"col_{name}"] for name in ScoreColumns.DTYPES})
-        return cls(
+        state = cls(
             spec=spec, capacity=capacity, meta=a["meta"], features=a["features"], adult=a["adult"],
             consent=a["consent"], birth_day=a["birth_day"], defaults=a["defaults"],
             computed_at=a["computed_at"], subject=a["subject"], columns=columns, audit_key=audit_key,
             tokens=TokenIndex(a["token_keys"], a["token_rows"], a["token_meta"]),
-            lock=multiprocessing.get_context("fork").Lock(),
+            lock=lock if lock is not None else multiprocessing.get_context("fork").Lock(),
+            path=arena.path, token_capacity=token_capacity,
         )
+        state._arena = arena
+        return state
+
+    def release_fd(self) -> None:
+        """Close the creating process's descriptor once every worker has mapped the state
+        (the mapping stays; the memory goes with the last mapping)."""
+        fd, self._arena.fd = self._arena.fd, None
+        if fd is not None:
+            os.close(fd)
 
     @property
     def n_citizens(self) -> int:
@@ -148,21 +251,53 @@ class ServingState:
     def load(self, store: Store, scorer: Scorer, scenarios: dict[str, Scenario], as_of_day: int,
              n_threads: int = 2, mark_ready: bool = True) -> None:
         """Fill every column from the store and score everyone (the start-up path)."""
+        with self.lock:
+            self.fill(store, scorer, scenarios, as_of_day, n_threads, mark_ready)
+
+    def fill(self, store: Store, scorer: Scorer, scenarios: dict[str, Scenario], as_of_day: int,
+             n_threads: int = 2, mark_ready: bool = True) -> None:
+        """:meth:`load` without the lock: for a state no other process reads or writes yet."""
         citizens = store.citizens()
         n = len(citizens.ids)
         if n > self.capacity:
             raise ValueError(f"{n} citizens do not fit the state's capacity of {self.capacity}")
-        with self.lock:
-            self.meta[READY] = 0
-            self.birth_day[:n] = citizens.birth_day
-            self.consent[:n] = citizens.consent
-            self.subject[:n] = [subject_of(self.audit_key, cid) for cid in citizens.ids]
-            cards = store.cards()
-            self.tokens.clear()
-            self.tokens.insert_many(cards.tokens, cards.citizen_row)
-            self.meta[N_CITIZENS] = n
-            self._rescore_all(store.active_records(), scorer, scenarios, as_of_day, n_threads)
-            self.meta[READY] = 1 if mark_ready else 0
+        self.meta[READY] = 0
+        self.birth_day[:n] = citizens.birth_day
+        self.consent[:n] = citizens.consent
+        self.subject[:n] = [subject_of(self.audit_key, cid) for cid in citizens.ids]
+        cards = store.cards()
+        self.tokens.clear()
+        self.tokens.insert_many(cards.tokens, cards.citizen_row)
+        self.meta[N_CITIZENS] = n
+        self._rescore_all(store.active_records(), scorer, scenarios, as_of_day, n_threads)
+        self.meta[READY] = 1 if mark_ready else 0
+
+    def adopt(self, old: ServingState) -> None:
+        """Take what does not depend on the model from the serving state (caller holds the
+        lock): consents, birthdays, pseudonyms, card tokens and the citizen count. Rows the
+        old state gained or re-scored since this one was filled are re-derived separately."""
+        n = old.n_citizens
+        self.consent[:n] = old.consent[:n]
+        self.birth_day[:n] = old.birth_day[:n]
+        self.subject[:n] = old.subject[:n]
+        if self.tokens.capacity != old.tokens.capacity:
+            raise ValueError("the new state's token index has another capacity than the serving one")
+        np.copyto(self.tokens.keys, old.tokens.keys)
+        np.copyto(self.tokens.rows, old.tokens.rows)
+        self.tokens.meta[:] = old.tokens.meta
+        self.meta[N_CITIZENS] = n
+
+    def rederive(self, row: int, store: Store, scenarios: dict[str, Scenario], rows) -> None:
+        """Re-derive one citizen's features from the store and re-score the row in place
+        (``rows``: the kernel's single-row scorer bound to this state). Caller holds the lock."""
+        active = store.active_records(citizen_row=row)
+        records, bits = self.to_records(active, scenarios)
+        local = Records(np.zeros(len(records), np.int64), records.variable, records.day, records.value)
+        self.features[row] = build_features(self.spec, local, 1, self.as_of_day)[0]
+        self.defaults[row] = self.default_masks(local, bits, 1, self.as_of_day)[0]
+        self.adult[row] = adults(self.birth_day[row : row + 1], self.as_of_day)[0]
+        rows.rescore(row)
+        self.computed_at[row] = time.time()
 
     def refresh(self, store: Store, scorer: Scorer, scenarios, as_of_day: int, n_threads: int = 2) -> None:
         """Re-derive every feature as of a new day (records age out, people turn 18)."""

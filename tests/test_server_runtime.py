@@ -43,7 +43,7 @@ def test_health_is_not_serving_while_loading_and_draining(tmp_path):
         node.attach()
         assert qj.health() == "SERVING"
         assert qj.check("campus_fitness", runtime.synthetic_card_token(0)).outcome > 0
-        node.health.set("", 2)  # what drain() does first: NOT_SERVING = 2
+        node.set_health(2, names=("",))  # what drain() does first: NOT_SERVING = 2
         assert qj.health() == "NOT_SERVING"
     node.drain(0)
 
