@@ -30,8 +30,9 @@ from server.auth import Caller
 from server.errors import CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, UnknownCitizen, UnknownScenario
 from server.scenarios import REASON_CODES, Outcome, Scenario
 from server.token_index import check_tokens
-from server.state import N_CITIZENS, Control, ServingState
-from server.store import NotFound, RecordIn, RecordRow, Store
+from server.state import N_CITIZENS, Control, ServingState, citizen_key
+from server.store import RecordIn, RecordRow, Store
+from server.store_watch import StoreWatch
 
 #: Limits (documented in proto/): bigger requests are INVALID_ARGUMENT, not slow answers.
 MAX_BATCH_SCORES = 1_000
@@ -135,12 +136,13 @@ class CreditService:
         self, state: ServingState, store: Store, scorer: Scorer, scenarios: dict[str, Scenario],
         on_rescore=None, on_decisions=None, on_decision=None, audit=None,
         control: Control | None = None, generation: int = 0, ids: DecisionIds | None = None,
-        row_cache: dict[str, int] | None = None,
+        store_watch: StoreWatch | None = None,
     ):
         """``on_rescore(seconds)``, ``on_decisions(scenario, outcomes array)`` and
         ``on_decision(scenario, outcome)`` feed metrics. With a rollout's ``control`` block,
         the service serves model ``generation``; a new generation's service shares the old
-        one's decision ``ids`` (ids stay unique) and citizen ``row_cache``."""
+        one's decision ``ids`` (ids stay unique). ``store_watch`` fails writes fast while
+        the store is unreachable (server/store_watch.py)."""
         self.state = state
         self.control = control
         self.generation = generation
@@ -153,7 +155,7 @@ class CreditService:
         self.rows = scorer.bind(state.features, state.adult, state.columns)
         self.audit = audit if audit is not None else _NoAudit()
         self.ids = ids if ids is not None else DecisionIds(self.audit.writer_prefix)
-        self._row_of: dict[str, int] = row_cache if row_cache is not None else {}
+        self.store_watch = store_watch if store_watch is not None else StoreWatch(store)
         self._variables = {v.name: i for i, v in enumerate(self.spec.variables)}
         self._on_rescore = on_rescore or (lambda seconds: None)
         self._on_decisions = on_decisions or (lambda scenario, outcomes: None)
@@ -164,15 +166,10 @@ class CreditService:
     # --- lookups ----------------------------------------------------------------------
 
     def row_of(self, citizen_id: str) -> int:
+        """The citizen's row, from the shared in-memory index (never the store)."""
         check_id(citizen_id, "citizen_id")
-        row = self._row_of.get(citizen_id)
-        if row is None:
-            try:
-                row = self.store.citizen_row(citizen_id)
-            except NotFound:
-                raise UnknownCitizen() from None
-            self._row_of[citizen_id] = row
-        if row >= self.state.n_citizens:  # created by another worker a moment ago
+        row = self.state.citizens.get(citizen_key(citizen_id))
+        if row < 0 or row >= self.state.n_citizens:
             raise UnknownCitizen()
         return row
 
@@ -326,8 +323,8 @@ class CreditService:
 
     def correct_record(self, record_id: str, day: int, value: float, caller: Caller) -> RecordRow:
         check_id(record_id, "record_id")
-        caller.check_variable(self.store.get_record(record_id).variable)
         check_value(value, "value")
+        caller.check_variable(self._get_record(record_id).variable)
         if day > self.state.as_of_day:
             raise InvalidArgument("date", "is in the future")
         with self._writing():
@@ -337,7 +334,7 @@ class CreditService:
 
     def withdraw_record(self, record_id: str, status: str, caller: Caller) -> RecordRow:
         check_id(record_id, "record_id")
-        caller.check_variable(self.store.get_record(record_id).variable)
+        caller.check_variable(self._get_record(record_id).variable)
         with self._writing():
             row = self.store.set_record_status(record_id, status)
             self._rescore(row.citizen_row)
@@ -356,18 +353,16 @@ class CreditService:
         s = self.state
         with self._writing():
             n = s.n_citizens
-            if citizen_id not in self._row_of and n >= s.capacity:
-                try:
-                    self.store.citizen_row(citizen_id)
-                except NotFound:
-                    raise CapacityExhausted(f"the serving state holds {s.capacity} citizens; restart to grow it") from None
+            key = citizen_key(citizen_id)
+            if s.citizens.get(key) < 0 and n >= s.capacity:
+                raise CapacityExhausted(f"the serving state holds {s.capacity} citizens; restart to grow it")
             row, created = self.store.upsert_citizen(citizen_id, birth_day)
+            s.citizens.insert(key, row)
             s.birth_day[row] = birth_day
             s.subject[row] = self.audit_subject(citizen_id)
             if created:
                 s.consent[row] = 0
                 s.meta[N_CITIZENS] = max(n, row + 1)
-            self._row_of[citizen_id] = row
             self._rescore(row)
         return created
 
@@ -395,11 +390,19 @@ class CreditService:
     def _writing(self):
         """The writers' lock, on the active generation only: a write that finds a rollout
         has switched meanwhile writes nothing and raises StaleGeneration (retried on the new
-        service), so no acknowledged write lands in a state nobody reads any more."""
+        service), so no acknowledged write lands in a state nobody reads any more. While the
+        store is unreachable a write fails at once (UNAVAILABLE), before taking the lock."""
+        self.store_watch.check()
         with self.state.lock:
             if self.control is not None and self.control.generation != self.generation:
                 raise StaleGeneration()
-            yield
+            with self.store_watch.watching():
+                yield
+
+    def _get_record(self, record_id: str) -> RecordRow:
+        self.store_watch.check()
+        with self.store_watch.watching():
+            return self.store.get_record(record_id)
 
     def _rescore(self, row: int) -> None:
         """Re-derive one citizen's features from the store and re-score the row in place.

@@ -19,6 +19,7 @@ written since the new state's load began (re-derived before the switch).
 from __future__ import annotations
 
 import datetime as _dt
+import hashlib
 import mmap
 import multiprocessing
 import os
@@ -40,6 +41,12 @@ EPOCH = _dt.date(1970, 1, 1)
 
 # meta slots
 N_CITIZENS, AS_OF_DAY, READY, GENERATION = range(4)
+
+
+def citizen_key(citizen_id: str) -> bytes:
+    """The 16-byte key of a citizen id in the state's citizen index (BLAKE2b-128: ids of
+    any length in a fixed-width table; a collision is a 2**-64 event at a billion ids)."""
+    return hashlib.blake2b(citizen_id.encode(), digest_size=16, person=b"qj-citizen-row").digest()
 
 
 def today() -> int:
@@ -164,7 +171,8 @@ class ServingState:
     computed_at: np.ndarray  # float64 unix seconds of the last re-score
     subject: np.ndarray  # uint64 pseudonymous subject of the audit log (server/keys.py)
     columns: ScoreColumns
-    tokens: TokenIndex
+    tokens: TokenIndex  # card token -> row
+    citizens: TokenIndex  # citizen_key(citizen id) -> row: reads never need the store
     lock: object  # multiprocessing.Lock: serialises writers across processes (Control.lock)
     audit_key: bytes = b""
     path: str = ""  # where another process maps it (_SharedArena.path)
@@ -189,6 +197,9 @@ class ServingState:
             "token_keys": (np.uint64, (tcap, 2)),
             "token_rows": (np.int32, (tcap,)),
             "token_meta": (np.int64, (1,)),
+            "citizen_keys": (np.uint64, (TokenIndex.capacity_for(capacity), 2)),
+            "citizen_rows": (np.int32, (TokenIndex.capacity_for(capacity),)),
+            "citizen_meta": (np.int64, (1,)),
         }
         for name, (dtype, shape) in ScoreColumns.DTYPES.items():
             layout[f"col_{name}"] = (dtype, (capacity, *shape))
@@ -204,6 +215,7 @@ class ServingState:
         state = cls._on(_SharedArena(layout, by_path=by_path), spec, capacity,
                         token_capacity or capacity, audit_key, lock)
         state.tokens.rows[:] = -1
+        state.citizens.rows[:] = -1
         return state
 
     @classmethod
@@ -221,6 +233,7 @@ class ServingState:
             consent=a["consent"], birth_day=a["birth_day"], defaults=a["defaults"],
             computed_at=a["computed_at"], subject=a["subject"], columns=columns, audit_key=audit_key,
             tokens=TokenIndex(a["token_keys"], a["token_rows"], a["token_meta"]),
+            citizens=TokenIndex(a["citizen_keys"], a["citizen_rows"], a["citizen_meta"]),
             lock=lock if lock is not None else multiprocessing.get_context("fork").Lock(),
             path=arena.path, token_capacity=token_capacity,
         )
@@ -265,6 +278,10 @@ class ServingState:
         self.birth_day[:n] = citizens.birth_day
         self.consent[:n] = citizens.consent
         self.subject[:n] = [subject_of(self.audit_key, cid) for cid in citizens.ids]
+        self.citizens.clear()
+        if n:
+            keys = np.frombuffer(b"".join(citizen_key(c) for c in citizens.ids), np.uint8).reshape(n, 16)
+            self.citizens.insert_many(keys, np.arange(n))
         cards = store.cards()
         self.tokens.clear()
         self.tokens.insert_many(cards.tokens, cards.citizen_row)
@@ -274,7 +291,7 @@ class ServingState:
 
     def adopt(self, old: ServingState) -> None:
         """Take what does not depend on the model from the serving state (caller holds the
-        lock): consents, birthdays, pseudonyms, card tokens and the citizen count. Rows the
+        lock): consents, birthdays, pseudonyms, card tokens, citizen ids and the count. Rows the
         old state gained or re-scored since this one was filled are re-derived separately."""
         n = old.n_citizens
         self.consent[:n] = old.consent[:n]
@@ -282,9 +299,10 @@ class ServingState:
         self.subject[:n] = old.subject[:n]
         if self.tokens.capacity != old.tokens.capacity:
             raise ValueError("the new state's token index has another capacity than the serving one")
-        np.copyto(self.tokens.keys, old.tokens.keys)
-        np.copyto(self.tokens.rows, old.tokens.rows)
-        self.tokens.meta[:] = old.tokens.meta
+        for mine, theirs in ((self.tokens, old.tokens), (self.citizens, old.citizens)):
+            np.copyto(mine.keys, theirs.keys)
+            np.copyto(mine.rows, theirs.rows)
+            mine.meta[:] = theirs.meta
         self.meta[N_CITIZENS] = n
 
     def rederive(self, row: int, store: Store, scenarios: dict[str, Scenario], rows) -> None:
