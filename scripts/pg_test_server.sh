@@ -4,6 +4,8 @@
 #   scripts/pg_test_server.sh start DIR   # initdb + start in DIR (a new or empty directory); prints the DSN
 #   scripts/pg_test_server.sh dsn DIR     # prints the DSN of the server running in DIR
 #   scripts/pg_test_server.sh stop DIR    # stops it and removes DIR
+#   scripts/pg_test_server.sh pause DIR   # stops it, keeping DIR (an outage)
+#   scripts/pg_test_server.sh resume DIR  # starts it again on the same port
 #
 # The DSN is postgresql://postgres@127.0.0.1:PORT/qianjiang_test: superuser "postgres", trust
 # authentication from 127.0.0.1 only, no Unix socket, a free port picked at start. Only the DSN
@@ -29,7 +31,7 @@ MARKER=.qj-pg-test-server
 die() { echo "pg_test_server: $*" >&2; exit 1; }
 say() { echo "pg_test_server: $*" >&2; }
 
-usage() { die "usage: $0 start|stop|dsn DIR"; }
+usage() { die "usage: $0 start|stop|dsn|pause|resume DIR"; }
 [ $# -eq 2 ] || usage
 CMD=$1
 DIR=$2
@@ -186,9 +188,28 @@ cmd_stop() {
     rm -rf "$DIR"
 }
 
+# An outage and its end, for the store-outage tests: the server stops (fast shutdown, clients
+# are disconnected) and later starts again on the same port with the same data.
+cmd_pause() {
+    [ -e "$DIR/$MARKER" ] || die "$DIR is not a test server directory"
+    BIN=$(find_bindir) || die "no PostgreSQL server binaries found"
+    is_running || return 0
+    as_owner "$BIN/pg_ctl" -D "$DATA" -m fast -w -t 30 stop >/dev/null 2>&1 || die "could not stop the server in $DATA"
+}
+
+cmd_resume() {
+    [ -e "$DIR/$MARKER" ] || die "$DIR is not a test server directory"
+    BIN=$(find_bindir) || die "no PostgreSQL server binaries found"
+    is_running && { dsn; return 0; }
+    as_owner "$BIN/pg_ctl" -D "$DATA" -l "$LOG" -w -t 30 start >/dev/null 2>&1 || die "could not restart the server in $DATA"
+    dsn
+}
+
 case "$CMD" in
     start) cmd_start ;;
     dsn) cmd_dsn ;;
     stop) cmd_stop ;;
+    pause) cmd_pause ;;
+    resume) cmd_resume ;;
     *) usage ;;
 esac

@@ -53,9 +53,11 @@ from server.state import (
     ACTIVE_GENERATION, CONTROL_WORKERS_SERVING, PREPARED_GENERATION, WARMED, Control, ServingState, today,
 )
 from server.store import Store, open_store
+from server.store_watch import StoreWatch
 
 log = logging.getLogger("qianjiang.server")
 
+RECORDS_SERVICE = records_pb2.DESCRIPTOR.services_by_name["RecordsService"].full_name
 SERVICE_NAMES = (
     score_pb2.DESCRIPTOR.services_by_name["ScoreService"].full_name,
     eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name,
@@ -276,6 +278,7 @@ class Node:
         self.records = RecordsServicer(self.pool, self._ready)
         self.audit_servicer = AuditServicer(self.pool, self._ready)
         self.service: CreditService | None = None
+        self.store_watch: StoreWatch | None = None
         self.generation = 0  # of the model release being served (server/rollout.py)
         self._next: tuple[int, CreditService] | None = None  # built for the next generation
         self._switching = threading.Lock()
@@ -348,6 +351,8 @@ class Node:
         connection, and turn SERVING."""
         rt, m = self.runtime, self.metrics
         self._store = rt.open_store(m)
+        self.store_watch = StoreWatch(self._store, on_change=self._store_changed)
+        m.store_up.set(1)
         if rt.config.audit:
             from server.audit import AuditLog
 
@@ -384,8 +389,18 @@ class Node:
             state, self._store, Scorer(spec, calibration), self.runtime.scenarios,
             on_rescore=m.observe_rescore, on_decisions=on_decisions, on_decision=on_decision, audit=self.audit,
             control=self.runtime.control, generation=generation or self.generation,
-            ids=previous.ids if previous else None, row_cache=previous._row_of if previous else None,
+            ids=previous.ids if previous else None, store_watch=self.store_watch,
         )
+
+    def _store_changed(self, up: bool) -> None:
+        """The store went away or came back (server/store_watch.py): writes are refused
+        meanwhile, so the writing service says NOT_SERVING; the reading ones keep serving."""
+        self.metrics.store_up.set(1 if up else 0)
+        status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+        try:
+            self.set_health(status, names=(RECORDS_SERVICE,))
+        except RuntimeError:  # the loop is closed: draining
+            pass
 
     def _serve(self, service: CreditService) -> None:
         old = self.service
@@ -437,6 +452,8 @@ class Node:
         """NOT_SERVING first (load balancers stop sending), then finish calls in flight."""
         grace = self.runtime.config.grace_seconds if grace is None else grace
         self._watching.set()
+        if self.store_watch is not None:
+            self.store_watch.close()
         try:
             self.set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             self._on_loop(self.server.stop(grace))

@@ -50,6 +50,10 @@ class Metrics:
             "qianjiang_rollouts", "Model rollouts by result: switched, rejected (invalid release), failed.",
             ["result"], registry=r,
         )
+        self.store_up = Gauge(
+            "qianjiang_store_up", "1 while the store answers; 0 while writes fail fast (server/store_watch.py).",
+            registry=r, multiprocess_mode="min",
+        )
         self.citizens = Gauge("qianjiang_citizens", "Citizens in the serving state.", registry=r, multiprocess_mode="max")
 
     def observe_store_write(self, operation: str, seconds: float) -> None:

@@ -62,6 +62,11 @@ class StoreError(Exception):
     """Anything the store refuses or cannot do."""
 
 
+class StoreUnavailable(StoreError):
+    """The store cannot be reached (connection refused or lost, server shutting down): the
+    operation was not done. The next call tries to reconnect."""
+
+
 class NotFound(StoreError):
     """An id (citizen, record) that the store does not hold."""
 
@@ -299,6 +304,10 @@ class Store(abc.ABC):
     def close(self) -> None:
         """Release the connection. Idempotent."""
 
+    def ping(self) -> None:
+        """Raise StoreUnavailable (or another StoreError) unless the store answers now."""
+        self.counts()
+
     def __enter__(self) -> Store:
         return self
 
@@ -376,6 +385,10 @@ class SQLStore(Store):
     def _q(self, sql: str) -> str:
         """A statement written with "?" placeholders, in this dialect."""
         return sql if self.PARAM == "?" else sql.replace("?", self.PARAM)
+
+    def ping(self) -> None:
+        with self._read() as db:
+            db.execute("SELECT 1").fetchone()
 
     def _row_of(self, db, citizen_id: str) -> int:
         found = db.execute(self._q(

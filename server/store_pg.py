@@ -65,7 +65,7 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from server.store import (
-    TOKEN_BYTES, ActiveRecords, ConsentEvent, Conflict, NotFound, RecordIn, SQLStore, StoreError,
+    TOKEN_BYTES, ActiveRecords, ConsentEvent, Conflict, NotFound, RecordIn, SQLStore, StoreError, StoreUnavailable,
 )
 
 log = logging.getLogger(__name__)
@@ -183,13 +183,14 @@ class PostgresStore(SQLStore):
     # Plumbing ---------------------------------------------------------------------------
 
     def _connect(self) -> psycopg.Connection:
-        defaults = {"connect_timeout": 10, "application_name": "qianjiang-store"}
+        # A short connect timeout: while the server is away, writes fail fast (server/store_watch.py).
+        defaults = {"connect_timeout": 3, "application_name": "qianjiang-store"}
         extra = {k: v for k, v in defaults.items() if k not in self._params}
         try:
             # autocommit: no implicit transactions; every write opens its own (below).
             db = psycopg.connect(self._dsn, autocommit=True, **extra)
         except psycopg.Error as e:
-            raise StoreError(f"cannot connect to the store {self.name}: {e}") from e
+            raise StoreUnavailable(f"cannot connect to the store {self.name}: {e}") from e
         try:
             db.execute(f"SET lock_timeout = '{_LOCK_TIMEOUT}'")
             if db.execute("SHOW synchronous_commit").fetchone()[0] == "off":
@@ -199,7 +200,7 @@ class PostgresStore(SQLStore):
         except BaseException as e:
             db.close()
             if isinstance(e, _UNAVAILABLE):
-                raise StoreError(f"cannot connect to the store {self.name}: {e}") from e
+                raise StoreUnavailable(f"cannot connect to the store {self.name}: {e}") from e
             raise
         return db
 
@@ -227,7 +228,7 @@ class PostgresStore(SQLStore):
             pass  # the connection is gone: the server rolls back, the next call reconnects
 
     def _unavailable(self, e: Exception) -> StoreError:
-        return StoreError(f"store {self.name}: {e}".rstrip())
+        return StoreUnavailable(f"store {self.name}: {e}".rstrip())
 
     @contextmanager
     def _write(self, operation: str) -> Iterator[psycopg.Connection]:
