@@ -20,7 +20,7 @@ from typing import Callable
 import grpc
 
 from server.auth import OPEN_SERVICES, Authenticator, PermissionDenied, set_current_caller
-from server.errors import DeadlineExceeded, NotReady, status_for
+from server.errors import DeadlineExceeded, InvalidArgument, NotReady, status_for
 from server.metrics import Metrics
 
 log = logging.getLogger("qianjiang.server")
@@ -33,6 +33,42 @@ COUNTED = object()  # the call has been counted already
 _OK, _CANCELLED, _DEADLINE, _INTERNAL = (
     grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
 )
+
+
+class _Malformed:
+    """What a request that did not parse becomes (grpc would answer UNKNOWN or INTERNAL if
+    the deserializer raised): the handler raises InvalidArgument naming the message."""
+
+    __slots__ = ("problem",)
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+
+def _safe(deserializer):
+    """The request deserializer, never raising: a malformed message becomes _Malformed."""
+    if deserializer is None:
+        return None
+    name = getattr(getattr(deserializer, "__self__", None), "__name__", "request")
+
+    def parse(data: bytes):
+        try:
+            return deserializer(data)
+        except Exception as exc:  # noqa: BLE001 - any parse failure is the caller's input
+            return _Malformed(f"not a valid {name} message ({type(exc).__name__})")
+
+    return parse
+
+
+def _valid(request):
+    if type(request) is _Malformed:
+        raise InvalidArgument("request", request.problem)
+    return request
+
+
+async def _valid_stream(requests):
+    async for request in requests:
+        yield _valid(request)
 
 
 def _rpc_type(handler) -> str:
@@ -124,6 +160,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             code = context.code()
             return code if isinstance(code, grpc.StatusCode) else _INTERNAL
 
+        request_streaming = handler.request_streaming
+        deserializer = _safe(handler.request_deserializer)
+
         if not handler.response_streaming:
             behaviour = handler.unary_unary or handler.stream_unary
 
@@ -133,7 +172,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code = None
                 try:
                     precheck(context)
-                    response = await behaviour(request_or_iterator, context)
+                    request = _valid_stream(request_or_iterator) if request_streaming else _valid(request_or_iterator)
+                    response = await behaviour(request, context)
                     code = _ended(context)
                     return response
                 except asyncio.CancelledError:
@@ -150,7 +190,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                         finish(code or _INTERNAL, t0)
 
             wrap = grpc.unary_unary_rpc_method_handler if handler.unary_unary else grpc.stream_unary_rpc_method_handler
-            return wrap(unary, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+            return wrap(unary, request_deserializer=deserializer, response_serializer=handler.response_serializer)
 
         behaviour = handler.unary_stream or handler.stream_stream
 
@@ -160,7 +200,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             code = None
             try:
                 precheck(context)
-                async for response in behaviour(request_or_iterator, context):
+                request = _valid_stream(request_or_iterator) if request_streaming else _valid(request_or_iterator)
+                async for response in behaviour(request, context):
                     yield response
                 code = _ended(context)
             except (asyncio.CancelledError, GeneratorExit):
@@ -177,4 +218,4 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     finish(code or _INTERNAL, t0)
 
         wrap = grpc.unary_stream_rpc_method_handler if handler.unary_stream else grpc.stream_stream_rpc_method_handler
-        return wrap(streaming, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
+        return wrap(streaming, request_deserializer=deserializer, response_serializer=handler.response_serializer)

@@ -38,6 +38,10 @@ from server.store_watch import StoreWatch
 MAX_BATCH_SCORES = 1_000
 MAX_BATCH_TOKENS = 100_000
 TOKEN_BYTES = 16
+#: Largest record value accepted. Values are counts, hours, months: features are float32 sums
+#: of them, and a bigger value (or enough of them) would overflow to inf and fail the re-score
+#: of the citizen after the record was stored.
+MAX_RECORD_VALUE = 1e9
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
@@ -184,12 +188,13 @@ class CreditService:
     # --- scores -----------------------------------------------------------------------
 
     def get_score(self, citizen_id: str, caller: Caller, purpose: str = "", method: str = "ScoreService/GetScore") -> ScoreView:
+        purpose = check_purpose(purpose)
         row = self.row_of(citizen_id)
         return self._disclose(self._view(citizen_id, row), row, caller, purpose, method, SCORE_VIEWED)
 
     def _disclose(self, view: ScoreView, row: int, caller: Caller, purpose: str, method: str, result: int) -> ScoreView:
         seq, disclosure_id = self.ids.next()
-        self.audit.record(seq, caller.identity, method, purpose or "unspecified", int(self.state.subject[row]), result, self.model_version)
+        self.audit.record(seq, caller.identity, method, purpose, int(self.state.subject[row]), result, self.model_version)
         return dataclasses.replace(view, disclosure_id=disclosure_id)
 
     def _view(self, citizen_id: str, row: int) -> ScoreView:
@@ -223,6 +228,7 @@ class CreditService:
         return variable_points(self.spec, self.state.features[row : row + 1])[0]
 
     def explain(self, citizen_id: str, caller: Caller, purpose: str = "") -> tuple[ScoreView, list[Contribution]]:
+        purpose = check_purpose(purpose)
         row = self.row_of(citizen_id)
         view = self._disclose(self._view(citizen_id, row), row, caller, purpose, "ScoreService/ExplainScore", SCORE_EXPLAINED)
         pts = self._row_points(row)
@@ -419,4 +425,12 @@ def check_value(value: float, field: str) -> float:
         raise InvalidArgument(field, f"{value} is not a finite number")
     if value < 0:
         raise InvalidArgument(field, f"{value} is negative")
+    if value > MAX_RECORD_VALUE:
+        raise InvalidArgument(field, f"{value:g} is above the largest accepted value ({MAX_RECORD_VALUE:g})")
     return value
+
+
+def check_purpose(purpose: str) -> str:
+    """The purpose of a score read, as audited: empty is "unspecified"; otherwise a short
+    name like an id (free text would let one caller fill the audit log's dictionary)."""
+    return check_id(purpose, "purpose") if purpose else "unspecified"
