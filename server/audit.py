@@ -1,9 +1,9 @@
 """The audit log of disclosures (design.md §5): who saw what about whom, and when.
 
 Every disclosure — a score view, an explanation, an eligibility decision, and each token of
-a gateway's batch check — gets one fixed-width binary entry: time, decision id (writer +
-sequence number + index in a batch), caller, method, scenario or purpose, pseudonymous
-subject, result code and model version. A citizen can list who checked them.
+a gateway's batch check — is recorded: time, decision id (writer + sequence number + index in
+a batch), caller, method, scenario or purpose, pseudonymous subject, result code and model
+version. A citizen can list who checked them, each batch item included.
 
 Usage (one ``AuditLog`` per worker process, created after any fork)::
 
@@ -18,36 +18,56 @@ Usage (one ``AuditLog`` per worker process, created after any fork)::
 
 Durability bound. Appending never touches the disk: ``record``/``record_batch`` put the
 entry in memory under a lock, and a background thread writes everything pending once per
-``flush_interval`` with a single ``write`` + ``fdatasync`` (group commit). Hence:
+``flush_interval`` (group commit: the batch items with one ``write`` + ``fdatasync``, then
+the entries with one ``write`` + ``fdatasync``). Hence:
 
 * when ``flush()`` returns, every entry appended before it was called is on disk;
 * a crash (even SIGKILL) loses at most the entries appended after the last completed group
   commit took its batch, i.e. those appended during the last ``flush_interval`` plus the
-  time of one write + fsync. Nothing older is ever lost, and nothing is written twice.
+  time of one group commit (two writes + fsyncs). Nothing older is ever lost, and nothing
+  is written twice. A batch is all or nothing: its items appear together or not at all.
 * ``close()`` (also registered with ``atexit``) flushes on an orderly shutdown.
 
-Back-pressure: if more than ``max_pending`` entries are waiting (the disk cannot keep up),
-the appending thread performs the group commit itself before returning, so it blocks until
-the log has caught up. Entries are never silently dropped: if a commit fails (disk full),
-its entries are kept and retried every interval, and once ``max_pending`` are waiting,
+Back-pressure: if more than ``max_pending`` disclosures (unary entries + batch items) are
+waiting (the disk cannot keep up), the appending thread performs the group commit itself
+before returning, so it blocks until the log has caught up. Entries are never silently
+dropped: if a commit fails (disk full), both files are cut back to their durable ends, its
+entries are kept and retried every interval, and once ``max_pending`` are waiting,
 appending raises — a disclosure that cannot be audited should fail, not go unrecorded.
 
 Decision ids: the service numbers its decisions and uses ``writer_prefix`` (or
 ``decision_id(seq)``) for them: ``d-<writer_prefix>-<hex seq>``, and ``<batch id>-<i>``
-for item i of a batch; entries store (writer code, seq, batch index), which rebuilds them
-exactly. Readers (``entries``, ``checks_of``) see what is durable in every segment of the
-directory; an entry appears at the latest one flush interval after it was appended.
+for item i of a batch; the files store (writer code, seq) and the item's position in its
+batch, which rebuilds them exactly. Readers (``entries``, ``checks_of``) see what is
+durable in every segment of the directory, a batch expanded into one ``AuditEntry`` per
+item (so they cannot tell how it was stored); an entry appears at the latest one flush
+interval after it was appended.
 
-Files. Each writer appends to its own segment ``<dir>/audit-<start-unix-ns>-<pid>.bin`` (a
-new one per process start and whenever one would exceed ``segment_bytes``), so several
-worker processes share a directory without any locking. Strings (callers, methods,
-scenarios, model versions, the writer's decision-id prefix) are coded as small integers; the
-codes live in ``audit-<start-unix-ns>-<pid>.dict`` (JSON lines: a header, then one line per
-code), which is fsynced before any entry using a new code is written, so entries stay
-fixed-width and every durable entry can be decoded. A crash can leave a torn last entry (or
-dictionary line); readers ignore a trailing partial entry (file size not a multiple of the
-entry size) and a partial dictionary line. A restarted process opens a new segment and
-never appends after a torn tail.
+Files (format 2). Each writer appends to its own segment (a new one per process start and
+whenever the segment's two data files together would exceed ``segment_bytes``), so several
+worker processes share a directory without any locking:
+
+* ``<dir>/audit-<start-unix-ns>-<pid>.bin``: fixed-width 48-byte entries (``ENTRY``). A
+  unary disclosure is one entry with ``batch_index`` = ``UNARY``. A batch of n items is ONE
+  header entry: its time, seq (the batch's), codes and ``batch_index`` = n (< ``UNARY``),
+  ``subject`` = the position of its first item in the ``.items`` file, ``result`` unused (0).
+* ``<dir>/audit-<start-unix-ns>-<pid>.items``: fixed-width 9-byte items (``ITEM``: subject
+  uint64 LE, result uint8), a batch's items contiguous and in order, so item i of a header
+  is item ``subject + i`` of the file. A 1,000-token batch costs 48 + 9,000 bytes instead
+  of 48,000.
+* ``<dir>/audit-<start-unix-ns>-<pid>.dict``: strings (callers, methods, scenarios, model
+  versions, the writer's decision-id prefix) coded as small integers, JSON lines: a header
+  (format, version, both record layouts), then one line per code.
+
+Write order makes every durable entry decodable: the dictionary lines are fsynced before any
+entry using a new code, and a commit fsyncs its items before it writes the headers that
+reference them, so a durable header always has durable items. A crash can leave a torn last
+entry, item or dictionary line, and items whose header never made it: readers ignore a
+trailing partial entry or item (file size not a multiple of the record size), a partial
+dictionary line, and any item not inside a durable header's range. A restarted process
+opens a new segment and never appends after a torn tail. Format-1 segments (version 1 in
+the dictionary header: no ``.items`` file, one 48-byte entry per batch item with
+``batch_index`` = i) are still read.
 
 Privacy. The subject is a keyed pseudonym: the first 8 bytes of HMAC-SHA256(key,
 citizen_id) as a little-endian uint64 (0 is reserved for "no person", e.g. an unknown
@@ -76,12 +96,13 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 FORMAT = "qianjiang-audit"
-VERSION = 1
+VERSION = 2  # 1: one entry per batch item, no .items file (still read)
+READABLE = (1, 2)
 UNARY = 0xFFFFFFFF  # batch_index of an entry that is not part of a batch
 SEGMENT_BYTES = 256 << 20
 
 # Little-endian explicitly so segments are portable; 41 bytes of fields padded to 48 so
-# every entry (and its int64/uint64 fields) is 8-byte aligned in a memmap.
+# every entry (and its int64/uint64 fields) is 8-byte aligned.
 ENTRY = np.dtype(
     {
         "names": ["time_ns", "seq", "subject", "writer", "batch_index", "caller", "method", "scenario", "model", "result"],
@@ -90,10 +111,14 @@ ENTRY = np.dtype(
         "itemsize": 48,
     }
 )
+# One batch item (format 2): packed, no padding — the bulk of the log at high batch rates.
+ITEM = np.dtype({"names": ["subject", "result"], "formats": ["<u8", "u1"], "offsets": [0, 8], "itemsize": 9})
 _KINDS = ("writer", "caller", "method", "scenario", "model")
 _LIMIT = {"writer": 1 << 32, "caller": 1 << 16, "method": 1 << 16, "scenario": 1 << 16, "model": 1 << 16}
 _SEGMENT_RE = re.compile(r"^audit-(\d+)-(\d+)\.bin$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_U64, _U8 = np.dtype("<u8"), np.dtype("u1")
+_CHUNK = 1 << 16  # records per read: bounded memory, and no memmap to SIGBUS on a concurrent truncate
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,30 +165,34 @@ class AuditLog:
 
         # Appending side, guarded by _lock (held only for list appends and the swap).
         self._lock = threading.Lock()
-        self._rows: list[tuple] = []  # unary entries as tuples: converted by the flusher, not the caller
-        self._arrays: list[np.ndarray] = []  # batches, already structured
+        # Entries as tuples, unary and batch headers in append order: converted by the
+        # flusher, not the caller. Header k's items are _subjects[k] / _results[k].
+        self._rows: list[tuple] = []
+        self._subjects: list[np.ndarray] = []
+        self._results: list[np.ndarray] = []
         self._new_lines: list[str] = []  # dictionary lines of codes assigned since the last swap
-        self._pending = 0
+        self._pending = 0  # disclosures waiting: unary entries + batch items
         self._codes: dict[str, dict[str, int]] = {k: {} for k in _KINDS}
         self._code("writer", self.writer_prefix)
         self._writer = 0
         self._closed = False
-        self._index = np.arange(0, dtype=np.uint32)  # grown on demand: batch_index column
-        self._index_lock = threading.Lock()
 
         # Writing side, guarded by _io_lock (one group commit at a time, in swap order).
         self._io_lock = threading.Lock()
         self._fd: int | None = None
+        self._items_fd: int | None = None
         self._dict_fd: int | None = None
-        self._size = 0  # durable bytes of the current segment
+        self._size = 0  # durable bytes of the current segment's entries
+        self._items_size = 0  # and of its items
         self._dict_size = 0
         self._lines_written: list[str] = []  # all code lines so far: a new segment repeats them
-        self._carry = b""  # entries of a failed commit, retried first
-        self._carry_lines: list[str] = []
+        # A failed commit, retried first: its entries (headers pointing into its own items),
+        # items, dictionary lines and number of disclosures.
+        self._carry: tuple[np.ndarray, np.ndarray, list[str], int] | None = None
 
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._dict_cache: dict[Path, tuple[int, dict]] = {}
+        self._dict_cache: dict[Path, tuple[int, tuple[int | None, dict]]] = {}
         atexit.register(self.close)
 
     # --- pseudonyms and ids -----------------------------------------------------------
@@ -225,9 +254,10 @@ class AuditLog:
         self, batch_seq: int, caller: str, method: str, scenario: str,
         subjects: np.ndarray, results: np.ndarray, model_version: str,
     ) -> None:
-        """A whole batch, vectorised; item i's decision id is ``decision_id(batch_seq, i)``."""
-        subjects = _as(subjects, np.uint64, "subjects")
-        results = _as(results, np.uint8, "results")
+        """A whole batch: one header entry plus n 9-byte items; item i's decision id is
+        ``decision_id(batch_seq, i)``. The arrays are copied (the caller may reuse them)."""
+        subjects = _as(subjects, _U64, "subjects")
+        results = _as(results, _U8, "results")
         n = len(subjects)
         if len(results) != n:
             raise ValueError(f"{n} subjects but {len(results)} results")
@@ -235,24 +265,20 @@ class AuditLog:
             raise ValueError("batch_seq must fit uint64")
         if n == 0:
             return
-        codes = (
+        if n >= UNARY:
+            raise ValueError(f"a batch of {n} items is too large for the audit log")
+        # The header's subject (its first item's position) is set by the group commit.
+        row = (
+            time.time_ns(), batch_seq, 0, self._writer, n,
             self._code("caller", caller), self._code("method", method),
-            self._code("scenario", scenario), self._code("model", model_version),
+            self._code("scenario", scenario), self._code("model", model_version), 0,
         )
-        if len(self._index) < n:
-            with self._index_lock:
-                if len(self._index) < n:
-                    self._index = np.arange(max(n, 2 * len(self._index)), dtype=np.uint32)
-        template = np.zeros(1, ENTRY)  # zeroed padding, which np.repeat copies into every entry
-        template[0] = (time.time_ns(), batch_seq, 0, self._writer, 0, *codes, 0)
-        entries = np.repeat(template, n)  # ~10x faster than assigning a structured scalar
-        entries["subject"] = subjects
-        entries["result"] = results
-        entries["batch_index"] = self._index[:n]
         with self._lock:
             if self._closed:
                 raise RuntimeError("the audit log is closed")
-            self._arrays.append(entries)
+            self._rows.append(row)
+            self._subjects.append(subjects)
+            self._results.append(results)
             self._pending += n
             over = self._pending >= self.max_pending
         if over:
@@ -291,10 +317,10 @@ class AuditLog:
             self._commit()
         finally:
             with self._io_lock:
-                for fd in (self._fd, self._dict_fd):
+                for fd in (self._fd, self._items_fd, self._dict_fd):
                     if fd is not None:
                         os.close(fd)
-                self._fd = self._dict_fd = None
+                self._fd = self._items_fd = self._dict_fd = None
             atexit.unregister(self.close)
 
     def _commit(self, only_if_over: bool = False) -> None:
@@ -303,38 +329,69 @@ class AuditLog:
                 if only_if_over and self._pending < self.max_pending:
                     return  # another thread's commit already relieved the pressure
                 rows, self._rows = self._rows, []
-                arrays, self._arrays = self._arrays, []
+                subjects, self._subjects = self._subjects, []
+                results, self._results = self._results, []
                 lines, self._new_lines = self._new_lines, []
-                self._pending = 0
+                count, self._pending = self._pending, 0
+            entries = np.zeros(len(rows), ENTRY)  # zeros: np.array(rows) leaves padding bytes uninitialised
             if rows:
-                unary = np.zeros(len(rows), ENTRY)  # zeros: np.array(rows) leaves padding bytes uninitialised
-                unary[:] = rows
-                arrays.insert(0, unary)
-            # Join the bytes, not the arrays: np.concatenate would drop the padding (numpy
-            # canonicalises the dtype to a packed one), changing the entry size.
-            data = self._carry + b"".join(a.tobytes() for a in arrays)
-            all_lines = self._carry_lines + lines
-            if not data and not all_lines:
+                entries[:] = rows
+            items = np.empty(sum(len(s) for s in subjects), ITEM)
+            if subjects:
+                items["subject"] = np.concatenate(subjects)
+                items["result"] = np.concatenate(results)
+                # Headers point into this commit's items for now; _write makes it absolute.
+                heads = entries["batch_index"] != UNARY
+                counts = entries["batch_index"][heads].astype(np.uint64)
+                entries["subject"][heads] = np.cumsum(counts) - counts
+            if self._carry is not None:
+                old_entries, old_items, old_lines, old_count = self._carry
+                entries["subject"][entries["batch_index"] != UNARY] += np.uint64(len(old_items))
+                # Join the bytes, not the arrays: np.concatenate would drop the padding (numpy
+                # canonicalises the dtype to a packed one), changing the entry size.
+                entries = np.frombuffer(old_entries.tobytes() + entries.tobytes(), ENTRY)
+                items = np.frombuffer(old_items.tobytes() + items.tobytes(), ITEM)
+                lines, count = old_lines + lines, old_count + count
+            if not len(entries) and not lines:
                 return
             try:
-                self._write(all_lines, data)
+                self._write(lines, entries, items)
             except BaseException:
                 # Keep them for the next commit and count them again so back-pressure applies.
-                self._carry, self._carry_lines = data, all_lines
+                self._carry = (entries, items, lines, count)
                 with self._lock:
-                    self._pending += len(data) // ENTRY.itemsize
+                    self._pending += count
                 raise
-            self._carry, self._carry_lines = b"", []
+            self._carry = None
 
-    def _write(self, lines: list[str], data: bytes) -> None:
-        if self._fd is None or (self._size and self._size + len(data) > self.segment_bytes):
+    def _write(self, lines: list[str], entries: np.ndarray, items: np.ndarray) -> None:
+        """Items first (write + fdatasync), then the entries whose headers reference them."""
+        size = self._size + self._items_size
+        if self._fd is None or (size and size + entries.nbytes + items.nbytes > self.segment_bytes):
             self._open_segment(lines)  # repeats every code known so far: dictionaries are per segment
             self._lines_written.extend(lines)
         elif lines:
             self._append(self._dict_fd, "".join(line + "\n" for line in lines).encode(), "_dict_size")
             self._lines_written.extend(lines)
-        if data:
-            self._append(self._fd, data, "_size")
+        if not len(entries):
+            return
+        items_start = self._items_size
+        if len(items):
+            entries = entries.copy()  # the relative positions stay in the carry if this fails
+            entries["subject"][entries["batch_index"] != UNARY] += np.uint64(items_start // ITEM.itemsize)
+            self._append(self._items_fd, items.tobytes(), "_items_size")
+        try:
+            self._append(self._fd, entries.tobytes(), "_size")
+        except BaseException:
+            # The items are durable but no header references them: cut them back too, so
+            # the retry writes them again right after the durable ones.
+            if self._items_size != items_start:
+                self._items_size = items_start
+                try:
+                    os.ftruncate(self._items_fd, items_start)
+                except OSError:
+                    pass  # the retry overwrites them in place (pwrite at the durable end)
+            raise
 
     def _append(self, fd: int, data: bytes, size_attr: str) -> None:
         """pwrite + fdatasync at the durable end; on failure cut back to it, so a retry
@@ -355,10 +412,10 @@ class AuditLog:
         setattr(self, size_attr, start + len(data))
 
     def _open_segment(self, lines: list[str]) -> None:
-        for fd in (self._fd, self._dict_fd):
+        for fd in (self._fd, self._items_fd, self._dict_fd):
             if fd is not None:
                 os.close(fd)
-        self._fd = self._dict_fd = None
+        self._fd = self._items_fd = self._dict_fd = None
         pid = os.getpid()
         ns = time.time_ns()
         while True:  # two writers of one process may start in the same nanosecond
@@ -371,10 +428,13 @@ class AuditLog:
                 continue
             break
         header = {"format": FORMAT, "version": VERSION, "itemsize": ENTRY.itemsize, "pid": pid,
-                  "fields": [[n, ENTRY.fields[n][0].str, ENTRY.fields[n][1]] for n in ENTRY.names]}
+                  "fields": _layout(ENTRY), "items": {"itemsize": ITEM.itemsize, "fields": _layout(ITEM)}}
         text = [json.dumps(header)] + self._lines_written + lines
         self._dict_fd, self._dict_size = dict_fd, 0
         self._append(dict_fd, "".join(line + "\n" for line in text).encode(), "_dict_size")
+        # Items before entries, so a reader that sees a segment's entries sees its items file.
+        self._items_fd = os.open(f"{stem}.items", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
+        self._items_size = 0
         self._fd = os.open(f"{stem}.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self._size = 0
         dir_fd = os.open(self.directory, os.O_RDONLY)
@@ -386,8 +446,8 @@ class AuditLog:
     # --- reading (all segments of all processes in the directory) ----------------------
 
     def entries(self, subject: int | None = None, since_ns: int | None = None) -> list[AuditEntry]:
-        """Durable entries of every writer in the directory, oldest first (entries still
-        pending in memory appear after the next group commit)."""
+        """Durable entries of every writer in the directory, oldest first, one per batch
+        item (entries still pending in memory appear after the next group commit)."""
         return self._build(*self._select(subject, since_ns))
 
     def checks_of(self, citizen_id: str, limit: int = 100) -> list[AuditEntry]:
@@ -397,31 +457,36 @@ class AuditLog:
         return self._build(records[::-1][:keep], segments[::-1][:keep], dicts)
 
     def _select(self, subject, since_ns) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-        """The matching entries of all segments, sorted by time, with each one's segment
-        (an index into the returned dictionaries)."""
+        """The matching entries of all segments (batch items expanded to per-item entries,
+        as format 1 stores them), sorted by time, with each one's segment (an index into the
+        returned dictionaries)."""
         picked, segments, dicts = [], [], []
         for path in sorted(self.directory.glob("audit-*.bin")):
             if not _SEGMENT_RE.match(path.name):
                 continue
+            items_path = path.with_suffix(".items")
             try:
                 n = path.stat().st_size // ENTRY.itemsize  # whole entries only: a torn tail is ignored
             except FileNotFoundError:
                 continue
             if n == 0:
                 continue
-            seg = np.memmap(path, dtype=ENTRY, mode="r", shape=(n,))
-            mask = np.ones(n, dtype=bool)
-            if subject is not None:
-                mask &= seg["subject"] == np.uint64(subject)
-            if since_ns is not None:
-                mask &= seg["time_ns"] >= np.int64(since_ns)
-            rows = np.flatnonzero(mask)
+            # After the entries (the writer syncs items and codes before entries using them).
+            try:
+                m = items_path.stat().st_size // ITEM.itemsize  # whole items only
+            except FileNotFoundError:
+                m = None
+            version, codes = self._dictionary(path.with_suffix(".dict"))
+            if version is None:  # the dictionary was lost: only format 2 has an items file
+                version = 1 if m is None else 2
+            if version == 1:
+                rows = _select_v1(path, n, subject, since_ns)
+            else:
+                rows = _select_v2(path, n, items_path, m or 0, subject, since_ns)
             if len(rows):
-                # Read after the entries: the writer syncs codes before entries using them.
-                dicts.append(self._dictionary(path.with_suffix(".dict")))
-                picked.append(seg[rows].tobytes())  # a copy: the memmap can go
+                dicts.append(codes)
+                picked.append(rows.tobytes())
                 segments.append(np.full(len(rows), len(dicts) - 1, dtype=np.uint32))
-            del seg
         if not picked:
             return np.zeros(0, ENTRY), np.zeros(0, np.uint32), dicts
         records = np.frombuffer(b"".join(picked), dtype=ENTRY)
@@ -451,15 +516,17 @@ class AuditLog:
             ))
         return out
 
-    def _dictionary(self, path: Path) -> dict:
+    def _dictionary(self, path: Path) -> tuple[int | None, dict]:
+        """(format version, codes) of a segment; (None, {}) if its dictionary is missing."""
         try:
             size = path.stat().st_size
         except FileNotFoundError:
-            return {}
+            return None, {}
         cached = self._dict_cache.get(path)
         if cached is not None and cached[0] == size:
             return cached[1]
         codes: dict = {}
+        version = None
         with open(path, "rb") as f:
             raw = f.read()
         for line in raw.split(b"\n"):
@@ -470,12 +537,123 @@ class AuditLog:
             except ValueError:
                 continue  # a torn line (crash mid-write): its codes were never used by a durable entry
             if "format" in item:
-                if item.get("format") != FORMAT or item.get("version") != VERSION or item.get("itemsize") != ENTRY.itemsize:
+                version = item.get("version")
+                if (
+                    item.get("format") != FORMAT or version not in READABLE or item.get("itemsize") != ENTRY.itemsize
+                    or (version >= 2 and (item.get("items") or {}).get("itemsize") != ITEM.itemsize)
+                ):
                     raise ValueError(f"{path}: unsupported audit format {item!r}")
                 continue
             codes[(item["kind"], item["code"])] = item["value"]
-        self._dict_cache[path] = (size, codes)
-        return codes
+        self._dict_cache[path] = (size, (version, codes))
+        return version, codes
+
+
+def _chunks(path: Path, dtype: np.dtype, count: int):
+    """(position, records) of the first ``count`` records of a file, ``_CHUNK`` at a time
+    into one reused buffer (the caller copies what it keeps); a file cut short meanwhile
+    just ends early. No memmap: a writer cutting a failed commit back would SIGBUS it."""
+    size = dtype.itemsize
+    buf = memoryview(bytearray(min(count, _CHUNK) * size))
+    with open(path, "rb", buffering=0) as f:
+        start = 0
+        while start < count:
+            want = min(_CHUNK, count - start) * size
+            got = 0
+            while got < want:
+                k = f.readinto(buf[got:want])
+                if not k:
+                    break
+                got += k
+            if got // size:
+                yield start, np.frombuffer(buf, dtype=dtype, count=got // size)
+            if got < want:
+                return
+            start += got // size
+
+
+def _join(parts: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+    return np.frombuffer(b"".join(p.tobytes() for p in parts), dtype=dtype) if parts else np.zeros(0, dtype)
+
+
+def _select_v1(path: Path, n: int, subject, since_ns) -> np.ndarray:
+    """Format 1: every entry, batch items included, is one 48-byte entry."""
+    picked = []
+    for _, seg in _chunks(path, ENTRY, n):
+        mask = np.ones(len(seg), dtype=bool)
+        if subject is not None:
+            mask &= seg["subject"] == np.uint64(subject)
+        if since_ns is not None:
+            mask &= seg["time_ns"] >= np.int64(since_ns)
+        if mask.any():
+            picked.append(seg[mask])
+    return _join(picked, ENTRY)
+
+
+def _select_v2(path: Path, n: int, items_path: Path, m: int, subject, since_ns) -> np.ndarray:
+    """Format 2: unary entries as stored; each batch header whose items are all durable
+    (within the first ``m``) expanded into one entry per item: the header's fields with the
+    item's subject and result and batch_index = the item's position in the batch."""
+    unary, heads = [], []
+    for _, seg in _chunks(path, ENTRY, n):
+        is_head = seg["batch_index"] != UNARY
+        mask = ~is_head
+        if subject is not None:
+            mask &= seg["subject"] == np.uint64(subject)
+        if since_ns is not None:
+            mask &= seg["time_ns"] >= np.int64(since_ns)
+            is_head &= seg["time_ns"] >= np.int64(since_ns)
+        if mask.any():
+            unary.append(seg[mask])
+        if is_head.any():
+            heads.append(seg[is_head])
+    unary, heads = _join(unary, ENTRY), _join(heads, ENTRY)
+    starts = heads["subject"]
+    counts = heads["batch_index"].astype(np.uint64)
+    heads = heads[starts + counts <= np.uint64(m)]  # an item beyond the file: not durable (yet)
+    if not len(heads):
+        return unary
+    order = np.argsort(heads["subject"], kind="stable")  # in file order already; cheap to make sure
+    heads = heads[order]
+    starts = heads["subject"].astype(np.int64)
+    counts = heads["batch_index"].astype(np.int64)
+    ends = starts + counts
+    if subject is None:
+        # Everything: all items of the kept headers, in order.
+        expanded = np.repeat(heads, counts)
+        first = np.repeat(starts, counts)
+        within = np.arange(len(expanded), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        positions = first + within
+        items = np.fromfile(items_path, dtype=ITEM, count=int(ends.max()))
+        if len(items) < ends.max():  # cut short since the stat: only whole batches
+            keep = np.repeat(ends <= len(items), counts)
+            expanded, positions, within = expanded[keep], positions[keep], within[keep]
+        found = items[positions]
+    else:
+        # One person: scan the items for the subject, map each hit to its header.
+        hits, found = [], []
+        for start, chunk in _chunks(items_path, ITEM, int(ends.max())):
+            at = np.flatnonzero(chunk["subject"] == np.uint64(subject))
+            if len(at):
+                hits.append(at + start)
+                found.append(chunk[at])
+        if not hits:
+            return unary
+        positions = np.concatenate(hits)
+        found = _join(found, ITEM)
+        k = np.searchsorted(starts, positions, side="right") - 1
+        ok = (k >= 0) & (positions < ends[np.maximum(k, 0)])  # orphans (no durable header) are ignored
+        positions, found, k = positions[ok], found[ok], k[ok]
+        expanded = heads[k]
+        within = positions - starts[k]
+    expanded["subject"] = found["subject"]
+    expanded["result"] = found["result"]
+    expanded["batch_index"] = within
+    return _join([unary, expanded], ENTRY)
+
+
+def _layout(dtype: np.dtype) -> list:
+    return [[n, dtype.fields[n][0].str, dtype.fields[n][1]] for n in dtype.names]
 
 
 def _name(codes: dict, kind: str, code: int) -> str:
@@ -483,15 +661,16 @@ def _name(codes: dict, kind: str, code: int) -> str:
     return f"?{kind}:{code}" if value is None else value  # a placeholder only if a dictionary was lost
 
 
-def _as(values, dtype, what: str) -> np.ndarray:
-    a = np.asarray(values)
+def _as(values, dtype: np.dtype, what: str) -> np.ndarray:
+    """A fresh one-dimensional array of ``dtype`` (always a copy: the caller may reuse its own)."""
+    a = values if type(values) is np.ndarray else np.asarray(values)
     if a.ndim != 1:
         raise ValueError(f"{what} must be one-dimensional")
     if a.dtype == dtype:
-        return a
+        return a.copy()
     if a.dtype.kind not in "iu" and a.size:
         raise ValueError(f"{what} must be integers")
     info = np.iinfo(dtype)
     if a.size and (int(a.min()) < info.min or int(a.max()) > info.max):
-        raise ValueError(f"{what} out of range for {np.dtype(dtype).name}")
+        raise ValueError(f"{what} out of range for {dtype.name}")
     return a.astype(dtype)
