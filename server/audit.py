@@ -133,6 +133,15 @@ class AuditEntry:
     subject: int  # pseudonym; 0 = no person
 
 
+class AuditUnavailable(RuntimeError):
+    """The audit log cannot take the disclosure now (closed while draining, or its disk is
+    failing under back-pressure): the disclosure is refused, never made unrecorded."""
+
+
+class AuditFull(RuntimeError):
+    """The audit dictionary has no code left for a new caller, method, purpose or model."""
+
+
 def pseudonym(key: bytes, citizen_id: str) -> int:
     """The keyed pseudonym of a citizen: HMAC-SHA256(key, id)[:8] as little-endian uint64.
     The (2**-64) digest 0 maps to 1 because 0 means "no person"."""
@@ -222,7 +231,7 @@ class AuditLog:
                 if code is None:
                     code = len(codes)
                     if code >= _LIMIT[kind]:
-                        raise ValueError(f"too many distinct {kind} values for the audit dictionary")
+                        raise AuditFull(f"too many distinct {kind} values for the audit dictionary")
                     codes[value] = code
                     # Queued under the same lock as entries, so the swap that takes an entry
                     # using this code also takes (or already took) the code's line.
@@ -243,12 +252,12 @@ class AuditLog:
         )
         with self._lock:
             if self._closed:
-                raise RuntimeError("the audit log is closed")
+                raise AuditUnavailable("the audit log is closed")
             self._rows.append(row)
             self._pending += 1
             over = self._pending >= self.max_pending
         if over:
-            self._commit(only_if_over=True)
+            self._relieve()
 
     def record_batch(
         self, batch_seq: int, caller: str, method: str, scenario: str,
@@ -275,14 +284,14 @@ class AuditLog:
         )
         with self._lock:
             if self._closed:
-                raise RuntimeError("the audit log is closed")
+                raise AuditUnavailable("the audit log is closed")
             self._rows.append(row)
             self._subjects.append(subjects)
             self._results.append(results)
             self._pending += n
             over = self._pending >= self.max_pending
         if over:
-            self._commit(only_if_over=True)
+            self._relieve()
 
     # --- group commit -----------------------------------------------------------------
 
@@ -322,6 +331,14 @@ class AuditLog:
                         os.close(fd)
                 self._fd = self._items_fd = self._dict_fd = None
             atexit.unregister(self.close)
+
+    def _relieve(self) -> None:
+        """Back-pressure: commit in the appending thread; a failure refuses the disclosure
+        (its entry stays queued and is written by a later commit)."""
+        try:
+            self._commit(only_if_over=True)
+        except OSError as exc:
+            raise AuditUnavailable(f"the audit log cannot be written ({exc.strerror or exc})") from exc
 
     def _commit(self, only_if_over: bool = False) -> None:
         with self._io_lock:

@@ -9,13 +9,24 @@ identifier beyond what the caller sent.
 from __future__ import annotations
 
 import grpc
+from google.protobuf.message import DecodeError
 
+from server.audit import AuditFull, AuditUnavailable
 from server.store import Conflict, NotFound, StoreError, WrongState
 from server.token_index import TokenIndexFull
+
+#: Longest message a status carries. Messages quote what the caller sent (a scenario, a
+#: variable), and a status's message travels percent-encoded in a header: grpc clients drop
+#: a response whose headers exceed 8-16 KiB, and would see RESOURCE_EXHAUSTED instead of it.
+MAX_MESSAGE_CHARS = 400
 
 
 class ServiceError(Exception):
     """Base of the errors a caller can cause or must know about."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text if len(text) <= MAX_MESSAGE_CHARS else text[: MAX_MESSAGE_CHARS - 3] + "..."
 
 
 class InvalidArgument(ServiceError):
@@ -92,9 +103,14 @@ STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
     WrongState: grpc.StatusCode.FAILED_PRECONDITION,
     CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     TokenIndexFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AuditFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
     NotReady: grpc.StatusCode.UNAVAILABLE,
     DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
     StoreError: grpc.StatusCode.UNAVAILABLE,
+    # A client stream's message that is not valid protobuf: grpc.aio deserialises stream
+    # messages as the handler reads them, so the error reaches the interceptor.
+    DecodeError: grpc.StatusCode.INVALID_ARGUMENT,
 }
 
 
