@@ -126,7 +126,7 @@ def main(argv=None) -> dict:
         )
 
         log(f"overload at twice the maximum ({2 * check_rps:.0f}/s), then recovery ...")
-        over = run_open_loop(svc_target, rate=2 * check_rps, seconds=3.0, processes=1, data_dir=data,
+        over = run_open_loop(svc_target, rate=2 * check_rps, seconds=3.0, processes=2, data_dir=data,
                              citizens=args.citizens, timeout=0.5)
         after = run_open_loop(svc_target, rate=check_rps / 2, seconds=3.0, processes=1, data_dir=data,
                               citizens=args.citizens)

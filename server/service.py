@@ -29,7 +29,7 @@ from kernel.score import Scorer
 from server.auth import Caller
 from server.errors import CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, UnknownCitizen, UnknownScenario
 from server.scenarios import REASON_CODES, Outcome, Scenario
-from server.token_index import check_tokens
+from server.token_index import Checker
 from server.state import N_CITIZENS, Control, ServingState, citizen_key
 from server.store import RecordIn, RecordRow, Store
 from server.store_watch import StoreWatch
@@ -166,6 +166,8 @@ class CreditService:
         self._on_decision = on_decision or (lambda scenario, outcome: None)
         c = self.spec.compiled
         self._best, self._loss_weight = c.best, c.loss_weight
+        self._checker = Checker(state.tokens, state.adult, state.consent, state.columns.score, state.columns.flags,
+                                state.defaults, state.subject)
 
     # --- lookups ----------------------------------------------------------------------
 
@@ -255,24 +257,20 @@ class CreditService:
 
     def _check_tokens(self, scenario: Scenario, tokens: bytes):
         """The compiled lookup and rule (server/token_index.pyx): (outcomes, subjects, allowed)."""
-        s = self.state
-        return check_tokens(
-            s.tokens, tokens, s.adult, s.consent, s.columns.score, s.columns.flags, s.defaults, s.subject,
-            scenario.min_score, scenario.pay_later, max(scenario.default_bit, 0),
-        )
+        return self._checker.check(tokens, scenario.min_score, scenario.pay_later, max(scenario.default_bit, 0))
 
     def check(self, scenario_name: str, token: bytes, caller: Caller, method: str = "EligibilityService/Check") -> DecisionView:
         caller.check_scenario(scenario_name)
         scenario = self.scenario(scenario_name)
         check_token(token)
-        outcomes, subjects, _ = self._check_tokens(scenario, token)
-        outcome = Outcome(int(outcomes[0]))
+        value, subject = self._checker.check_one(token, scenario.min_score, scenario.pay_later, max(scenario.default_bit, 0))
+        outcome = Outcome(value)
         self._on_decision(scenario.name, outcome)
         codes = REASON_CODES[outcome]
         if outcome == Outcome.DENY_HARD_RULE:
             codes = tuple(f"HARD_RULE:{self.spec.variables[v].reason.code}" for v in self._hard_rules(self.state.tokens.get(token)))
         seq, decision_id = self.ids.next()
-        self.audit.record(seq, caller.identity, method, scenario.name, int(subjects[0]), int(outcome), self.model_version)
+        self.audit.record(seq, caller.identity, method, scenario.name, subject, value, self.model_version)
         return DecisionView(outcome, codes, decision_id, self.model_version, scenario.name)
 
     def _hard_rules(self, row: int) -> list[int]:
