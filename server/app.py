@@ -553,7 +553,12 @@ def serve(config: ServerConfig, on_ready=None) -> None:
 
 def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event, reload: threading.Event, nodes: int) -> None:
     """The parent's background work, one thing at a time: a model rollout when SIGHUP asks
-    for one (server/rollout.py), and the daily refresh."""
+    for one (server/rollout.py), and the daily refresh. It runs at a lower CPU priority (this
+    thread only) so that rebuilding a state for a rollout takes what the workers leave."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    except OSError:  # not permitted here: run at the normal priority
+        pass
     next_refresh = time.monotonic() + 60
     while not stop.is_set():
         if reload.wait(1.0):
