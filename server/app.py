@@ -5,12 +5,14 @@
     >>> node.port                                                                     # doctest: +SKIP
     40123
 
-:class:`Runtime` is what all worker processes share: the model, the scenarios, the store's
-address, and the serving state in shared memory. :class:`Node` is one process's gRPC server
-(health, reflection, the three services). :func:`serve` runs either one node in this process
-or, with ``workers > 1``, the grpc multiprocessing pattern: the parent allocates the shared
-state, forks the workers (each binds the same port with SO_REUSEPORT and answers NOT_SERVING),
-loads the state, and the workers turn SERVING when it is ready. SIGTERM drains gracefully.
+:class:`Runtime` is what all worker processes share: the model release, the scenarios, the
+store's address, and the serving state in shared memory. :class:`Node` is one process's gRPC
+server (grpc.aio on its own event-loop thread: health, reflection, the four services).
+:func:`serve` runs either one node in this process or, with ``workers > 1``, the grpc
+multiprocessing pattern: the parent allocates the shared state, forks the workers (each binds
+the same port with SO_REUSEPORT and answers NOT_SERVING), loads the state, and the workers
+turn SERVING when it is ready. SIGTERM drains gracefully; SIGHUP switches to the registry's
+active model release (server/rollout.py).
 """
 
 from __future__ import annotations
