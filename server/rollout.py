@@ -84,7 +84,8 @@ def roll_out(runtime, nodes: int, metrics=None, warm_timeout: float = 60.0) -> R
             control.meta[TRACKING] = 1
         filled = 0
         try:
-            new.fill(store, scorer, runtime.scenarios, old.as_of_day, mark_ready=False)
+            # One kernel thread: a rollout is not urgent, the workers serving meanwhile are.
+            new.fill(store, scorer, runtime.scenarios, old.as_of_day, n_threads=1, mark_ready=False)
             filled = new.n_citizens
             report = compare(population(old), population(new), runtime.spec, spec, runtime.release or "", rid)
             log.info("rollout %s -> %s, before the switch:\n%s", runtime.release, rid, report.format())
