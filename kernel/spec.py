@@ -46,6 +46,12 @@ PROTECTED_WORDS = frozenset(
 MAX_KNOTS = 8
 #: Most variables a model may have (the kernel's per-block buffers are sized for this).
 MAX_VARIABLES = 128
+#: Scores are int16 columns with -1 for "no score" (kernel/columns.py): the scale must fit.
+MAX_SCALE = 32_767
+#: Levels are int8 indices into the level table.
+MAX_LEVELS = 127
+#: Days (lifetimes, windows) are int32 like every date in the store.
+MAX_DAYS = 2**31 - 1
 
 
 class SpecError(ValueError):
@@ -190,6 +196,10 @@ def load_spec(path: str | Path | None = None) -> ModelSpec:
             doc = tomllib.load(fh)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{path}: not valid TOML: {exc}") from exc
+    except ValueError as exc:  # not UTF-8, or an integer of more than 4,300 digits
+        raise SpecError(f"{path}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise SpecError(f"{path}: not valid TOML: arrays or tables nested too deeply") from None
     return parse_spec(doc)
 
 
@@ -204,8 +214,8 @@ def parse_spec(doc: dict) -> ModelSpec:
     sigma = _float(model, "sigma", "model.sigma")
     if sigma <= 0:
         raise SpecError(f"model.sigma: must be > 0, got {sigma}")
-    scale_min = _int(model, "scale_min", "model.scale_min")
-    scale_max = _int(model, "scale_max", "model.scale_max")
+    scale_min = _int(model, "scale_min", "model.scale_min", lo=0, hi=MAX_SCALE)
+    scale_max = _int(model, "scale_max", "model.scale_max", lo=0, hi=MAX_SCALE)
     if scale_max <= scale_min:
         raise SpecError(f"model.scale_max: must be above scale_min ({scale_min}), got {scale_max}")
     if not scale_min <= mu <= scale_max:
@@ -226,6 +236,11 @@ def parse_spec(doc: dict) -> ModelSpec:
     canonical = json.dumps(doc, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     content_hash = hashlib.sha256(canonical.encode()).hexdigest()
     compiled = _compile(dimensions, variables, levels)
+    if not (math.isfinite(compiled.raw_min) and math.isfinite(compiled.raw_max)):
+        raise SpecError(
+            f"variables: the weighted points overflow a float (raw points range from {compiled.raw_min} "
+            f"to {compiled.raw_max}); use smaller points or weights"
+        )
     return ModelSpec(
         name=name, version=version, mu=mu, sigma=sigma, scale_min=scale_min,
         scale_max=scale_max, hard_rule_cap=cap, levels=levels, dimensions=dimensions,
@@ -240,6 +255,8 @@ def _parse_levels(doc: dict, scale_min: int, scale_max: int) -> tuple[Level, ...
     raw = doc.get("levels")
     if not isinstance(raw, list) or len(raw) < 2:
         raise SpecError("levels: expected at least two [[levels]] tables")
+    if len(raw) > MAX_LEVELS:
+        raise SpecError(f"levels: at most {MAX_LEVELS} levels, got {len(raw)}")
     levels = []
     for i, item in enumerate(raw):
         where = f"levels[{i}]"
@@ -348,7 +365,7 @@ def _parse_variables(doc: dict) -> tuple[Variable, ...]:
                     raise SpecError(f"{where}.{key}: only negative variables have {key}")
             if hard_rule:
                 raise SpecError(f"{where}.hard_rule: only negative variables may carry a hard rule")
-            window = _int(item, "window_days", f"{where}.window_days", lo=0)
+            window = _int(item, "window_days", f"{where}.window_days", lo=0, hi=MAX_DAYS)
 
         kind, x, y = _parse_points(item, where, direction)
         reason_t = _table(item, "reason", f"{where}.reason")
@@ -395,8 +412,14 @@ def _parse_points(item: dict, where: str, direction: str):
     for i in range(1, len(breakpoints)):
         if not breakpoints[i] > breakpoints[i - 1]:
             raise SpecError(f"{where}: knots/edges must be strictly increasing (index {i}: {breakpoints[i]} after {breakpoints[i - 1]})")
+        width = breakpoints[i] - breakpoints[i - 1]
+        # The kernel evaluates a knot segment through 1 / width: both must be finite.
+        if kind == "knots" and not (math.isfinite(width) and math.isfinite(1.0 / width) and 1.0 / width > 0):
+            raise SpecError(f"{where}.x: knots {breakpoints[i - 1]} and {breakpoints[i]} are too close or too far apart (width {width})")
     for i in range(1, len(values)):
         step = values[i] - values[i - 1]
+        if not math.isfinite(step):
+            raise SpecError(f"{where}: points {values[i - 1]} and {values[i]} differ by more than a float can hold (index {i})")
         if (direction == "positive" and step < 0) or (direction == "negative" and step > 0):
             raise SpecError(
                 f"{where}: non-monotone points for a {direction} variable "
@@ -478,24 +501,49 @@ def _str(parent: dict, key: str, where: str) -> str:
     return value
 
 
-def _int(parent: dict, key: str, where: str, lo: int | None = None) -> int:
+def _int(parent: dict, key: str, where: str, lo: int | None = None, hi: int | None = None) -> int:
     value = parent.get(key)
     if value is None:
         raise SpecError(f"{where}: missing")
     if isinstance(value, bool) or not isinstance(value, int):
-        raise SpecError(f"{where}: expected an integer, got {value!r}")
+        raise SpecError(f"{where}: expected an integer, got {_show(value)}")
+    if not -(2**63) <= value < 2**63:
+        raise SpecError(f"{where}: expected a 64-bit integer, got {_show(value)}")
     if lo is not None and value < lo:
         raise SpecError(f"{where}: must be >= {lo}, got {value}")
+    if hi is not None and value > hi:
+        raise SpecError(f"{where}: must be <= {hi}, got {value}")
     return value
+
+
+def _show(value) -> str:
+    """A short repr for a message: no 5,000-digit integers, no megabyte of list."""
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        return f"an integer of {value.bit_length()} bits"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _finite(value) -> float | None:
+    """``value`` as a finite float, or None (not a number, a bool, NaN, infinite, or an
+    integer too large for a float)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        value = float(value)
+    except OverflowError:
+        return None
+    return value if math.isfinite(value) else None
 
 
 def _float(parent: dict, key: str, where: str) -> float:
     value = parent.get(key)
     if value is None:
         raise SpecError(f"{where}: missing")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise SpecError(f"{where}: expected a finite number, got {value!r}")
-    return float(value)
+    number = _finite(value)
+    if number is None:
+        raise SpecError(f"{where}: expected a finite number, got {_show(value)}")
+    return number
 
 
 def _floats(parent: dict, key: str, where: str) -> list[float]:
@@ -504,9 +552,10 @@ def _floats(parent: dict, key: str, where: str) -> list[float]:
         raise SpecError(f"{where}: expected a list of numbers" if value is not None else f"{where}: missing")
     out = []
     for i, v in enumerate(value):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            raise SpecError(f"{where}[{i}]: expected a finite number, got {v!r}")
-        out.append(float(v))
+        number = _finite(v)
+        if number is None:
+            raise SpecError(f"{where}[{i}]: expected a finite number, got {_show(v)}")
+        out.append(number)
     return out
 
 

@@ -6,6 +6,7 @@ Parsing validates every field and raises InvalidArgument naming it.
 from __future__ import annotations
 
 import datetime as _dt
+import re
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -20,14 +21,20 @@ from server.store import RecordIn
 #: Level index in the spec -> proto enum (the spec's five levels, in order).
 LEVELS = (common_pb2.NEEDS_IMPROVEMENT, common_pb2.FAIR, common_pb2.GOOD, common_pb2.EXCELLENT, common_pb2.OUTSTANDING)
 
+#: The one date form of the contract (date.fromisoformat alone also takes 20240131 and 2024-W05-3).
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
 
 def parse_date(value: str, field: str) -> int:
     if not value:
         raise InvalidArgument(field, "must not be empty (YYYY-MM-DD)")
+    shown = value if len(value) <= 40 else value[:40] + "..."
+    if not _DATE.fullmatch(value):
+        raise InvalidArgument(field, f"{shown!r} is not a date (YYYY-MM-DD)")
     try:
         return day_of(value)
     except ValueError:
-        raise InvalidArgument(field, f"{value!r} is not a date (YYYY-MM-DD)") from None
+        raise InvalidArgument(field, f"{shown!r} is not a date (YYYY-MM-DD)") from None
 
 
 def record_in(msg: records_pb2.Record, index: int | None = None) -> RecordIn:
