@@ -249,29 +249,9 @@ def check_tokens(TokenIndex index, tokens, adult, consent, score, flags, default
     the subjects are the audit log's pseudonyms (0 for an unknown card).
 
     ``adult``, ``consent``, ``score``, ``flags``, ``defaults``, ``subject`` are the serving
-    state's columns (server/state.py), indexed by citizen row."""
-    cdef const unsigned char[::1] buf = np.frombuffer(tokens, dtype=np.uint8) if isinstance(tokens, (bytes, bytearray, memoryview)) else tokens
-    if buf.shape[0] % 16:
-        raise ValueError(f"card_tokens: {buf.shape[0]} bytes is not a whole number of 16-byte tokens")
-    if pay_later and not 0 <= default_bit < 32:
-        raise ValueError(f"default_bit: {default_bit} is outside [0, 32)")
-    cdef Py_ssize_t n = buf.shape[0] // 16
-    cdef const unsigned char[::1] a = adult
-    cdef const unsigned char[::1] c = consent
-    cdef const short[::1] s = score
-    cdef const unsigned char[::1] f = flags
-    cdef const unsigned int[::1] d = defaults
-    cdef const uint64_t[::1] subj = subject
-    outcomes = np.empty(n, np.uint8)
-    subjects = np.empty(n, np.uint64)
-    cdef unsigned char[::1] o = outcomes
-    cdef uint64_t[::1] so = subjects
-    cdef Py_ssize_t allowed = 0
-    if n:
-        with nogil:
-            allowed = check_many(index.k, index.r, index.mask, &buf[0], n, &a[0], &c[0], &s[0], &f[0], &d[0], &subj[0],
-                                 min_score, pay_later, default_bit, &o[0], &so[0])
-    return outcomes, subjects, allowed
+    state's columns (server/state.py), indexed by citizen row. The service binds them once
+    (:class:`Checker`); this is the same, bound for one call."""
+    return Checker(index, adult, consent, score, flags, defaults, subject).check(tokens, min_score, pay_later, default_bit)
 
 
 cdef class Checker:
