@@ -390,6 +390,33 @@ class SQLStore(Store):
         with self._read() as db:
             db.execute("SELECT 1").fetchone()
 
+    def _migrate_from(self, db, migrations: list[list[str]], where: str) -> None:
+        """Apply the dialect's ``migrations`` the schema_version table has not recorded yet
+        (inside the caller's write transaction)."""
+        current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
+        if current > len(migrations):
+            raise StoreError(f"{where} has schema version {current}, newer than this "
+                             f"code's {len(migrations)}: upgrade the server")
+        for version in range(current + 1, len(migrations) + 1):
+            for statement in migrations[version - 1]:
+                db.execute(statement)
+            db.execute(self._q("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)"), (version, time.time()))
+        if current < len(migrations):
+            self._bump(db)
+
+    def _known_citizen(self, db, citizen_id: str, birth_day: int) -> int | None:
+        """upsert_citizen's first half: the row of an id already stored (its birth day set
+        to ``birth_day``), or None for a new id (inside the caller's write transaction)."""
+        found = db.execute(self._q("SELECT citizen_row, birth_day FROM citizens WHERE citizen_id = ?"),
+                           (citizen_id,)).fetchone()
+        if found is None:
+            return None
+        row, stored_day = found
+        if stored_day != birth_day:
+            db.execute(self._q("UPDATE citizens SET birth_day = ? WHERE citizen_row = ?"), (int(birth_day), row))
+            self._bump(db)
+        return row
+
     def _row_of(self, db, citizen_id: str) -> int:
         found = db.execute(self._q(
             "SELECT citizen_row FROM citizens WHERE citizen_id = ?"), (citizen_id,)).fetchone()
@@ -582,30 +609,14 @@ class SQLiteStore(SQLStore):
         with self._write("migrate") as db:
             db.execute("CREATE TABLE IF NOT EXISTS schema_version ("
                        "version INTEGER PRIMARY KEY, applied_at REAL NOT NULL)")
-            current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
-            if current > SCHEMA_VERSION:
-                raise StoreError(f"{self.path} has schema version {current}, newer than this "
-                                 f"code's {SCHEMA_VERSION}: upgrade the server")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version - 1]:
-                    db.execute(statement)
-                db.execute("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)",
-                           (version, time.time()))
-            if current < SCHEMA_VERSION:
-                self._bump(db)
+            self._migrate_from(db, MIGRATIONS, str(self.path))
 
     # Citizens and consent ---------------------------------------------------------------
 
     def upsert_citizen(self, citizen_id: str, birth_day: int) -> tuple[int, bool]:
         with self._write("upsert_citizen") as db:
-            found = db.execute("SELECT citizen_row, birth_day FROM citizens WHERE citizen_id = ?",
-                               (citizen_id,)).fetchone()
-            if found is not None:
-                row, stored_day = found
-                if stored_day != birth_day:
-                    db.execute("UPDATE citizens SET birth_day = ? WHERE citizen_row = ?",
-                               (int(birth_day), row))
-                    self._bump(db)
+            row = self._known_citizen(db, citizen_id, birth_day)
+            if row is not None:
                 return row, False
             row = db.execute(f"SELECT {_NEXT_ROW}").fetchone()[0]
             db.execute("INSERT INTO citizens (citizen_row, citizen_id, birth_day) VALUES (?, ?, ?)",

@@ -296,30 +296,13 @@ class PostgresStore(SQLStore):
             if db.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
                 db.execute("CREATE TABLE schema_version ("
                            "version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
-            current = db.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0]
-            if current > SCHEMA_VERSION:
-                raise StoreError(f"{self.name} has schema version {current}, newer than this "
-                                 f"code's {SCHEMA_VERSION}: upgrade the server")
-            for version in range(current + 1, SCHEMA_VERSION + 1):
-                for statement in MIGRATIONS[version - 1]:
-                    db.execute(statement)
-                db.execute("INSERT INTO schema_version (version, applied_at) VALUES (%s, %s)",
-                           (version, time.time()))
-            if current < SCHEMA_VERSION:
-                self._bump(db)
+            self._migrate_from(db, MIGRATIONS, self.name)
 
     # Citizens and consent ---------------------------------------------------------------
 
     def upsert_citizen(self, citizen_id: str, birth_day: int) -> tuple[int, bool]:
         with self._write("upsert_citizen") as db:
-            found = db.execute("SELECT citizen_row, birth_day FROM citizens WHERE citizen_id = %s",
-                               (citizen_id,)).fetchone()
-            if found is not None:
-                row, stored_day = found
-                if stored_day != birth_day:
-                    db.execute("UPDATE citizens SET birth_day = %s WHERE citizen_row = %s",
-                               (int(birth_day), row))
-                    self._bump(db)
+            if (row := self._known_citizen(db, citizen_id, birth_day)) is not None:
                 return row, False
             db.execute("LOCK TABLE citizens IN SHARE ROW EXCLUSIVE MODE")
             row = db.execute(
