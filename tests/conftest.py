@@ -187,3 +187,35 @@ def run_sql(url: str, query: str, params: tuple = ()) -> list[tuple]:
 def sql(store_url):
     """``sql(query, params=())``: :func:`run_sql` on the test's store."""
     return lambda query, params=(): run_sql(store_url, query, params)
+
+
+def kill_after_flushes(child_code: str, *args: str) -> tuple[int, int]:
+    """Run ``child_code`` (python -c) with ``args``; after it has printed three lines (its
+    acknowledged counts, one per explicit flush), SIGKILL it mid-way between two flushes.
+    Returns (the last count it printed completely, the kill time in ns). For the audit log's
+    crash bound (tests/test_audit.py, tests/test_audit_batch.py)."""
+    import signal
+    import sys
+    import time
+
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    proc = subprocess.Popen([sys.executable, "-c", child_code, *args], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        printed = []
+        for _ in range(3):  # let it run through a few explicit flushes
+            printed.append(proc.stdout.readline())
+            assert printed[-1], "the child died"
+        time.sleep(0.07)  # mid-way between explicit flushes: only the background flusher is at work
+        killed_ns = time.time_ns()
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=5)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    printed += proc.stdout.read().splitlines()
+    proc.stdout.close()
+    # A line cut by the kill has no newline only if the kill hit inside print: then the
+    # line before it counts.
+    acked = int(printed[-1]) if printed[-1].strip().isdigit() else int(printed[-2])
+    return acked, killed_ns

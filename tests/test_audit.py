@@ -3,23 +3,19 @@
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
-import sys
 import textwrap
 import threading
 import time
 from collections import Counter
 from datetime import datetime, timezone
-from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import kill_after_flushes
 from server.audit import ENTRY, AuditLog
 
 KEY = b"k" * 32
-MAIN = Path(__file__).resolve().parents[1]
 
 
 def test_round_trip_unary_and_batch(tmp_path):
@@ -191,28 +187,7 @@ CHILD = textwrap.dedent(
 
 def test_sigkill_loses_at_most_the_last_flush_interval(tmp_path):
     interval = 0.05
-    env = dict(os.environ, PYTHONPATH=str(MAIN))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(tmp_path), str(interval)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        printed = []
-        for _ in range(3):  # let it run through a few explicit flushes
-            printed.append(proc.stdout.readline())
-            assert printed[-1], "the child died"
-        time.sleep(0.07)  # mid-way between explicit flushes: only the background flusher is at work
-        killed_ns = time.time_ns()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    printed += proc.stdout.read().splitlines()
-    proc.stdout.close()
-    # The last complete line the child printed before dying (a line cut by the kill has no
-    # newline only if the kill hit inside print; then the line before it counts).
-    acked_count = int(printed[-1]) if printed[-1].strip().isdigit() else int(printed[-2])
+    acked_count, killed_ns = kill_after_flushes(CHILD, str(tmp_path), str(interval))
 
     reader = AuditLog(tmp_path, KEY)
     got = reader.entries()

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import kill_after_flushes
 from server.audit import ENTRY, FORMAT, ITEM, UNARY, VERSION, AuditLog
 
 KEY = b"k" * 32
@@ -353,27 +353,7 @@ CHILD = textwrap.dedent(
 
 
 def _run_and_kill(directory: Path, interval: float, base: int) -> tuple[int, int]:
-    env = dict(os.environ, PYTHONPATH=str(MAIN))
-    proc = subprocess.Popen(
-        [sys.executable, "-c", CHILD, str(directory), str(interval), str(base)], stdout=subprocess.PIPE, text=True, env=env
-    )
-    try:
-        printed = []
-        for _ in range(3):
-            printed.append(proc.stdout.readline())
-            assert printed[-1], "the child died"
-        time.sleep(0.07)  # mid-way between explicit flushes: only the background flusher is at work
-        killed_ns = time.time_ns()
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait(timeout=5)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    printed += proc.stdout.read().splitlines()
-    proc.stdout.close()
-    acked = int(printed[-1]) if printed[-1].strip().isdigit() else int(printed[-2])
-    return acked, killed_ns
+    return kill_after_flushes(CHILD, str(directory), str(interval), str(base))
 
 
 def test_sigkill_loses_at_most_the_last_flush_interval_of_batches(tmp_path):
