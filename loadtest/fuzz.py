@@ -352,14 +352,20 @@ def gen_new_record_id(c, v: Vocab) -> str:
     return gen_record_id(c, v)
 
 
-def gen_scenario(c, v: Vocab) -> str:
-    branch = c.weighted((55, 10, 35))
+def _name_like(c, names: list[str], weights: tuple[int, int, int], near) -> str:
+    """A configured name, a near miss of one (``near(name)``: the variants to pick from), or
+    random text."""
+    branch = c.weighted(weights)
     if branch == 0:
-        return c.choice(v.scenarios)
+        return c.choice(names)
     if branch == 1:
-        s = c.choice(v.scenarios)
-        return c.choice((s.upper(), s + " ", " " + s, s + "\x00", s[:-1], s + "_x", s.replace("_", "-")))
+        return c.choice(near(c.choice(names)))
     return gen_text(c, 80)
+
+
+def gen_scenario(c, v: Vocab) -> str:
+    return _name_like(c, v.scenarios, (55, 10, 35),
+                      lambda s: (s.upper(), s + " ", " " + s, s + "\x00", s[:-1], s + "_x", s.replace("_", "-")))
 
 
 def gen_record_scenario(c, v: Vocab) -> str:
@@ -372,13 +378,8 @@ def gen_record_scenario(c, v: Vocab) -> str:
 
 
 def gen_variable(c, v: Vocab) -> str:
-    branch = c.weighted((65, 10, 25))
-    if branch == 0:
-        return c.choice(v.variables)
-    if branch == 1:
-        s = c.choice(v.variables)
-        return c.choice((s.upper(), s + " ", s + "\x00", s[:-1], "hukou", "health", s.replace("_", "-")))
-    return gen_text(c, 80)
+    return _name_like(c, v.variables, (65, 10, 25),
+                      lambda s: (s.upper(), s + " ", s + "\x00", s[:-1], "hukou", "health", s.replace("_", "-")))
 
 
 def gen_date(c, v: Vocab) -> str:
