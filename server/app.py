@@ -182,6 +182,10 @@ class Runtime:
     def open_store(self, metrics: Metrics | None = None) -> Store:
         return open_store(self.config.resolved_store_url, on_write=metrics.observe_store_write if metrics else None)
 
+    def serve_release(self, spec: ModelSpec, calibration: CalibrationTable, release: str, state: ServingState) -> None:
+        """What a rollout switched to (server/rollout.py)."""
+        self.spec, self._calibration, self.release, self.state = spec, calibration, release, state
+
     def calibration(self) -> CalibrationTable:
         if self._calibration is None:
             self._calibration = CalibrationTable.load(self.calibration_path, self.spec)

@@ -180,7 +180,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     code = _gone(context)
                     raise
                 except grpc.aio.AbortError:
-                    code = code or aborted_code(context)
+                    code = aborted_code(context)
                     raise
                 except Exception as exc:  # noqa: BLE001 - mapped by the table
                     code = COUNTED
@@ -208,7 +208,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code = _gone(context)
                 raise
             except grpc.aio.AbortError:
-                code = code or aborted_code(context)
+                code = aborted_code(context)
                 raise
             except Exception as exc:  # noqa: BLE001
                 code = COUNTED

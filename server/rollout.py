@@ -129,8 +129,7 @@ def roll_out(runtime, nodes: int, metrics=None, warm_timeout: float = 60.0) -> R
         store.close()
     new.release_fd()
     previous = runtime.release
-    runtime.spec, runtime._calibration, runtime.release, runtime.state = spec, table, rid, new
-    runtime.calibration_path = runtime.config.data_dir / f"calibration-{spec.model_version}.npz"
+    runtime.serve_release(spec, table, rid, new)
     count("switched")
     log.info("now serving release %s (was %s): %d rows written meanwhile re-derived; lock held %.1f ms; %.1f s in all",
              rid, previous, len(rows), held * 1000, time.perf_counter() - t0)

@@ -61,6 +61,12 @@ class Scenario:
     pay_later: bool
     default_bit: int  # bit in the citizen's unpaid-default mask (pay-later only), else -1
 
+    @property
+    def rule(self) -> tuple[int, bool, int]:
+        """(min_score, pay_later, default bit) as the compiled check takes them
+        (server/token_index.pyx; the bit is ignored unless pay-later)."""
+        return self.min_score, self.pay_later, max(self.default_bit, 0)
+
 
 def load_scenarios(path: str | Path | None = None) -> dict[str, Scenario]:
     path = Path(path) if path else DEFAULT_SCENARIOS_PATH

@@ -257,13 +257,13 @@ class CreditService:
 
     def _check_tokens(self, scenario: Scenario, tokens: bytes):
         """The compiled lookup and rule (server/token_index.pyx): (outcomes, subjects, allowed)."""
-        return self._checker.check(tokens, scenario.min_score, scenario.pay_later, max(scenario.default_bit, 0))
+        return self._checker.check(tokens, *scenario.rule)
 
     def check(self, scenario_name: str, token: bytes, caller: Caller, method: str = "EligibilityService/Check") -> DecisionView:
         caller.check_scenario(scenario_name)
         scenario = self.scenario(scenario_name)
         check_token(token)
-        value, subject = self._checker.check_one(token, scenario.min_score, scenario.pay_later, max(scenario.default_bit, 0))
+        value, subject = self._checker.check_one(token, *scenario.rule)
         outcome = Outcome(value)
         self._on_decision(scenario.name, outcome)
         codes = REASON_CODES[outcome]
