@@ -288,7 +288,6 @@ class Node:
         self.audit_servicer = AuditServicer(self.pool, self._ready)
         self.service: CreditService | None = None
         self.store_watch: StoreWatch | None = None
-        self.generation = 0  # of the model release being served (server/rollout.py)
         self._next: tuple[int, CreditService] | None = None  # built for the next generation
         self._switching = threading.Lock()
         self._watching = threading.Event()
@@ -352,7 +351,7 @@ class Node:
         service = self.service
         if service is None:
             return False
-        if self.runtime.control.meta[ACTIVE_GENERATION] != self.generation:
+        if self.runtime.control.meta[ACTIVE_GENERATION] != service.generation:
             service = self._switch()
         return service.state.ready
 
@@ -372,8 +371,7 @@ class Node:
 
             self.audit = AuditLog(Path(rt.config.data_dir) / "audit", rt.keys.audit, flush_interval=rt.config.audit_flush_seconds)
             self.audit.start()
-        self.generation = rt.control.generation
-        service = self._service_on(rt.state, rt.spec, rt.calibration())
+        service = self._service_on(rt.state, rt.spec, rt.calibration(), rt.control.generation)
         self._serve(service)
         # Everything loaded so far lives as long as the process: keep it out of the cyclic
         # garbage collector's full passes, which otherwise stall the event loop for tens of
@@ -407,7 +405,7 @@ class Node:
         return CreditService(
             state, self._store, Scorer(spec, calibration), self.runtime.scenarios,
             on_rescore=m.observe_rescore, on_decisions=on_decisions, on_decision=on_decision, audit=self.audit,
-            control=self.runtime.control, generation=generation or self.generation,
+            control=self.runtime.control, generation=generation,
             ids=previous.ids if previous else None, store_watch=self.store_watch,
         )
 
@@ -433,8 +431,8 @@ class Node:
     def _switch(self) -> CreditService:
         with self._switching:
             active = int(self.runtime.control.meta[ACTIVE_GENERATION])
-            if active != self.generation and self._next is not None and self._next[0] == active:
-                self.generation, service = self._next
+            if active != self.service.generation and self._next is not None and self._next[0] == active:
+                service = self._next[1]
                 self._next = None
                 self._serve(service)
                 log.info("serving model %s, calibration %s (generation %d)", service.model_version,
@@ -450,7 +448,7 @@ class Node:
             nxt = self._next
             if nxt is not None and prepared != nxt[0]:
                 self._next = None  # the rollout was called off
-            if prepared <= self.generation or (nxt is not None and nxt[0] == prepared):
+            if prepared <= self.service.generation or (nxt is not None and nxt[0] == prepared):
                 continue
             generation, path, release = control.prepared()
             try:
