@@ -40,6 +40,27 @@ def best_interleaved(repeats: int, *fns) -> list[float]:
     return best
 
 
+def _batch_check_seconds(out: ScoreColumns, adult: np.ndarray, seed: int, repeats: int) -> float:
+    """Seconds of one Checker.check of 1,000 random known cards over the whole city (64
+    distinct batches in turn, so the lookups are as cold as a city's cards make them)."""
+    from server.token_index import Checker, TokenIndex
+
+    n = len(adult)
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, 256, (n, 16), dtype=np.uint8)
+    index = TokenIndex.allocate(n)
+    index.insert_many(tokens, np.arange(n, dtype=np.int32))
+    consent = (rng.random(n) < 0.85).astype(np.uint8)
+    checker = Checker(index, adult, consent, out.score, out.flags, np.zeros(n, np.uint32), rng.integers(1, 2**63, n, dtype=np.uint64))
+    batches = [tokens[rng.integers(0, n, 1000)].tobytes() for _ in range(64)]
+
+    def run():
+        for b in batches:
+            checker.check(b, 600, True, 0)
+
+    return best_of(repeats, run) / len(batches)
+
+
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(prog="python -m kernel.bench", description=__doc__.split("\n\n")[0])
     ap.add_argument("--citizens", type=int, default=2_000_000)
@@ -93,6 +114,9 @@ def main(argv=None) -> dict:
 
     single_s = best_of(3, single)
 
+    log("batch eligibility checks ...")
+    batch_s = _batch_check_seconds(out, adult, args.seed, args.repeats)
+
     result = {
         "citizens": args.citizens,
         "variables": len(spec.variables),
@@ -106,6 +130,9 @@ def main(argv=None) -> dict:
         "thread_scaling": round(c1 / c2, 3),
         "floor_ratio": round(c2 / floor_s, 2),
         "single_citizen_us": round(single_s / len(rows) * 1e6, 3),
+        # server/token_index.pyx Checker: one station batch of 1,000 random cards of this city
+        "batch_check_1000_us": round(batch_s * 1e6, 2),
+        "batch_checks_per_s_1t": round(1000 / batch_s),
         "ns_per_citizen_1t": round(c1 / args.citizens * 1e9, 1),
         "matches_reference": matches,
         "cpu_count": os.cpu_count(),

@@ -394,10 +394,10 @@ class Node:
                 child = children[(scenario, outcome)] = decisions.labels(scenario=scenario, outcome=_OUTCOME_NAMES[outcome])
             return child
 
-        def on_decisions(scenario: str, outcomes: np.ndarray) -> None:
-            counts = np.bincount(outcomes, minlength=8)
-            for value in np.flatnonzero(counts).tolist():
-                counter(scenario, value).inc(int(counts[value]))
+        def on_decisions(scenario: str, counts: np.ndarray) -> None:
+            for value, n in enumerate(counts.tolist()):
+                if n:
+                    counter(scenario, value).inc(n)
 
         def on_decision(scenario: str, outcome) -> None:
             counter(scenario, int(outcome)).inc()

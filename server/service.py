@@ -142,7 +142,8 @@ class CreditService:
         control: Control | None = None, generation: int = 0, ids: DecisionIds | None = None,
         store_watch: StoreWatch | None = None,
     ):
-        """``on_rescore(seconds)``, ``on_decisions(scenario, outcomes array)`` and
+        """``on_rescore(seconds)``, ``on_decisions(scenario, counts)`` (counts: how many
+        decisions had each outcome value, 8 entries) and
         ``on_decision(scenario, outcome)`` feed metrics. With a rollout's ``control`` block,
         the service serves model ``generation``; a new generation's service shares the old
         one's decision ``ids`` (ids stay unique). ``store_watch`` fails writes fast while
@@ -162,7 +163,7 @@ class CreditService:
         self.store_watch = store_watch if store_watch is not None else StoreWatch(store)
         self._variables = {v.name: i for i, v in enumerate(self.spec.variables)}
         self._on_rescore = on_rescore or (lambda seconds: None)
-        self._on_decisions = on_decisions or (lambda scenario, outcomes: None)
+        self._on_decisions = on_decisions or (lambda scenario, counts: None)
         self._on_decision = on_decision or (lambda scenario, outcome: None)
         c = self.spec.compiled
         self._best, self._loss_weight = c.best, c.loss_weight
@@ -255,9 +256,10 @@ class CreditService:
 
     # --- eligibility ------------------------------------------------------------------
 
-    def _check_tokens(self, scenario: Scenario, tokens: bytes):
-        """The compiled lookup and rule (server/token_index.pyx): (outcomes, subjects, allowed)."""
-        return self._checker.check(tokens, *scenario.rule)
+    def _check_tokens(self, scenario: Scenario, tokens: bytes, counts: np.ndarray | None = None):
+        """The compiled lookup and rule (server/token_index.pyx): (outcomes, subjects, allowed);
+        ``counts`` (int64, 8) receives the number of each outcome."""
+        return self._checker.check(tokens, *scenario.rule, counts)
 
     def check(self, scenario_name: str, token: bytes, caller: Caller, method: str = "EligibilityService/Check") -> DecisionView:
         caller.check_scenario(scenario_name)
@@ -285,8 +287,9 @@ class CreditService:
         n = len(tokens) // TOKEN_BYTES
         if n > MAX_BATCH_TOKENS:
             raise InvalidArgument("card_tokens", f"{n} tokens exceed the limit of {MAX_BATCH_TOKENS}")
-        outcomes, subjects, allowed = self._check_tokens(scenario, tokens)
-        self._on_decisions(scenario.name, outcomes)
+        counts = np.empty(8, np.int64)
+        outcomes, subjects, allowed = self._check_tokens(scenario, tokens, counts)
+        self._on_decisions(scenario.name, counts)
         seq, batch_id = self.ids.next()
         self.audit.record_batch(seq, caller.identity, "EligibilityService/BatchCheck", scenario.name, subjects, outcomes, self.model_version)
         return BatchDecision(outcomes.tobytes(), batch_id, self.model_version, scenario.name, allowed)

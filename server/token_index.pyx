@@ -5,6 +5,8 @@
 # Pure C, nogil: `find` probes for one token; `lookup_batch` runs it over a packed buffer
 # of N tokens (the BatchCheck request's bytes, straight from protobuf) without creating a
 # Python object per token. Python: `TokenIndex` validates once and holds the arrays.
+# `Checker` is the eligibility rule over the index and the state's columns, prefetching a
+# group of tokens' slots and rows at a time (a city's cards are random cache misses).
 #
 # Writers (inserts) must be serialised by the caller (the service holds a cross-process
 # lock); readers take no lock. An insert writes the row before the key's second half
@@ -202,44 +204,81 @@ cdef enum:
     FLAG_HARD_RULE = 1
 
 
+cdef extern from *:
+    void prefetch "__builtin_prefetch"(const void* addr) noexcept nogil
+
+# A batch's tokens are random cards of a whole city: each probe and each column read is a
+# cache miss. Tokens go through in groups of CHUNK, in three passes: hash and prefetch the
+# slots, probe and prefetch the row's columns, then apply the rule, so the misses of a group
+# overlap instead of queueing one after another (about 2x on 100,000 citizens, more on a city).
+DEF CHUNK = 16
+# Batches from this many tokens on (a few hundred microseconds) release the GIL.
+DEF NOGIL_FROM = 16384
+
+
 cdef Py_ssize_t check_many(
     const uint64_t* keys, const int32_t* rows, Py_ssize_t mask,
     const unsigned char* tokens, Py_ssize_t n,
     const unsigned char* adult, const unsigned char* consent, const short* score,
     const unsigned char* flags, const unsigned int* defaults, const uint64_t* subject,
     int min_score, bint pay_later, int default_bit,
-    unsigned char* outcomes, uint64_t* subjects_out,
+    unsigned char* outcomes, uint64_t* subjects_out, int64_t* counts,
 ) noexcept nogil:
-    cdef Py_ssize_t i, slot, allowed = 0
+    """Outcome and subject of each token; adds each outcome's count to counts[outcome]
+    (counts: 8 entries) and returns the number allowed."""
+    cdef Py_ssize_t base, i, m, slot
+    counts[:8] = [0, 0, 0, 0, 0, 0, 0, 0]
+    cdef Py_ssize_t slots[CHUNK]
+    cdef int32_t found[CHUNK]
     cdef int32_t row
     cdef uint64_t k[2]
     cdef unsigned char o
-    for i in range(n):
-        memcpy(k, tokens + 16 * i, 16)
-        slot = find(keys, rows, mask, k[0], k[1])
-        row = rows[slot]
-        if row < 0:
-            outcomes[i] = UNKNOWN_CARD
-            subjects_out[i] = 0
-            continue
-        subjects_out[i] = subject[row]
-        # precedence: under 18, not authorised, (pay-later) serious record, unpaid default,
-        # then the threshold — the order of design section 4
-        if not adult[row]:
-            o = UNDER_18
-        elif not consent[row]:
-            o = NOT_AUTHORISED
-        elif pay_later and flags[row] & FLAG_HARD_RULE:
-            o = DENY_HARD_RULE
-        elif pay_later and (defaults[row] >> default_bit) & 1:
-            o = DENY_UNPAID_DEFAULT
-        elif score[row] >= min_score:
-            o = ALLOW
-        else:
-            o = DENY_BELOW_THRESHOLD
-        outcomes[i] = o
-        allowed += o == ALLOW
-    return allowed
+    for base in range(0, n, CHUNK):
+        m = min(CHUNK, n - base)
+        for i in range(m):
+            memcpy(k, tokens + 16 * (base + i), 8)
+            slot = <Py_ssize_t>((k[0] * MIX) >> 20) & mask
+            slots[i] = slot
+            prefetch(&rows[slot])
+            prefetch(&keys[2 * slot])
+        for i in range(m):
+            memcpy(k, tokens + 16 * (base + i), 16)
+            slot = slots[i]
+            while rows[slot] >= 0 and not (keys[2 * slot] == k[0] and keys[2 * slot + 1] == k[1]):
+                slot = (slot + 1) & mask
+            row = rows[slot]
+            found[i] = row
+            if row >= 0:
+                prefetch(&adult[row])
+                prefetch(&consent[row])
+                prefetch(&flags[row])
+                prefetch(&score[row])
+                prefetch(&defaults[row])
+                prefetch(&subject[row])
+        for i in range(m):
+            row = found[i]
+            if row < 0:
+                o = UNKNOWN_CARD
+                subjects_out[base + i] = 0
+            else:
+                subjects_out[base + i] = subject[row]
+                # precedence: under 18, not authorised, (pay-later) serious record, unpaid
+                # default, then the threshold — the order of design section 4
+                if not adult[row]:
+                    o = UNDER_18
+                elif not consent[row]:
+                    o = NOT_AUTHORISED
+                elif pay_later and flags[row] & FLAG_HARD_RULE:
+                    o = DENY_HARD_RULE
+                elif pay_later and (defaults[row] >> default_bit) & 1:
+                    o = DENY_UNPAID_DEFAULT
+                elif score[row] >= min_score:
+                    o = ALLOW
+                else:
+                    o = DENY_BELOW_THRESHOLD
+            outcomes[base + i] = o
+            counts[o] += 1
+    return counts[ALLOW]
 
 
 def check_tokens(TokenIndex index, tokens, adult, consent, score, flags, defaults, subject,
@@ -300,17 +339,30 @@ cdef class Checker:
         cdef const unsigned char* t = token
         cdef unsigned char o
         cdef uint64_t subj
+        cdef int64_t counts[8]
         check_many(self.index.k, self.index.r, self.index.mask, t, 1, self.a, self.c, self.s, self.f, self.d,
-                   self.subj, min_score, pay_later, default_bit, &o, &subj)
+                   self.subj, min_score, pay_later, default_bit, &o, &subj, counts)
         return o, subj
 
-    def check(self, tokens, int min_score, bint pay_later, int default_bit):
-        """(outcomes uint8 (N,), subjects uint64 (N,), allowed) of N packed tokens, without the GIL."""
+    def check(self, tokens, int min_score, bint pay_later, int default_bit, counts=None):
+        """(outcomes uint8 (N,), subjects uint64 (N,), allowed) of N packed tokens. ``counts``,
+        if given (int64, 8 entries), receives how many tokens got each outcome value: the
+        decision metrics then need no pass of their own. A large batch runs without the GIL;
+        a station's batch is over in microseconds, less than handing the GIL over would cost."""
         cdef const unsigned char[::1] buf = np.frombuffer(tokens, dtype=np.uint8) if isinstance(tokens, (bytes, bytearray, memoryview)) else tokens
         if buf.shape[0] % 16:
             raise ValueError(f"card_tokens: {buf.shape[0]} bytes is not a whole number of 16-byte tokens")
         if pay_later and not 0 <= default_bit < 32:
             raise ValueError(f"default_bit: {default_bit} is outside [0, 32)")
+        cdef int64_t local[8]
+        cdef int64_t[::1] cv
+        cdef int64_t* c = local
+        if counts is not None:
+            cv = counts
+            if cv.shape[0] != 8:
+                raise ValueError(f"counts: expected 8 entries, got {cv.shape[0]}")
+            c = &cv[0]
+        c[:8] = [0, 0, 0, 0, 0, 0, 0, 0]  # an empty batch counts nothing
         cdef Py_ssize_t n = buf.shape[0] // 16
         outcomes = np.empty(n, np.uint8)
         subjects = np.empty(n, np.uint64)
@@ -318,7 +370,11 @@ cdef class Checker:
         cdef uint64_t[::1] so = subjects
         cdef Py_ssize_t allowed = 0
         if n:
-            with nogil:
+            if n >= NOGIL_FROM:
+                with nogil:
+                    allowed = check_many(self.index.k, self.index.r, self.index.mask, &buf[0], n, self.a, self.c, self.s,
+                                         self.f, self.d, self.subj, min_score, pay_later, default_bit, &o[0], &so[0], c)
+            else:
                 allowed = check_many(self.index.k, self.index.r, self.index.mask, &buf[0], n, self.a, self.c, self.s,
-                                     self.f, self.d, self.subj, min_score, pay_later, default_bit, &o[0], &so[0])
+                                     self.f, self.d, self.subj, min_score, pay_later, default_bit, &o[0], &so[0], c)
         return outcomes, subjects, allowed

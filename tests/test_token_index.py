@@ -19,9 +19,10 @@ def test_doctests():
 
 @pytest.mark.parametrize("seed", range(5))
 @pytest.mark.parametrize("min_score, pay_later, bit", [(581, False, 0), (600, True, 0), (550, True, 3)])
-def test_checker_follows_the_rule(seed, min_score, pay_later, bit):
+# sizes around the kernel's groups of 16, and one past the size that releases the GIL
+@pytest.mark.parametrize("n", [83, 96, 500, 20_000])
+def test_checker_follows_the_rule(seed, min_score, pay_later, bit, n):
     rng = np.random.default_rng(seed)
-    n = 500
     tokens = rng.integers(0, 256, (n, 16), dtype=np.uint8)
     index = TokenIndex.allocate(n)
     index.insert_many(tokens[: n - 50], np.arange(n - 50))  # the last 50 are unknown cards
@@ -52,13 +53,24 @@ def test_checker_follows_the_rule(seed, min_score, pay_later, bit):
 
     want = [rule(tokens[i].tobytes()) for i in range(n)]
     checker = Checker(index, adult, consent, score, flags, defaults, subject)
-    outcomes, subjects, allowed = checker.check(packed, min_score, pay_later, bit)
+    counts = np.full(8, -1, np.int64)  # overwritten, not added to
+    outcomes, subjects, allowed = checker.check(packed, min_score, pay_later, bit, counts)
     assert list(zip(outcomes.tolist(), subjects.tolist())) == want
     assert allowed == sum(o == 1 for o, _ in want)
+    assert counts.tolist() == [sum(o == v for o, _ in want) for v in range(8)]
     assert [checker.check_one(tokens[i].tobytes(), min_score, pay_later, bit) for i in range(n)] == want
     again = check_tokens(index, packed, adult, consent, score, flags, defaults, subject, min_score, pay_later, bit)
     assert again[0].tolist() == outcomes.tolist() and again[2] == allowed
     assert {o for o, _ in want} >= {1, 5}  # both allowed and unknown cards occur
+
+
+def test_an_empty_batch_counts_nothing():
+    index = TokenIndex.allocate(4)
+    one = np.ones(1, np.uint8)
+    checker = Checker(index, one, one, np.ones(1, np.int16), one, np.zeros(1, np.uint32), np.zeros(1, np.uint64))
+    counts = np.full(8, 7, np.int64)
+    outcomes, subjects, allowed = checker.check(b"", 581, False, 0, counts)
+    assert (len(outcomes), len(subjects), allowed, counts.tolist()) == (0, 0, 0, [0] * 8)
 
 
 def test_checker_refuses_bad_input():
@@ -71,5 +83,7 @@ def test_checker_refuses_bad_input():
         checker.check_one(b"short", 581, False, 0)
     with pytest.raises(ValueError, match="whole number"):
         checker.check(b"x" * 17, 581, False, 0)
+    with pytest.raises(ValueError, match="counts: expected 8"):
+        checker.check(b"x" * 16, 581, False, 0, np.zeros(7, np.int64))
     with pytest.raises(ValueError, match="default_bit"):
         checker.check_one(b"x" * 16, 581, True, 40)
