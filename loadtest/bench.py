@@ -9,7 +9,9 @@ no logic) on loopback, then measures, alternating between the two where they are
 * unary Check: the closed-loop maximum of each (``baseline_unary_rps``, ``check_unary_rps``);
 * latency: the open-loop runner (loadtest/open_loop.py) at half of ``check_unary_rps``:
   p50/p99/p99.9 from the intended send time;
-* BatchCheck of 1,000 tokens and StreamCheck (a gateway's long-lived streams), closed loop;
+* BatchCheck of 1,000 tokens (16 distinct batches in turn, so the lookups are not served
+  from warm caches) and StreamCheck (a gateway's long-lived streams), closed loop, over two
+  connections per worker;
 * overload: open loop at twice the maximum for a few seconds (RESOURCE_EXHAUSTED is the
   expected answer, not a queue), then half the maximum again (it must recover at once).
 
@@ -58,10 +60,10 @@ def _start(cmd: list[str], ready_text: str, log_path: Path, timeout: float = 600
     return proc
 
 
-def _probe(target: str, mode: str, seconds: float, data_dir: str, concurrency: int = 16) -> dict:
+def _probe(target: str, mode: str, seconds: float, data_dir: str, concurrency: int = 16, channels: int = 1) -> dict:
     return closed_loop.main(
         ["--target", target, "--mode", mode, "--seconds", str(seconds), "--processes", "1",
-         "--concurrency", str(concurrency), "--data-dir", data_dir],
+         "--concurrency", str(concurrency), "--channels", str(channels), "--data-dir", data_dir],
         quiet=True,
     )
 
@@ -116,9 +118,12 @@ def main(argv=None) -> dict:
         )
 
         log("batch and stream ...")
-        batch = _probe(svc_target, "batch", args.seconds, data)
-        base_batch = _probe(base_target, "batch", args.seconds, data)
-        stream = _probe(svc_target, "stream", args.seconds, data, concurrency=8)
+        # Gateways batch over many connections: two per worker, so that every worker serves
+        # (one connection lands on one worker); the baseline is measured the same way.
+        channels = 2 * args.processes
+        batch = _probe(svc_target, "batch", args.seconds, data, channels=channels)
+        base_batch = _probe(base_target, "batch", args.seconds, data, channels=channels)
+        stream = _probe(svc_target, "stream", args.seconds, data, concurrency=8, channels=channels)
         result.update(
             batch_checks_per_s=batch["checks_per_s"], baseline_batch_checks_per_s=base_batch["checks_per_s"],
             batch_p99_ms=batch["p99_ms"], stream_checks_per_s=stream["checks_per_s"],

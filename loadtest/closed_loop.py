@@ -46,16 +46,28 @@ async def _run(args, proc_index: int, result_queue) -> None:
     tokens = _tokens(args.citizens, args.data_dir, 20_000, args.unknown_share, rng)
     options = [("grpc.use_local_subchannel_pool", 1)]
     metadata = (("authorization", f"Bearer {args.token}"),) if args.token else None
-    if args.certs:
-        from pathlib import Path
+    channels = []
+    for c in range(args.channels):
+        # a channel option of its own: its own connection, so a multi-worker server (one
+        # listening port, SO_REUSEPORT) spreads the channels over its workers
+        opts = options + [("qianjiang.loadtest.channel", c)]
+        if args.certs:
+            from pathlib import Path
 
-        from server.tls import channel_credentials
+            from server.tls import channel_credentials
 
-        channel = grpc.aio.secure_channel(args.target, channel_credentials(Path(args.certs), args.caller), options=options)
-    else:
-        channel = grpc.aio.insecure_channel(args.target, options=options)
-    stub = eligibility_pb2_grpc.EligibilityServiceStub(channel)
-    batch = b"".join(tokens[: args.batch_size])
+            channels.append(grpc.aio.secure_channel(args.target, channel_credentials(Path(args.certs), args.caller), options=opts))
+        else:
+            channels.append(grpc.aio.insecure_channel(args.target, options=opts))
+    stubs = [eligibility_pb2_grpc.EligibilityServiceStub(ch) for ch in channels]
+    # A station's batches hold different cards each time: rotate through distinct batches
+    # (one batch sent over and over would be served from warm caches).
+    batch_requests = [
+        eligibility_pb2.BatchCheckRequest(
+            scenario=args.scenario, card_tokens=b"".join(tokens[(i * args.batch_size + j) % len(tokens)] for j in range(args.batch_size)),
+        )
+        for i in range(16)
+    ]
     latencies: list[float] = []
     errors: dict[str, int] = {}
     checks = 0
@@ -64,6 +76,7 @@ async def _run(args, proc_index: int, result_queue) -> None:
     async def worker(k: int) -> None:
         nonlocal checks
         i = k
+        stub = stubs[k % len(stubs)]
         while time.perf_counter() < stop_at:
             t0 = time.perf_counter()
             try:
@@ -71,7 +84,7 @@ async def _run(args, proc_index: int, result_queue) -> None:
                     await stub.Check(eligibility_pb2.CheckRequest(scenario=args.scenario, card_token=tokens[i % len(tokens)]), timeout=5, metadata=metadata)
                     checks += 1
                 else:
-                    await stub.BatchCheck(eligibility_pb2.BatchCheckRequest(scenario=args.scenario, card_tokens=batch), timeout=5, metadata=metadata)
+                    await stub.BatchCheck(batch_requests[(i // args.concurrency) % len(batch_requests)], timeout=5, metadata=metadata)
                     checks += args.batch_size
                 latencies.append(time.perf_counter() - t0)
             except grpc.aio.AioRpcError as exc:
@@ -82,7 +95,7 @@ async def _run(args, proc_index: int, result_queue) -> None:
         """One long-lived gateway stream: keep a window of requests in flight on it."""
         nonlocal checks
         window = 32
-        call = stub.StreamCheck(metadata=metadata, timeout=args.seconds + 30)
+        call = stubs[k % len(stubs)].StreamCheck(metadata=metadata, timeout=args.seconds + 30)
         sent_at: dict[int, float] = {}
         i = 0
         try:
@@ -102,7 +115,8 @@ async def _run(args, proc_index: int, result_queue) -> None:
     cpu0 = time.process_time()
     await asyncio.gather(*((streamer if args.mode == "stream" else worker)(k) for k in range(args.concurrency)))
     result_queue.put({"latencies": latencies, "errors": errors, "checks": checks, "cpu_s": time.process_time() - cpu0})
-    await channel.close()
+    for channel in channels:
+        await channel.close()
 
 
 def _proc(args, index, queue):
@@ -117,6 +131,7 @@ def main(argv=None, quiet: bool = False) -> dict:
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--processes", type=int, default=2, help="client processes")
     ap.add_argument("--concurrency", type=int, default=16, help="requests in flight per process")
+    ap.add_argument("--channels", type=int, default=1, help="connections per process (the requests in flight are spread over them)")
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--citizens", type=int, default=100_000, help="size of the seeded synthetic city")
     ap.add_argument("--seed", type=int, default=2018, help="seeds the token mix")
