@@ -278,6 +278,7 @@ class Node:
         cfg = runtime.config
         self.runtime = runtime
         self.metrics = metrics or Metrics()
+        self.metrics.start_flushing()
         self.pool = futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="qj-io")
         self.loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self.loop.run_forever, name="qj-grpc", daemon=True)
@@ -394,13 +395,15 @@ class Node:
                 child = children[(scenario, outcome)] = decisions.labels(scenario=scenario, outcome=_OUTCOME_NAMES[outcome])
             return child
 
+        count = m.calls.inc
+
         def on_decisions(scenario: str, counts: np.ndarray) -> None:
             for value, n in enumerate(counts.tolist()):
                 if n:
-                    counter(scenario, value).inc(n)
+                    count(counter(scenario, value), n)
 
         def on_decision(scenario: str, outcome) -> None:
-            counter(scenario, int(outcome)).inc()
+            count(counter(scenario, int(outcome)))
 
         return CreditService(
             state, self._store, Scorer(spec, calibration), self.runtime.scenarios,
@@ -481,6 +484,7 @@ class Node:
                 self.audit.close()  # flushes: nothing disclosed goes unrecorded
             if self._store is not None:
                 self._store.close()
+            self.metrics.stop_flushing()  # the last calls' figures too
 
     def _stop_loop(self) -> None:
         if self.loop.is_running():

@@ -119,13 +119,15 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         short = f"{service.rsplit('.', 1)[-1]}/{method}"  # "EligibilityService/Check"
         auth, ready = self.auth, self.ready
         m = self.metrics
+        calls = m.calls  # buffered: Prometheus gets them at the next flush (server/metrics.py)
         started = m.started.labels(**labels)
         handling = m.handling.labels(**labels)
         handled = {code: m.handled.labels(**labels, grpc_code=code.name) for code in grpc.StatusCode}
+        count, observe = calls.inc, calls.observe
 
         def finish(code: grpc.StatusCode, t0: float) -> None:
-            handled[code].inc()
-            handling.observe(time.perf_counter() - t0)
+            count(handled[code])
+            observe(handling, time.perf_counter() - t0)
 
         def precheck(context) -> None:
             """Identity first (nothing about a person is looked up before it), then the
@@ -167,7 +169,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             behaviour = handler.unary_unary or handler.stream_unary
 
             async def unary(request_or_iterator, context):
-                started.inc()
+                count(started)
                 t0 = time.perf_counter()
                 code = None
                 try:
@@ -195,7 +197,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         behaviour = handler.unary_stream or handler.stream_stream
 
         async def streaming(request_or_iterator, context):
-            started.inc()
+            count(started)
             t0 = time.perf_counter()
             code = None
             try:

@@ -4,6 +4,11 @@
     >>> m = Metrics(CollectorRegistry())
     >>> m.decisions.labels(scenario="metro_pay_later", outcome="ALLOW").inc()
 
+The per-call metrics (calls started and handled, their latency, decisions) go through a
+:class:`CallBuffer` and reach Prometheus when it is flushed, a few times a second: a direct
+update takes a lock and writes a memory-mapped file in multiprocess mode, 1-3 µs each and
+five of them a call, which was a quarter of a gate check's own Python.
+
 Tests pass a private CollectorRegistry. In the multi-worker server every process writes its
 values to PROMETHEUS_MULTIPROC_DIR (prometheus_client's multiprocess mode, chosen by that
 variable at import) and the parent serves the merged view. No label ever carries a person's
@@ -12,15 +17,74 @@ identifier: labels are services, methods, status codes, scenarios, outcomes and 
 
 from __future__ import annotations
 
+import threading
+from bisect import bisect_left
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 #: 100 µs to 1 s: a gate check has single-digit milliseconds (design section 7).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
+class CallBuffer:
+    """Counter increments and histogram observations, added up in plain Python and handed
+    to their Prometheus metrics by :meth:`flush`. Thread-safe; what a scrape sees lags by
+    at most one flush interval (Metrics.start_flushing).
+
+        >>> from prometheus_client import CollectorRegistry
+        >>> c = Counter("calls", "", registry=CollectorRegistry())
+        >>> buf = CallBuffer(); buf.inc(c); buf.inc(c, 2)
+        >>> c._value.get(), buf.flush(), c._value.get()
+        (0.0, None, 3.0)
+    """
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._counts: dict = {}  # a counter (child) -> increment
+        self._observed: dict = {}  # a histogram (child) -> [sum, per-bucket counts]
+
+    def inc(self, counter, amount: float = 1) -> None:
+        with self._lock:
+            counts = self._counts
+            counts[counter] = counts.get(counter, 0) + amount
+
+    def observe(self, histogram, value: float) -> None:
+        with self._lock:
+            pending = self._observed.get(histogram)
+            if pending is None:
+                pending = self._observed[histogram] = [0.0, [0] * len(_bounds(histogram))]
+            pending[0] += value
+            pending[1][bisect_left(histogram._upper_bounds, value)] += 1  # the bucket observe() picks
+
+    def flush(self) -> None:
+        with self._lock:
+            counts, self._counts = self._counts, {}
+            observed, self._observed = self._observed, {}
+        for counter, amount in counts.items():
+            counter.inc(amount)
+        for histogram, (total, buckets) in observed.items():
+            histogram._sum.inc(total)
+            for bucket, n in zip(histogram._buckets, buckets):
+                if n:
+                    bucket.inc(n)
+
+
+def _bounds(histogram) -> list[float]:
+    """The upper bounds of a histogram child, checking that it has the parts flush() adds to
+    (prometheus_client's own layout: one value per bucket, not cumulative, and the sum)."""
+    bounds = getattr(histogram, "_upper_bounds", None)
+    buckets = getattr(histogram, "_buckets", None)
+    if bounds is None or buckets is None or len(buckets) != len(bounds) or not hasattr(histogram, "_sum"):
+        raise TypeError("this prometheus_client's Histogram has no _upper_bounds/_buckets/_sum to buffer into")
+    return bounds
+
+
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None):
         r = registry if registry is not None else REGISTRY
+        self.calls = CallBuffer()
+        self._flusher: threading.Thread | None = None
+        self._stop_flushing = threading.Event()
         rpc = ["grpc_type", "grpc_service", "grpc_method"]
         self.started = Counter("grpc_server_started", "RPCs started on the server.", rpc, registry=r)
         self.handled = Counter("grpc_server_handled", "RPCs completed on the server, by status code.", rpc + ["grpc_code"], registry=r)
@@ -55,6 +119,29 @@ class Metrics:
             registry=r, multiprocess_mode="min",
         )
         self.citizens = Gauge("qianjiang_citizens", "Citizens in the serving state.", registry=r, multiprocess_mode="max")
+
+    def flush(self) -> None:
+        """Hand the buffered per-call figures to Prometheus now."""
+        self.calls.flush()
+
+    def start_flushing(self, interval: float = 0.25) -> None:
+        """Flush every ``interval`` seconds from a thread of this process (call it in the
+        process that serves: a forked worker starts its own)."""
+        if self._flusher is None:
+            def run():
+                while not self._stop_flushing.wait(interval):
+                    self.flush()
+
+            self._flusher = threading.Thread(target=run, name="qj-metrics", daemon=True)
+            self._flusher.start()
+
+    def stop_flushing(self) -> None:
+        self._stop_flushing.set()
+        if self._flusher is not None:
+            self._flusher.join()
+            self._flusher = None
+        self._stop_flushing.clear()
+        self.flush()
 
     def observe_store_write(self, operation: str, seconds: float) -> None:
         self.store_write_seconds.labels(operation=operation).observe(seconds)

@@ -75,6 +75,7 @@ class Served:
         return citizen_id(row)
 
     def metric(self, name: str, **labels) -> float:
+        self.node.metrics.flush()  # per-call figures are buffered (server/metrics.py)
         return self.registry.get_sample_value(name, labels) or 0.0
 
     def stop(self):

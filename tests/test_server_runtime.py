@@ -124,9 +124,16 @@ def test_two_workers_share_one_port_and_one_state_and_drain_on_sigterm(tmp_path)
         assert {qj.check("campus_fitness", token).outcome for qj in clients} != {6}
         import urllib.request
 
-        text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
-        line = next(x for x in text.splitlines() if x.startswith("grpc_server_handled_total") and 'grpc_method="Check"' in x)
-        assert float(line.rsplit(" ", 1)[1]) >= 36, "metrics add up across the worker processes"
+        def handled_checks() -> float:
+            text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5).read().decode()
+            line = next((x for x in text.splitlines() if x.startswith("grpc_server_handled_total") and 'grpc_method="Check"' in x), None)
+            return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+        # each worker hands its per-call figures to Prometheus a few times a second
+        deadline = time.monotonic() + 5
+        while handled_checks() < 36 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert handled_checks() >= 36, "metrics add up across the worker processes"
         for qj in clients:
             qj.close()
         proc.send_signal(signal.SIGTERM)
