@@ -85,6 +85,7 @@ import logging
 import os
 import re
 import secrets
+import struct
 import threading
 import time
 from dataclasses import dataclass
@@ -111,6 +112,8 @@ ENTRY = np.dtype(
         "itemsize": 48,
     }
 )
+_PACK_ENTRY = struct.Struct("<qQQIIHHHHB7x").pack  # ENTRY's layout, for the group commit
+assert struct.calcsize("<qQQIIHHHHB7x") == ENTRY.itemsize
 # One batch item (format 2): packed, no padding — the bulk of the log at high batch rates.
 ITEM = np.dtype({"names": ["subject", "result"], "formats": ["<u8", "u1"], "offsets": [0, 8], "itemsize": 9})
 _KINDS = ("writer", "caller", "method", "scenario", "model")
@@ -198,6 +201,7 @@ class AuditLog:
         # A failed commit, retried first: its entries (headers pointing into its own items),
         # items, dictionary lines and number of disclosures.
         self._carry: tuple[np.ndarray, np.ndarray, list[str], int] | None = None
+        self._items_buf = self._subjects_buf = self._results_buf = None  # see _items_scratch
 
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -350,13 +354,13 @@ class AuditLog:
                 results, self._results = self._results, []
                 lines, self._new_lines = self._new_lines, []
                 count, self._pending = self._pending, 0
-            entries = np.zeros(len(rows), ENTRY)  # zeros: np.array(rows) leaves padding bytes uninitialised
-            if rows:
-                entries[:] = rows
-            items = np.empty(sum(len(s) for s in subjects), ITEM)
+            # packed by struct, row by row (twice as fast as numpy converting the tuples);
+            # the padding bytes are zeros
+            entries = np.frombuffer(bytearray(b"".join([_PACK_ENTRY(*row) for row in rows])), ENTRY)
+            items = self._items_scratch(sum(len(s) for s in subjects))
             if subjects:
-                items["subject"] = np.concatenate(subjects)
-                items["result"] = np.concatenate(results)
+                items["subject"] = np.concatenate(subjects, out=self._subjects_buf[: len(items)])
+                items["result"] = np.concatenate(results, out=self._results_buf[: len(items)])
                 # Headers point into this commit's items for now; _write makes it absolute.
                 heads = entries["batch_index"] != UNARY
                 counts = entries["batch_index"][heads].astype(np.uint64)
@@ -375,11 +379,21 @@ class AuditLog:
                 self._write(lines, entries, items)
             except BaseException:
                 # Keep them for the next commit and count them again so back-pressure applies.
-                self._carry = (entries, items, lines, count)
+                self._carry = (entries, items.copy(), lines, count)  # the scratch is reused
                 with self._lock:
                     self._pending += count
                 raise
             self._carry = None
+
+    def _items_scratch(self, n: int) -> np.ndarray:
+        """n items of a buffer kept from one group commit to the next: fresh arrays of this
+        size would be new mappings, and faulting their pages in was most of a commit."""
+        if self._items_buf is None or len(self._items_buf) < n:
+            size = max(n, 2 * len(self._items_buf) if self._items_buf is not None else 0, 4096)
+            self._items_buf = np.empty(size, ITEM)
+            self._subjects_buf = np.empty(size, _U64)
+            self._results_buf = np.empty(size, _U8)
+        return self._items_buf[:n]
 
     def _write(self, lines: list[str], entries: np.ndarray, items: np.ndarray) -> None:
         """Items first (write + fdatasync), then the entries whose headers reference them."""
@@ -396,7 +410,7 @@ class AuditLog:
         if len(items):
             entries = entries.copy()  # the relative positions stay in the carry if this fails
             entries["subject"][entries["batch_index"] != UNARY] += np.uint64(items_start // ITEM.itemsize)
-            self._append(self._items_fd, items.tobytes(), "_items_size")
+            self._append(self._items_fd, items.view(np.uint8), "_items_size")
         try:
             self._append(self._fd, entries.tobytes(), "_size")
         except BaseException:
