@@ -168,6 +168,7 @@ async def _run_schedule(plan: Plan, index: int, call, payloads: list[bytes], t0:
 
     indices = range(index, plan.total, plan.processes)
     latencies = np.full(len(indices), np.nan)
+    refused = np.full(len(indices), np.nan)  # time to an error status (a refusal must be quick too)
     errors: dict[str, int] = {}
     tasks: set[asyncio.Task] = set()
     state = {"in_flight": 0, "max_in_flight": 0, "last_done": 0.0}
@@ -181,6 +182,7 @@ async def _run_schedule(plan: Plan, index: int, call, payloads: list[bytes], t0:
             await call(payload, timeout=timeout)
             latencies[j] = time.perf_counter() - intended
         except grpc.aio.AioRpcError as exc:
+            refused[j] = time.perf_counter() - intended
             count(exc.code().name)
         except asyncio.CancelledError:
             count("CLIENT_CANCELLED")
@@ -226,8 +228,11 @@ async def _run_schedule(plan: Plan, index: int, call, payloads: list[bytes], t0:
     answered = latencies[~np.isnan(latencies)]
     hist = Histogram()
     hist.record_many(answered)
+    refused_hist = Histogram()
+    refused_hist.record_many(refused[~np.isnan(refused)])
     return {
         "histogram": hist.to_dict(),
+        "refused_histogram": refused_hist.to_dict(),
         "ok": int(answered.size),
         "scheduled": len(indices),
         "errors": errors,
@@ -378,10 +383,11 @@ def run_open_loop(
         for conn in conns:
             conn.close()
 
-    hist = Histogram()
+    hist, refused = Histogram(), Histogram()
     errors: dict[str, int] = {}
     for part in parts:
         hist.merge(Histogram.from_dict(part["histogram"]))
+        refused.merge(Histogram.from_dict(part["refused_histogram"]))
         for code, n in part["errors"].items():
             errors[code] = errors.get(code, 0) + n
     ok = sum(part["ok"] for part in parts)
@@ -402,6 +408,8 @@ def run_open_loop(
         "error_rate": round(n_errors / total, 6),
         "achieved_rps": round(ok / elapsed, 1) if elapsed > 0 else 0.0,
         **{k: summary[k] for k in ("p50_ms", "p90_ms", "p99_ms", "p999_ms", "max_ms")},
+        # how long the calls that got an error status took to get it
+        **{f"error_{k}": v for k, v in refused.summary().items() if k in ("p50_ms", "p99_ms", "max_ms")},
         "runner_cpu_s": round(cpu_s, 3),
         "runner_cpu_util": round(cpu_s / (max(elapsed, 1e-9) * processes), 3) if elapsed > 0 else None,
         "max_schedule_lag_ms": round(max(part["max_lag_s"] for part in parts) * 1000, 3),
