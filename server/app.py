@@ -277,6 +277,9 @@ class Node:
                  metrics: Metrics | None = None, reuseport: bool = False):
         cfg = runtime.config
         self.runtime = runtime
+        # the shared control block, read through a memoryview: a plain int per call, where
+        # indexing the numpy array makes a numpy scalar (this is asked before every call)
+        self._active_generation = memoryview(runtime.control.meta)
         self.metrics = metrics or Metrics()
         self.metrics.start_flushing()
         self.pool = futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="qj-io")
@@ -352,7 +355,7 @@ class Node:
         service = self.service
         if service is None:
             return False
-        if self.runtime.control.meta[ACTIVE_GENERATION] != service.generation:
+        if self._active_generation[ACTIVE_GENERATION] != service.generation:
             service = self._switch()
         return service.state.ready
 
