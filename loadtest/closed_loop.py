@@ -66,7 +66,7 @@ async def _run(args, proc_index: int, result_queue) -> None:
         eligibility_pb2.BatchCheckRequest(
             scenario=args.scenario, card_tokens=b"".join(tokens[(i * args.batch_size + j) % len(tokens)] for j in range(args.batch_size)),
         )
-        for i in range(16)
+        for i in range(16 if args.mode == "batch" else 0)
     ]
     latencies: list[float] = []
     errors: dict[str, int] = {}
