@@ -119,11 +119,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         short = f"{service.rsplit('.', 1)[-1]}/{method}"  # "EligibilityService/Check"
         auth, ready = self.auth, self.ready
         m = self.metrics
-        calls = m.calls  # buffered: Prometheus gets them at the next flush (server/metrics.py)
         started = m.started.labels(**labels)
         handling = m.handling.labels(**labels)
         handled = {code: m.handled.labels(**labels, grpc_code=code.name) for code in grpc.StatusCode}
-        count, observe = calls.inc, calls.observe
+        count, observe = m.calls.inc, m.calls.observe  # buffered until the next flush (server/metrics.py)
 
         def finish(code: grpc.StatusCode, t0: float) -> None:
             count(handled[code])
@@ -145,7 +144,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def fail(exc: Exception, context, t0: float) -> None:
             """Count the call with the table's code for exc, then abort it with that code
             (raises AbortError). Counted first: abort sends the status at once, and whoever
-            sees it may read the metrics."""
+            sees it may flush and read the metrics."""
             code = status_for(exc)
             if code is None:
                 log.error("internal error in %s", full_method, exc_info=exc)
