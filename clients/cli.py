@@ -195,6 +195,33 @@ def cmd_health(args) -> int:
 # --- local commands ------------------------------------------------------------------------------
 
 
+def serve_config(args):
+    """The server's configuration from ``qjscore serve``'s arguments."""
+    from server.app import ServerConfig
+
+    return ServerConfig(
+        data_dir=Path(args.data_dir), store_url=args.store, host=args.host, port=args.port,
+        metrics_port=args.metrics_port, workers=args.workers, threads=args.threads,
+        max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_calls=args.max_pending_calls,
+        seed_citizens=args.seed_citizens, seed=args.seed,
+        security=args.security, tokens_path=args.tokens, cert_dir=args.certs, policy_path=args.policy,
+        audit=not args.no_audit,
+    )
+
+
+def _at_least(low: int):
+    def parse(value: str) -> int:
+        try:
+            n = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
+        if n < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        return n
+
+    return parse
+
+
 def cmd_serve(args) -> int:
     if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # prometheus_client picks multiprocess mode at import: set it before anything imports it
@@ -203,15 +230,9 @@ def cmd_serve(args) -> int:
         for f in mp.glob("*.db"):
             f.unlink()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp)
-    from server.app import ServerConfig, serve
+    from server.app import serve
 
-    config = ServerConfig(
-        data_dir=Path(args.data_dir), store_url=args.store, host=args.host, port=args.port,
-        metrics_port=args.metrics_port, workers=args.workers, threads=args.threads,
-        max_concurrent_rpcs=args.max_concurrent_rpcs, seed_citizens=args.seed_citizens, seed=args.seed,
-        security=args.security, tokens_path=args.tokens, cert_dir=args.certs, policy_path=args.policy,
-        audit=not args.no_audit,
-    )
+    config = serve_config(args)
 
     def ready(runtime, port):
         from server.app import citizen_id
@@ -445,7 +466,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus endpoint (0: off)")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--threads", type=int, default=16, help="handler threads per worker")
-    p.add_argument("--max-concurrent-rpcs", type=int, default=128, help="calls in flight per worker; beyond this, RESOURCE_EXHAUSTED (0: no limit)")
+    p.add_argument("--max-concurrent-rpcs", type=_at_least(0), default=128, help="calls in flight per worker; beyond this, RESOURCE_EXHAUSTED (0: no limit)")
+    p.add_argument("--max-pending-calls", type=_at_least(1), default=128,
+                   help="calls waiting for a busy worker in grpc core; beyond this grpc refuses them (CANCELLED) at once")
     p.add_argument("--seed-citizens", type=int, default=100_000, help="size of the synthetic city for an empty store")
     p.add_argument("--seed", type=int, default=2018)
     p.add_argument("--security", choices=("insecure", "token", "mtls"), default="insecure",

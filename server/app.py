@@ -88,7 +88,9 @@ class ServerConfig:
     # about 1,000 checks/s per worker, 128 waiting calls bound the wait near 130 ms, well
     # inside a gate's few hundred milliseconds (design section 7).
     max_concurrent_rpcs: int = 128
-    # Calls waiting for the worker beyond those (grpc core's pending queue), likewise bounded.
+    # Calls waiting for a busy worker before any Python sees them (grpc core's pending
+    # queue), likewise bounded: beyond it grpc refuses them at once, as CANCELLED. 128 is
+    # about 40-50 ms of work at saturation; a longer stall of the machine overflows it.
     max_pending_calls: int = 128
     seed_citizens: int = 100_000  # synthetic city written to an empty store
     seed: int = 2018

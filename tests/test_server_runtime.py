@@ -205,3 +205,19 @@ def test_a_dead_worker_stops_the_service_instead_of_leaving_writes_hanging(tmp_p
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def test_serve_flags_set_the_overload_bounds(capsys):
+    from clients.cli import parser, serve_config
+
+    config = serve_config(parser().parse_args(["serve", "--max-pending-calls", "300", "--max-concurrent-rpcs", "0"]))
+    assert (config.max_pending_calls, config.max_concurrent_rpcs) == (300, 0)
+    defaults = serve_config(parser().parse_args(["serve"]))
+    assert (defaults.max_pending_calls, defaults.max_concurrent_rpcs) == (128, 128)
+    for bad, says in ((["--max-pending-calls", "0"], "must be at least 1, got 0"),
+                      (["--max-concurrent-rpcs", "-1"], "must be at least 0, got -1"),
+                      (["--max-pending-calls", "many"], "'many' is not a whole number")):
+        with pytest.raises(SystemExit):
+            parser().parse_args(["serve", *bad])
+        err = capsys.readouterr().err
+        assert bad[0] in err and says in err, err
