@@ -23,13 +23,23 @@ import numpy as np
 cdef uint64_t MIX = 0x9E3779B97F4A7C15ULL
 
 
-cdef inline Py_ssize_t find(const uint64_t* keys, const int32_t* rows, Py_ssize_t mask,
-                            uint64_t k0, uint64_t k1) noexcept nogil:
-    """Slot of the token, or of the empty slot where it would go."""
-    cdef Py_ssize_t slot = <Py_ssize_t>((k0 * MIX) >> 20) & mask
+cdef inline Py_ssize_t home(uint64_t k0, Py_ssize_t mask) noexcept nogil:
+    """Where a token's probe starts: the hash of its first half."""
+    return <Py_ssize_t>((k0 * MIX) >> 20) & mask
+
+
+cdef inline Py_ssize_t probe(const uint64_t* keys, const int32_t* rows, Py_ssize_t mask,
+                             Py_ssize_t slot, uint64_t k0, uint64_t k1) noexcept nogil:
+    """From ``slot`` on: the token's slot, or the empty slot where it would go."""
     while rows[slot] >= 0 and not (keys[2 * slot] == k0 and keys[2 * slot + 1] == k1):
         slot = (slot + 1) & mask
     return slot
+
+
+cdef inline Py_ssize_t find(const uint64_t* keys, const int32_t* rows, Py_ssize_t mask,
+                            uint64_t k0, uint64_t k1) noexcept nogil:
+    """Slot of the token, or of the empty slot where it would go."""
+    return probe(keys, rows, mask, home(k0, mask), k0, k1)
 
 
 cdef void lookup_many(const uint64_t* keys, const int32_t* rows, Py_ssize_t mask,
@@ -224,8 +234,8 @@ cdef Py_ssize_t check_many(
     int min_score, bint pay_later, int default_bit,
     unsigned char* outcomes, uint64_t* subjects_out, int64_t* counts,
 ) noexcept nogil:
-    """Outcome and subject of each token; adds each outcome's count to counts[outcome]
-    (counts: 8 entries) and returns the number allowed."""
+    """Outcome and subject of each token; sets counts[v] (8 entries) to the number of
+    tokens with outcome v and returns the number allowed."""
     cdef Py_ssize_t base, i, m, slot
     counts[:8] = [0, 0, 0, 0, 0, 0, 0, 0]
     cdef Py_ssize_t slots[CHUNK]
@@ -237,16 +247,13 @@ cdef Py_ssize_t check_many(
         m = min(CHUNK, n - base)
         for i in range(m):
             memcpy(k, tokens + 16 * (base + i), 8)
-            slot = <Py_ssize_t>((k[0] * MIX) >> 20) & mask
+            slot = home(k[0], mask)
             slots[i] = slot
             prefetch(&rows[slot])
             prefetch(&keys[2 * slot])
         for i in range(m):
             memcpy(k, tokens + 16 * (base + i), 16)
-            slot = slots[i]
-            while rows[slot] >= 0 and not (keys[2 * slot] == k[0] and keys[2 * slot + 1] == k[1]):
-                slot = (slot + 1) & mask
-            row = rows[slot]
+            row = rows[probe(keys, rows, mask, slots[i], k[0], k[1])]
             found[i] = row
             if row >= 0:
                 prefetch(&adult[row])
@@ -340,9 +347,13 @@ cdef class Checker:
         cdef unsigned char o
         cdef uint64_t subj
         cdef int64_t counts[8]
-        check_many(self.index.k, self.index.r, self.index.mask, t, 1, self.a, self.c, self.s, self.f, self.d,
-                   self.subj, min_score, pay_later, default_bit, &o, &subj, counts)
+        self._run(t, 1, min_score, pay_later, default_bit, &o, &subj, counts)
         return o, subj
+
+    cdef Py_ssize_t _run(self, const unsigned char* tokens, Py_ssize_t n, int min_score, bint pay_later,
+                         int default_bit, unsigned char* outcomes, uint64_t* subjects, int64_t* counts) noexcept nogil:
+        return check_many(self.index.k, self.index.r, self.index.mask, tokens, n, self.a, self.c, self.s, self.f,
+                          self.d, self.subj, min_score, pay_later, default_bit, outcomes, subjects, counts)
 
     def check(self, tokens, int min_score, bint pay_later, int default_bit, counts=None):
         """(outcomes uint8 (N,), subjects uint64 (N,), allowed) of N packed tokens. ``counts``,
@@ -362,19 +373,17 @@ cdef class Checker:
             if cv.shape[0] != 8:
                 raise ValueError(f"counts: expected 8 entries, got {cv.shape[0]}")
             c = &cv[0]
-        c[:8] = [0, 0, 0, 0, 0, 0, 0, 0]  # an empty batch counts nothing
         cdef Py_ssize_t n = buf.shape[0] // 16
         outcomes = np.empty(n, np.uint8)
         subjects = np.empty(n, np.uint64)
         cdef unsigned char[::1] o = outcomes
         cdef uint64_t[::1] so = subjects
         cdef Py_ssize_t allowed = 0
-        if n:
-            if n >= NOGIL_FROM:
-                with nogil:
-                    allowed = check_many(self.index.k, self.index.r, self.index.mask, &buf[0], n, self.a, self.c, self.s,
-                                         self.f, self.d, self.subj, min_score, pay_later, default_bit, &o[0], &so[0], c)
-            else:
-                allowed = check_many(self.index.k, self.index.r, self.index.mask, &buf[0], n, self.a, self.c, self.s,
-                                     self.f, self.d, self.subj, min_score, pay_later, default_bit, &o[0], &so[0], c)
+        if n >= NOGIL_FROM:
+            with nogil:
+                allowed = self._run(&buf[0], n, min_score, pay_later, default_bit, &o[0], &so[0], c)
+        elif n:
+            allowed = self._run(&buf[0], n, min_score, pay_later, default_bit, &o[0], &so[0], c)
+        else:
+            c[:8] = [0, 0, 0, 0, 0, 0, 0, 0]  # an empty batch counts nothing
         return outcomes, subjects, allowed
