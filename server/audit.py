@@ -201,7 +201,8 @@ class AuditLog:
         # A failed commit, retried first: its entries (headers pointing into its own items),
         # items, dictionary lines and number of disclosures.
         self._carry: tuple[np.ndarray, np.ndarray, list[str], int] | None = None
-        self._items_buf = self._subjects_buf = self._results_buf = None  # see _items_scratch
+        # buffers kept from one group commit to the next (_items_scratch)
+        self._items_buf, self._subjects_buf, self._results_buf = np.empty(0, ITEM), np.empty(0, _U64), np.empty(0, _U8)
 
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -388,8 +389,8 @@ class AuditLog:
     def _items_scratch(self, n: int) -> np.ndarray:
         """n items of a buffer kept from one group commit to the next: fresh arrays of this
         size would be new mappings, and faulting their pages in was most of a commit."""
-        if self._items_buf is None or len(self._items_buf) < n:
-            size = max(n, 2 * len(self._items_buf) if self._items_buf is not None else 0, 4096)
+        if len(self._items_buf) < n:
+            size = max(n, 2 * len(self._items_buf), 4096)
             self._items_buf = np.empty(size, ITEM)
             self._subjects_buf = np.empty(size, _U64)
             self._results_buf = np.empty(size, _U8)
