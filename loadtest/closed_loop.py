@@ -18,16 +18,15 @@ import multiprocessing as mp
 import os
 import random
 import time
+from pathlib import Path
 
 import numpy as np
 
 
 def _tokens(n_citizens: int, data_dir: str, count: int, unknown_share: float, rng: random.Random) -> list[bytes]:
-    from pathlib import Path
+    from server.keys import card_token, existing_card_key, synthetic_card_number
 
-    from server.keys import card_token, load_keys, synthetic_card_number
-
-    key = load_keys(Path(data_dir)).card
+    key = existing_card_key(Path(data_dir))
     out = []
     for _ in range(count):
         if rng.random() < unknown_share:
@@ -52,8 +51,6 @@ async def _run(args, proc_index: int, result_queue) -> None:
         # listening port, SO_REUSEPORT) spreads the channels over its workers
         opts = options + [("qianjiang.loadtest.channel", c)]
         if args.certs:
-            from pathlib import Path
-
             from server.tls import channel_credentials
 
             channels.append(grpc.aio.secure_channel(args.target, channel_credentials(Path(args.certs), args.caller), options=opts))
@@ -123,6 +120,31 @@ def _proc(args, index, queue):
     asyncio.run(_run(args, index, queue))
 
 
+#: how long a client process may take, beyond --seconds, to start (spawn, imports, the card
+#: tokens) and to hand in its result
+STARTUP_GRACE_S = 120.0
+
+
+def _collect(queue, procs, deadline: float) -> list[dict]:
+    """One result from each client process; raises if one dies without handing one in (an
+    import error, a crash) or the deadline passes, instead of waiting for ever."""
+    import queue as queue_mod
+
+    parts: list[dict] = []
+    while len(parts) < len(procs):
+        try:
+            parts.append(queue.get(timeout=0.5))
+            continue
+        except queue_mod.Empty:
+            pass
+        dead = [p for p in procs if p.exitcode not in (None, 0)]
+        if dead:
+            raise RuntimeError(f"client process {dead[0].name} exited with code {dead[0].exitcode} before reporting")
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{len(procs) - len(parts)} of {len(procs)} client processes did not report in time")
+    return parts
+
+
 def main(argv=None, quiet: bool = False) -> dict:
     ap = argparse.ArgumentParser(prog="python -m loadtest.closed_loop", description=__doc__.split("\n\n")[0])
     ap.add_argument("--target", default="127.0.0.1:50051")
@@ -141,14 +163,24 @@ def main(argv=None, quiet: bool = False) -> dict:
     ap.add_argument("--certs", help="certificate directory (mutual TLS)")
     ap.add_argument("--caller", default="metro_gateway", help="caller certificate to present with --certs")
     args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error(f"--batch-size {args.batch_size}: must be at least 1")
+    from server.keys import existing_card_key
+
+    existing_card_key(Path(args.data_dir))  # fail here, before spawning anything
     queue = mp.get_context("spawn").Queue()
     procs = [mp.get_context("spawn").Process(target=_proc, args=(args, i, queue)) for i in range(args.processes)]
     t0 = time.perf_counter()
     for p in procs:
         p.start()
-    parts = [queue.get() for _ in procs]
-    for p in procs:
-        p.join()
+    try:
+        parts = _collect(queue, procs, deadline=time.monotonic() + args.seconds + STARTUP_GRACE_S)
+    finally:
+        for p in procs:
+            p.join(timeout=5)
+            if p.is_alive():
+                p.terminate()
+                p.join()
     wall = time.perf_counter() - t0
     lat = np.array([x for part in parts for x in part["latencies"]]) * 1000
     errors: dict[str, int] = {}

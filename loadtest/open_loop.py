@@ -79,22 +79,16 @@ class CallKind:
 
 
 def _card_key(data_dir: str, required: bool) -> bytes | None:
-    """The server's card-token key, without ever creating a key file (``load_keys`` would)."""
-    from server.keys import load_keys
+    """The server's card-token key, without ever creating a key file; None if there is none
+    and it is not ``required``."""
+    from server.keys import existing_card_key
 
-    keys_dir = Path(data_dir) / "keys"
-
-    def have(name: str) -> bool:
-        return bool(os.environ.get(f"QJ_{name.upper()}_KEY")) or (keys_dir / f"{name}.key").exists()
-
-    if have("card") and have("audit"):
-        return load_keys(Path(data_dir)).card
-    if required:
-        raise FileNotFoundError(
-            f"no card-token key in {keys_dir} (nor QJ_CARD_KEY): pass the server's --data-dir, "
-            "or every token would be an unknown card"
-        )
-    return None
+    try:
+        return existing_card_key(Path(data_dir))
+    except FileNotFoundError:
+        if required:
+            raise
+        return None
 
 
 def _check_requests(plan: "Plan", rng: random.Random, n: int, key: bytes | None) -> list[bytes]:

@@ -47,6 +47,19 @@ def load_keys(data_dir: Path) -> Keys:
     return Keys(card=_key("card", data_dir), audit=_key("audit", data_dir))
 
 
+def existing_card_key(data_dir: Path) -> bytes:
+    """The card-token key of the server whose data directory this is (or QJ_CARD_KEY),
+    never creating one: a load tool given the wrong directory would otherwise make a key of
+    its own, and every token it sent would be an unknown card."""
+    keys_dir = Path(data_dir) / "keys"
+    if not os.environ.get("QJ_CARD_KEY") and not (keys_dir / "card.key").exists():
+        raise FileNotFoundError(
+            f"no card-token key in {keys_dir} (nor QJ_CARD_KEY): pass the server's data directory, "
+            "or every token would be an unknown card"
+        )
+    return _key("card", Path(data_dir))
+
+
 def card_token(key: bytes, card_number: str) -> bytes:
     """The 16-byte token of a card number (what the card or the scan QR carries)."""
     return hmac.new(key, f"card:{card_number}".encode(), hashlib.sha256).digest()[:16]

@@ -1,5 +1,5 @@
-"""The HDR histogram (precision, merging) and the open-loop runner (against the real server,
-and against a stalling server: no coordinated omission)."""
+"""The HDR histogram (precision, merging), the open-loop runner (against the real server,
+and against a stalling server: no coordinated omission) and the closed-loop probe."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import grpc
 import numpy as np
 import pytest
 
-from loadtest import hdr, open_loop
+from loadtest import closed_loop, hdr, open_loop
 from loadtest.hdr import Histogram
 from loadtest.open_loop import run_open_loop
 
@@ -143,6 +143,35 @@ def test_runner_against_the_real_server(served):
     assert r["p50_ms"] > 0 and r["p50_ms"] <= r["p99_ms"] <= r["max_ms"]
     assert 100 < r["achieved_rps"] < 250
     assert r["runner_cpu_s"] > 0 and r["max_schedule_lag_ms"] >= 0
+
+
+@pytest.mark.parametrize("mode", ["unary", "batch", "stream"])
+def test_closed_loop_probe_against_the_real_server(served, mode):
+    r = closed_loop.main(["--target", served.target, "--mode", mode, "--seconds", "1", "--processes", "1",
+                          "--concurrency", "4", "--channels", "2", "--batch-size", "50", "--citizens", "3000",
+                          "--data-dir", str(served.data_dir)], quiet=True)
+    assert r["errors"] == {} and r["requests_per_s"] > 0
+    per_request = 50 if mode == "batch" else 1
+    assert r["checks_per_s"] == pytest.approx(r["requests_per_s"] * per_request, rel=0.01)
+    assert 0 < r["p50_ms"] <= r["p99_ms"]
+
+
+def test_closed_loop_needs_the_servers_key(served, tmp_path):
+    # A directory without the server's card key: every token would be an unknown card. The
+    # probe says so before starting anything, and creates no key of its own.
+    with pytest.raises(FileNotFoundError, match="no card-token key"):
+        closed_loop.main(["--target", served.target, "--seconds", "1", "--data-dir", str(tmp_path)], quiet=True)
+    assert not list(tmp_path.iterdir())
+
+
+def test_closed_loop_reports_a_client_that_died(served, tmp_path):
+    # Each client process fails opening its channel (no certificates there). The probe must
+    # say so at once, not wait for ever for results that will not come.
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="exited with code 1 before reporting"):
+        closed_loop.main(["--target", served.target, "--seconds", "1", "--processes", "2", "--certs", str(tmp_path / "none"),
+                          "--data-dir", str(served.data_dir)], quiet=True)
+    assert time.monotonic() - t0 < 60
 
 
 class _Stalling:
