@@ -10,7 +10,7 @@ no logic) on loopback, then measures, alternating between the two where they are
 * latency: the open-loop runner (loadtest/open_loop.py) at half of ``check_unary_rps``:
   p50/p99/p99.9 from the intended send time;
 * BatchCheck of 1,000 tokens (16 distinct batches in turn, so the lookups are not served
-  from warm caches) and StreamCheck (a gateway's long-lived streams), closed loop, over two
+  from warm caches) and StreamCheck (a gateway's long-lived streams), closed loop, over eight
   connections per worker;
 * overload: open loop at twice the maximum for a few seconds (RESOURCE_EXHAUSTED is the
   expected answer, not a queue), then half the maximum again (it must recover at once).
@@ -126,12 +126,14 @@ def main(argv=None) -> dict:
         )
 
         log("batch and stream ...")
-        # Gateways batch over many connections: two per worker, so that every worker serves
-        # (one connection lands on one worker); the baseline is measured the same way.
-        channels = 2 * args.processes
-        batch = _probe(svc_target, "batch", args.seconds, data, channels=channels)
-        base_batch = _probe(base_target, "batch", args.seconds, data, channels=channels)
-        stream = _probe(svc_target, "stream", args.seconds, data, concurrency=8, channels=channels)
+        # Gateways batch over many connections. One connection lands on one worker, chosen
+        # by the kernel's SO_REUSEPORT hash: with two a worker, in one run in eight a worker
+        # got none and sat idle; with eight a worker, in one run in tens of thousands. Two
+        # calls in flight on each; the baseline is measured the same way.
+        channels = 8 * args.processes
+        batch = _probe(svc_target, "batch", args.seconds, data, concurrency=2 * channels, channels=channels)
+        base_batch = _probe(base_target, "batch", args.seconds, data, concurrency=2 * channels, channels=channels)
+        stream = _probe(svc_target, "stream", args.seconds, data, concurrency=channels, channels=channels)
         result.update(
             batch_checks_per_s=batch["checks_per_s"], baseline_batch_checks_per_s=base_batch["checks_per_s"],
             batch_p99_ms=batch["p99_ms"], stream_checks_per_s=stream["checks_per_s"],
