@@ -319,8 +319,9 @@ class Node:
             options=[
                 ("grpc.so_reuseport", 1 if reuseport else 0),
                 # Overload: calls the worker has not taken up yet queue in grpc's core, before
-                # any Python sees them; past this many the core itself answers
-                # RESOURCE_EXHAUSTED at once, so the queue (and the wait) stays bounded.
+                # any Python sees them; past this many the core itself refuses them at once
+                # (as CANCELLED: grpcio's server answers this way, not RESOURCE_EXHAUSTED), so
+                # the queue (and the wait) stays bounded.
                 ("grpc.server.max_pending_requests", max(cfg.max_pending_calls, 1)),  # = hard: no random early drops
                 ("grpc.server.max_pending_requests_hard_limit", max(cfg.max_pending_calls, 1)),
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
