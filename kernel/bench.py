@@ -43,7 +43,7 @@ def best_interleaved(repeats: int, *fns) -> list[float]:
 def _batch_check_seconds(out: ScoreColumns, adult: np.ndarray, seed: int, repeats: int) -> float:
     """Seconds of one Checker.check of 1,000 random known cards over the whole city (64
     distinct batches in turn, so the lookups are as cold as a city's cards make them)."""
-    from server.token_index import Checker, TokenIndex
+    from server.token_index import Checker, TokenIndex, pack_gate
 
     n = len(adult)
     rng = np.random.default_rng(seed)
@@ -51,7 +51,8 @@ def _batch_check_seconds(out: ScoreColumns, adult: np.ndarray, seed: int, repeat
     index = TokenIndex.allocate(n)
     index.insert_many(tokens, np.arange(n, dtype=np.int32))
     consent = (rng.random(n) < 0.85).astype(np.uint8)
-    checker = Checker(index, adult, consent, out.score, out.flags, np.zeros(n, np.uint32), rng.integers(1, 2**63, n, dtype=np.uint64))
+    gate = pack_gate(adult, consent, out.score, out.flags, np.zeros(n, np.uint32))
+    checker = Checker(index, gate, rng.integers(1, 2**63, n, dtype=np.uint64))
     batches = [tokens[rng.integers(0, n, 1000)].tobytes() for _ in range(64)]
 
     def run():

@@ -167,8 +167,7 @@ class CreditService:
         self._on_decision = on_decision or (lambda scenario, outcome: None)
         c = self.spec.compiled
         self._best, self._loss_weight = c.best, c.loss_weight
-        self._checker = Checker(state.tokens, state.adult, state.consent, state.columns.score, state.columns.flags,
-                                state.defaults, state.subject)
+        self._checker = Checker(state.tokens, state.gate, state.subject)
 
     # --- lookups ----------------------------------------------------------------------
 
@@ -352,6 +351,7 @@ class CreditService:
         with self._writing():
             self.store.set_consent(citizen_id, granted)
             self.state.consent[row] = 1 if granted else 0
+            self.state.refresh_gate(slice(row, row + 1))  # what the checks read
 
     def upsert_citizen(self, citizen_id: str, birth_day: int) -> bool:
         check_id(citizen_id, "citizen_id")

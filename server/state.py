@@ -10,6 +10,10 @@ on their very next request. Readers take no lock; writers serialise on one proce
 lock, held from the store write until the state is updated, so two workers can never
 interleave a citizen's records and scores. Rows are the store's dense citizen rows.
 
+The eligibility checks read a row's rule inputs from one packed word, ``gate`` (adult,
+consent, score, flags, defaults: server/token_index.pyx pack_gate), one cache miss instead of
+five: every write to those columns ends with :meth:`ServingState.refresh_gate` of its rows.
+
 A model rollout builds a second state for the new release while the first one serves
 (server/rollout.py): the :class:`Control` block, also created before the fork and shared by
 every generation of state, holds the write lock, which generation is active, and the rows
@@ -35,7 +39,7 @@ from kernel.spec import ModelSpec
 from server.keys import subject_of
 from server.scenarios import Scenario
 from server.store import ActiveRecords, Store
-from server.token_index import TokenIndex
+from server.token_index import TokenIndex, pack_gate
 
 EPOCH = _dt.date(1970, 1, 1)
 
@@ -170,6 +174,7 @@ class ServingState:
     defaults: np.ndarray  # uint32: bit per pay-later scenario with an unpaid default
     computed_at: np.ndarray  # float64 unix seconds of the last re-score
     subject: np.ndarray  # uint64 pseudonymous subject of the audit log (server/keys.py)
+    gate: np.ndarray  # uint64: adult, consent, score, flags and defaults of a row in one word
     columns: ScoreColumns
     tokens: TokenIndex  # card token -> row
     citizens: TokenIndex  # citizen_key(citizen id) -> row: reads never need the store
@@ -194,6 +199,7 @@ class ServingState:
             "defaults": (np.uint32, (capacity,)),
             "computed_at": (np.float64, (capacity,)),
             "subject": (np.uint64, (capacity,)),
+            "gate": (np.uint64, (capacity,)),
             "token_keys": (np.uint64, (tcap, 2)),
             "token_rows": (np.int32, (tcap,)),
             "token_meta": (np.int64, (1,)),
@@ -231,7 +237,7 @@ class ServingState:
         state = cls(
             spec=spec, capacity=capacity, meta=a["meta"], features=a["features"], adult=a["adult"],
             consent=a["consent"], birth_day=a["birth_day"], defaults=a["defaults"],
-            computed_at=a["computed_at"], subject=a["subject"], columns=columns, audit_key=audit_key,
+            computed_at=a["computed_at"], subject=a["subject"], gate=a["gate"], columns=columns, audit_key=audit_key,
             tokens=TokenIndex(a["token_keys"], a["token_rows"], a["token_meta"]),
             citizens=TokenIndex(a["citizen_keys"], a["citizen_rows"], a["citizen_meta"]),
             lock=lock if lock is not None else multiprocessing.get_context("fork").Lock(),
@@ -304,6 +310,7 @@ class ServingState:
             np.copyto(mine.rows, theirs.rows)
             mine.meta[:] = theirs.meta
         self.meta[N_CITIZENS] = n
+        self.refresh_gate(slice(0, n))  # the consents are the old state's
 
     def rederive(self, row: int, store: Store, scenarios: dict[str, Scenario], rows) -> None:
         """Re-derive one citizen's features from the store and re-score the row in place
@@ -315,6 +322,7 @@ class ServingState:
         self.defaults[row] = self.default_masks(local, bits, 1, self.as_of_day)[0]
         self.adult[row] = adults(self.birth_day[row : row + 1], self.as_of_day)[0]
         rows.rescore(row)
+        self.refresh_gate(slice(row, row + 1))
         self.computed_at[row] = time.time()
 
     def refresh(self, store: Store, scorer: Scorer, scenarios, as_of_day: int, n_threads: int = 2) -> None:
@@ -343,8 +351,16 @@ class ServingState:
         t0 = time.perf_counter()
         scorer.score(self.features[:n], self.adult[:n], out=self.columns.take(slice(0, n)), n_threads=n_threads)
         self.last_batch_seconds = time.perf_counter() - t0
+        self.refresh_gate(slice(0, n))
         self.computed_at[:n] = time.time()
         self.meta[GENERATION] += 1
+
+    def refresh_gate(self, rows: slice) -> None:
+        """Re-pack the gate words of ``rows`` after a write to their adult, consent, score,
+        flags or defaults: the eligibility checks read those words, not the columns
+        (server/token_index.pyx pack_gate; each word is one store, never seen half written)."""
+        pack_gate(self.adult[rows], self.consent[rows], self.columns.score[rows], self.columns.flags[rows],
+                  self.defaults[rows], out=self.gate[rows])
 
     # --- helpers shared with single-citizen updates ------------------------------------
 

@@ -5,8 +5,9 @@
 # Pure C, nogil: `find` probes for one token; `lookup_batch` runs it over a packed buffer
 # of N tokens (the BatchCheck request's bytes, straight from protobuf) without creating a
 # Python object per token. Python: `TokenIndex` validates once and holds the arrays.
-# `Checker` is the eligibility rule over the index and the state's columns, prefetching a
-# group of tokens' slots and rows at a time (a city's cards are random cache misses).
+# `Checker` is the eligibility rule over the index and the state's gate words (a row's rule
+# inputs packed into 8 bytes, `pack_gate`) and pseudonyms, prefetching a group of tokens'
+# slots and rows at a time (a city's cards are random cache misses).
 #
 # Writers (inserts) must be serialised by the caller (the service holds a cross-process
 # lock); readers take no lock. An insert writes the row before the key's second half
@@ -213,6 +214,53 @@ cdef enum:
     UNDER_18 = 7
     FLAG_HARD_RULE = 1
 
+# A row's gate word: everything the rule reads of a citizen but the pseudonym, in 8 bytes, so
+# a check costs one cache miss for them instead of five (one per column), and a writer
+# changes them with one aligned 8-byte store that no reader can see half done.
+#   bits  0-15  score (int16; -1: no score)      bits 16-47  unpaid defaults, a bit a scenario
+#   bit   48    adult                            bit  49     consent stands
+#   bit   50    an active serious record (FLAG_HARD_RULE)
+DEF DEFAULTS_SHIFT = 16
+DEF ADULT_BIT = 48
+DEF CONSENT_BIT = 49
+DEF HARD_RULE_BIT = 50
+
+
+cdef inline uint64_t gate_word(unsigned char adult, unsigned char consent, short score, unsigned char flags,
+                               unsigned int defaults) noexcept nogil:
+    return (<uint64_t><unsigned short>score | <uint64_t>defaults << DEFAULTS_SHIFT
+            | <uint64_t>(adult != 0) << ADULT_BIT | <uint64_t>(consent != 0) << CONSENT_BIT
+            | <uint64_t>((flags & FLAG_HARD_RULE) != 0) << HARD_RULE_BIT)
+
+
+def pack_gate(adult, consent, score, flags, defaults, out=None):
+    """The gate words of rows from their columns (uint8 adult and consent, int16 score, uint8
+    flags, uint32 defaults: server/state.py's). ``out`` (uint64, same length), if given, is
+    written in place, one 8-byte store a row: how the serving state refreshes its gate.
+
+        >>> g = pack_gate(np.array([1], np.uint8), np.array([1], np.uint8), np.array([612], np.int16),
+        ...               np.zeros(1, np.uint8), np.array([4], np.uint32))
+        >>> hex(int(g[0]))
+        '0x3000000040264'
+    """
+    cdef const unsigned char[::1] a = adult
+    cdef const unsigned char[::1] c = consent
+    cdef const short[::1] s = score
+    cdef const unsigned char[::1] f = flags
+    cdef const unsigned int[::1] d = defaults
+    cdef Py_ssize_t i, n = a.shape[0]
+    if not (c.shape[0] == s.shape[0] == f.shape[0] == d.shape[0] == n):
+        raise ValueError("the columns must have one length")
+    if out is None:
+        out = np.empty(n, np.uint64)
+    cdef uint64_t[::1] o = out
+    if o.shape[0] != n:
+        raise ValueError(f"out: expected {n} gate words, got {o.shape[0]}")
+    with nogil:
+        for i in range(n):
+            o[i] = gate_word(a[i], c[i], s[i], f[i], d[i])
+    return out
+
 
 cdef extern from *:
     void prefetch "__builtin_prefetch"(const void* addr) noexcept nogil
@@ -228,9 +276,7 @@ DEF NOGIL_FROM = 16384
 
 cdef Py_ssize_t check_many(
     const uint64_t* keys, const int32_t* rows, Py_ssize_t mask,
-    const unsigned char* tokens, Py_ssize_t n,
-    const unsigned char* adult, const unsigned char* consent, const short* score,
-    const unsigned char* flags, const unsigned int* defaults, const uint64_t* subject,
+    const unsigned char* tokens, Py_ssize_t n, const uint64_t* gate, const uint64_t* subject,
     int min_score, bint pay_later, int default_bit,
     unsigned char* outcomes, uint64_t* subjects_out, int64_t* counts,
 ) noexcept nogil:
@@ -242,6 +288,7 @@ cdef Py_ssize_t check_many(
     cdef int32_t found[CHUNK]
     cdef int32_t row
     cdef uint64_t k[2]
+    cdef uint64_t g
     cdef unsigned char o
     for base in range(0, n, CHUNK):
         m = min(CHUNK, n - base)
@@ -256,11 +303,7 @@ cdef Py_ssize_t check_many(
             row = rows[probe(keys, rows, mask, slots[i], k[0], k[1])]
             found[i] = row
             if row >= 0:
-                prefetch(&adult[row])
-                prefetch(&consent[row])
-                prefetch(&flags[row])
-                prefetch(&score[row])
-                prefetch(&defaults[row])
+                prefetch(&gate[row])
                 prefetch(&subject[row])
         for i in range(m):
             row = found[i]
@@ -269,17 +312,18 @@ cdef Py_ssize_t check_many(
                 subjects_out[base + i] = 0
             else:
                 subjects_out[base + i] = subject[row]
+                g = gate[row]  # one load: the row as one writer left it
                 # precedence: under 18, not authorised, (pay-later) serious record, unpaid
                 # default, then the threshold — the order of design section 4
-                if not adult[row]:
+                if not (g >> ADULT_BIT) & 1:
                     o = UNDER_18
-                elif not consent[row]:
+                elif not (g >> CONSENT_BIT) & 1:
                     o = NOT_AUTHORISED
-                elif pay_later and flags[row] & FLAG_HARD_RULE:
+                elif pay_later and (g >> HARD_RULE_BIT) & 1:
                     o = DENY_HARD_RULE
-                elif pay_later and (defaults[row] >> default_bit) & 1:
+                elif pay_later and (g >> (DEFAULTS_SHIFT + default_bit)) & 1:
                     o = DENY_UNPAID_DEFAULT
-                elif score[row] >= min_score:
+                elif <short>(g & 0xFFFF) >= min_score:
                     o = ALLOW
                 else:
                     o = DENY_BELOW_THRESHOLD
@@ -295,47 +339,40 @@ def check_tokens(TokenIndex index, tokens, adult, consent, score, flags, default
     the subjects are the audit log's pseudonyms (0 for an unknown card).
 
     ``adult``, ``consent``, ``score``, ``flags``, ``defaults``, ``subject`` are the serving
-    state's columns (server/state.py), indexed by citizen row. The service binds them once
-    (:class:`Checker`); this is the same, bound for one call."""
-    return Checker(index, adult, consent, score, flags, defaults, subject).check(tokens, min_score, pay_later, default_bit)
+    state's columns (server/state.py), indexed by citizen row. The service binds its gate
+    words and pseudonyms once (:class:`Checker`); this packs the gate for one call."""
+    return Checker(index, pack_gate(adult, consent, score, flags, defaults), subject).check(tokens, min_score, pay_later, default_bit)
 
 
 cdef class Checker:
-    """:func:`check_tokens` bound once to a serving state's index and columns: a call then
+    """The rule bound once to an index, the rows' gate words (:func:`pack_gate`) and their
+    pseudonyms (the serving state's shared arrays, read as writers update them): a call then
     costs no array conversions (a single gate check is most of the traffic).
 
         >>> idx = TokenIndex.allocate(4); idx.insert(b"0123456789abcdef", 0)
         True
         >>> one = np.ones(1, np.uint8)
-        >>> chk = Checker(idx, one, one, np.array([700], np.int16), np.zeros(1, np.uint8),
-        ...               np.zeros(1, np.uint32), np.array([42], np.uint64))
+        >>> gate = pack_gate(one, one, np.array([700], np.int16), np.zeros(1, np.uint8), np.zeros(1, np.uint32))
+        >>> chk = Checker(idx, gate, np.array([42], np.uint64))
         >>> chk.check_one(b"0123456789abcdef", 581, False, 0), chk.check_one(b"x" * 16, 581, False, 0)
         ((1, 42), (5, 0))
     """
 
     cdef TokenIndex index
-    cdef object arrays  # keeps the columns alive
-    cdef const unsigned char* a
-    cdef const unsigned char* c
-    cdef const short* s
-    cdef const unsigned char* f
-    cdef const unsigned int* d
+    cdef object arrays  # keeps the gate and the pseudonyms alive
+    cdef const uint64_t* gate
     cdef const uint64_t* subj
 
-    def __cinit__(self, TokenIndex index, adult, consent, score, flags, defaults, subject):
-        cdef const unsigned char[::1] a = adult
-        cdef const unsigned char[::1] c = consent
-        cdef const short[::1] s = score
-        cdef const unsigned char[::1] f = flags
-        cdef const unsigned int[::1] d = defaults
+    def __cinit__(self, TokenIndex index, gate, subject):
+        cdef const uint64_t[::1] g = gate
         cdef const uint64_t[::1] subj = subject
-        if not (a.shape[0] == c.shape[0] == s.shape[0] == f.shape[0] == d.shape[0] == subj.shape[0]):
-            raise ValueError("the columns must have one length")
-        if a.shape[0] == 0:
+        if g.shape[0] != subj.shape[0]:
+            raise ValueError(f"gate and subject must have one length, got {g.shape[0]} and {subj.shape[0]}")
+        if g.shape[0] == 0:
             raise ValueError("the columns are empty")
         self.index = index
-        self.arrays = (adult, consent, score, flags, defaults, subject)
-        self.a, self.c, self.s, self.f, self.d, self.subj = &a[0], &c[0], &s[0], &f[0], &d[0], &subj[0]
+        self.arrays = (gate, subject)
+        self.gate, self.subj = &g[0], &subj[0]
 
     def check_one(self, token, int min_score, bint pay_later, int default_bit):
         """(outcome, subject) of one 16-byte token."""
@@ -352,8 +389,8 @@ cdef class Checker:
 
     cdef Py_ssize_t _run(self, const unsigned char* tokens, Py_ssize_t n, int min_score, bint pay_later,
                          int default_bit, unsigned char* outcomes, uint64_t* subjects, int64_t* counts) noexcept nogil:
-        return check_many(self.index.k, self.index.r, self.index.mask, tokens, n, self.a, self.c, self.s, self.f,
-                          self.d, self.subj, min_score, pay_later, default_bit, outcomes, subjects, counts)
+        return check_many(self.index.k, self.index.r, self.index.mask, tokens, n, self.gate, self.subj,
+                          min_score, pay_later, default_bit, outcomes, subjects, counts)
 
     def check(self, tokens, int min_score, bint pay_later, int default_bit, counts=None):
         """(outcomes uint8 (N,), subjects uint64 (N,), allowed) of N packed tokens. ``counts``,

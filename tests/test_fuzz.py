@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 
 from loadtest import fuzz
 from qianjiang.v1 import eligibility_pb2, records_pb2
+from server.token_index import pack_gate
 
 RPCS = fuzz.rpcs()
 CORPUS = Path(__file__).with_name("fuzz_corpus")
@@ -100,6 +101,11 @@ class Target:
         c = self.served.client
         assert c.get_score(self.probe_citizen).score > 0
         assert c.check(self.vocab.scenarios[0], self.probe_token).outcome != eligibility_pb2.UNKNOWN_CARD
+        # Whatever the fuzzed writes changed, the checks' packed gate words follow the columns.
+        state = self.served.runtime.state
+        n = state.n_citizens
+        packed = pack_gate(state.adult[:n], state.consent[:n], state.columns.score[:n], state.columns.flags[:n], state.defaults[:n])
+        assert (state.gate[:n] == packed).all(), "a write left the checks' gate words stale"
 
     def stop(self, timeout: float = 30.0) -> bool:
         """Drain (once); False if it did not finish in ``timeout`` (the server is left behind)."""

@@ -20,6 +20,7 @@ from prometheus_client import CollectorRegistry
 
 from clients.client import QianjiangClient
 from kernel.spec import DEFAULT_SPEC_PATH
+from qianjiang.v1 import eligibility_pb2
 from qianjiang.v1.records_pb2 import Record
 from server.app import Node, Runtime, ServerConfig, citizen_id
 from server.metrics import Metrics
@@ -144,10 +145,15 @@ def test_rollout_under_load_then_restore(live, tmp_path):
     assert live.node.service.model_version == load.versions[-1]
     assert k >= 3 and acked
 
-    # Everything acknowledged during the switch is in the new state.
+    # Everything acknowledged during the switch is in the new state: the revoked consent for
+    # score reads and for the checks (which read the packed gate words, not the column).
     with pytest.raises(grpc.RpcError) as err:
         live.client.get_score(revoked)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert live.runtime.state.adult[5] == 1  # so NOT_AUTHORISED is the answer, not UNDER_18
+    for scenario in ("metro_pay_later", "library_deposit_free"):
+        decision = live.client.check(scenario, live.runtime.synthetic_card_token(5))
+        assert decision.outcome == eligibility_pb2.NOT_AUTHORISED, scenario
     store = live.runtime.open_store()
     try:
         rows = {store.citizen_row(citizen_id(100 + j % 50)) for j in range(1, k + 1)}

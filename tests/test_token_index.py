@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server import token_index
-from server.token_index import Checker, TokenIndex, check_tokens
+from server.token_index import Checker, TokenIndex, check_tokens, pack_gate
 
 
 def test_doctests():
@@ -52,7 +52,7 @@ def test_checker_follows_the_rule(seed, min_score, pay_later, bit, n):
         return o, int(subject[row])
 
     want = [rule(tokens[i].tobytes()) for i in range(n)]
-    checker = Checker(index, adult, consent, score, flags, defaults, subject)
+    checker = Checker(index, pack_gate(adult, consent, score, flags, defaults), subject)
     counts = np.full(8, -1, np.int64)  # overwritten, not added to
     outcomes, subjects, allowed = checker.check(packed, min_score, pay_later, bit, counts)
     assert list(zip(outcomes.tolist(), subjects.tolist())) == want
@@ -66,8 +66,7 @@ def test_checker_follows_the_rule(seed, min_score, pay_later, bit, n):
 
 def test_an_empty_batch_counts_nothing():
     index = TokenIndex.allocate(4)
-    one = np.ones(1, np.uint8)
-    checker = Checker(index, one, one, np.ones(1, np.int16), one, np.zeros(1, np.uint32), np.zeros(1, np.uint64))
+    checker = Checker(index, np.zeros(1, np.uint64), np.zeros(1, np.uint64))
     counts = np.full(8, 7, np.int64)
     outcomes, subjects, allowed = checker.check(b"", 581, False, 0, counts)
     assert (len(outcomes), len(subjects), allowed, counts.tolist()) == (0, 0, 0, [0] * 8)
@@ -77,8 +76,12 @@ def test_checker_refuses_bad_input():
     index = TokenIndex.allocate(4)
     one = np.ones(2, np.uint8)
     with pytest.raises(ValueError, match="one length"):
-        Checker(index, one, one, np.ones(3, np.int16), one, np.zeros(2, np.uint32), np.zeros(2, np.uint64))
-    checker = Checker(index, one, one, np.ones(2, np.int16), one, np.zeros(2, np.uint32), np.zeros(2, np.uint64))
+        Checker(index, np.zeros(3, np.uint64), np.zeros(2, np.uint64))
+    with pytest.raises(ValueError, match="one length"):
+        pack_gate(one, one, np.ones(3, np.int16), one, np.zeros(2, np.uint32))
+    with pytest.raises(ValueError, match="out: expected 2"):
+        pack_gate(one, one, np.ones(2, np.int16), one, np.zeros(2, np.uint32), out=np.zeros(3, np.uint64))
+    checker = Checker(index, pack_gate(one, one, np.ones(2, np.int16), one, np.zeros(2, np.uint32)), np.zeros(2, np.uint64))
     with pytest.raises(ValueError, match="16 bytes"):
         checker.check_one(b"short", 581, False, 0)
     with pytest.raises(ValueError, match="whole number"):
