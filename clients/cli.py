@@ -19,6 +19,8 @@ import os
 import sys
 from pathlib import Path
 
+from server.event_loop import EVENT_LOOPS
+
 DEFAULT_TARGET = os.environ.get("QJ_TARGET", "127.0.0.1:50051")
 
 
@@ -205,7 +207,7 @@ def serve_config(args):
         max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_calls=args.max_pending_calls,
         seed_citizens=args.seed_citizens, seed=args.seed,
         security=args.security, tokens_path=args.tokens, cert_dir=args.certs, policy_path=args.policy,
-        audit=not args.no_audit,
+        audit=not args.no_audit, event_loop=args.event_loop,
     )
 
 
@@ -469,6 +471,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-rpcs", type=_at_least(0), default=128, help="calls in flight per worker; beyond this, RESOURCE_EXHAUSTED (0: no limit)")
     p.add_argument("--max-pending-calls", type=_at_least(1), default=128,
                    help="calls waiting for a busy worker in grpc core; beyond this grpc refuses them (CANCELLED) at once")
+    p.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOPS[0],
+                   help="the loop each worker serves grpc on (uvloop: more calls a second)")
     p.add_argument("--seed-citizens", type=int, default=100_000, help="size of the synthetic city for an empty store")
     p.add_argument("--seed", type=int, default=2018)
     p.add_argument("--security", choices=("insecure", "token", "mtls"), default="insecure",

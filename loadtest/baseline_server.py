@@ -6,8 +6,9 @@ It answers EligibilityService (Check, BatchCheck, StreamCheck, ListScenarios) wi
 responses of the same shapes and sizes as the real service — a Decision with an id, the
 model version and the scenario; one outcome byte per token — from the same number of
 processes on one port (SO_REUSEPORT), on the same server (grpc.aio, one event loop per
-process), but no interceptor, no metrics, no lookups, no audit log. What it reaches is the framework's own limit on this
-machine; the benchmark reports the service beside it (loadtest/bench.py).
+process, of the same kind: ``--event-loop``), but no interceptor, no metrics, no lookups,
+no audit log. What it reaches is the framework's own limit on this machine; the benchmark
+reports the service beside it (loadtest/bench.py).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import threading
 import grpc
 
 from qianjiang.v1 import eligibility_pb2, eligibility_pb2_grpc
+from server.event_loop import EVENT_LOOPS, new_event_loop
 
 MODEL_VERSION = "1+000000000000"
 
@@ -79,8 +81,9 @@ async def _serve(host: str, port: int, reuseport: bool, parent: int | None) -> N
     await server.stop(0)
 
 
-def _run_one(host: str, port: int, reuseport: bool, parent: int | None) -> None:
-    asyncio.run(_serve(host, port, reuseport, parent))
+def _run_one(host: str, port: int, reuseport: bool, parent: int | None, event_loop: str) -> None:
+    with asyncio.Runner(loop_factory=lambda: new_event_loop(event_loop)) as runner:
+        runner.run(_serve(host, port, reuseport, parent))
 
 
 def main(argv=None) -> int:
@@ -88,17 +91,18 @@ def main(argv=None) -> int:
     ap.add_argument("--host", default="127.0.0.1")
     ap.add_argument("--port", type=int, required=True)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOPS[0], help="as the service's (qjscore serve --event-loop)")
     args = ap.parse_args(argv)
     if args.workers <= 1:
         print(f"baseline serving on {args.host}:{args.port}", flush=True)
-        _run_one(args.host, args.port, False, None)
+        _run_one(args.host, args.port, False, None, args.event_loop)
         return 0
     parent, children = os.getpid(), []
     for _ in range(args.workers):
         pid = os.fork()
         if pid == 0:
             try:
-                _run_one(args.host, args.port, True, parent)
+                _run_one(args.host, args.port, True, parent, args.event_loop)
             finally:
                 os._exit(0)
         children.append(pid)

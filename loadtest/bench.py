@@ -36,6 +36,7 @@ from loadtest import closed_loop
 from loadtest.hdr import Histogram
 from loadtest.open_loop import run_open_loop
 from loadtest.report import write_report
+from server.event_loop import EVENT_LOOPS
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -78,6 +79,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each measurement")
     ap.add_argument("--rounds", type=int, default=3, help="paired rounds of the unary comparison")
     ap.add_argument("--no-audit", action="store_true", help="run the service without its audit log")
+    ap.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOPS[0], help="the service's and the baseline's")
     args = ap.parse_args(argv)
     data = str(Path(args.data_dir))
     log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
@@ -87,15 +89,17 @@ def main(argv=None) -> dict:
     log(f"starting the service ({args.processes} workers) and the baseline ...")
     service = _start(
         [sys.executable, "-m", "clients.cli", "serve", "--data-dir", data, "--port", str(svc_port),
-         "--metrics-port", str(_free_port()), "--workers", str(args.processes), "--seed-citizens", str(args.citizens)]
+         "--metrics-port", str(_free_port()), "--workers", str(args.processes), "--seed-citizens", str(args.citizens),
+         "--event-loop", args.event_loop]
         + (["--no-audit"] if args.no_audit else []),
         "Stop with Ctrl-C", Path(data) / "service.log",
     )
     baseline = _start(
-        [sys.executable, "-m", "loadtest.baseline_server", "--port", str(base_port), "--workers", str(args.processes)],
+        [sys.executable, "-m", "loadtest.baseline_server", "--port", str(base_port), "--workers", str(args.processes),
+         "--event-loop", args.event_loop],
         "baseline serving", Path(data) / "baseline.log",
     )
-    result: dict = {"processes": args.processes, "metrics": True, "audit_log": not args.no_audit}
+    result: dict = {"processes": args.processes, "metrics": True, "audit_log": not args.no_audit, "event_loop": args.event_loop}
     try:
         log("unary maximum, service and baseline alternating ...")
         # Each round measures the baseline and then the service, back to back: a slow spell

@@ -43,6 +43,7 @@ from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
 )
 from server.auth import Authenticator, is_loopback, load_policy, load_tokens
+from server.event_loop import new_event_loop
 from server.interceptors import ServiceInterceptor
 from server.keys import Keys, load_keys, synthetic_card_number
 from server.keys import card_token as keyed_card_token
@@ -101,6 +102,7 @@ class ServerConfig:
     policy_path: Path | None = None  # default config/policy.toml
     audit: bool = True  # the audit log of disclosures, under <data_dir>/audit
     audit_flush_seconds: float = 0.05  # what a crash can lose at most (server/audit.py)
+    event_loop: str = "uvloop"  # or "asyncio" (server/event_loop.py)
 
     @property
     def resolved_store_url(self) -> str:
@@ -285,7 +287,7 @@ class Node:
         self.metrics = metrics or Metrics()
         self.metrics.start_flushing()
         self.pool = futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="qj-io")
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop(cfg.event_loop)
         self._thread = threading.Thread(target=self.loop.run_forever, name="qj-grpc", daemon=True)
         self._thread.start()
         self.score = ScoreServicer(self.pool, self._ready)

@@ -221,3 +221,30 @@ def test_serve_flags_set_the_overload_bounds(capsys):
             parser().parse_args(["serve", *bad])
         err = capsys.readouterr().err
         assert bad[0] in err and says in err, err
+
+
+@pytest.mark.parametrize("kind", ["uvloop", "asyncio"])
+def test_a_worker_serves_on_either_event_loop(tmp_path, kind):
+    import uvloop
+
+    from clients.cli import parser, serve_config
+
+    assert serve_config(parser().parse_args(["serve", "--event-loop", kind])).event_loop == kind
+    runtime = Runtime.prepare(ServerConfig(data_dir=tmp_path, seed_citizens=300, metrics_port=0, event_loop=kind))
+    runtime.load()
+    node = Node(runtime, port=0, metrics=Metrics(CollectorRegistry())).start()
+    try:
+        node.attach()
+        assert isinstance(node.loop, uvloop.Loop) == (kind == "uvloop")
+        with QianjiangClient(f"127.0.0.1:{node.port}") as qj:
+            assert qj.check("campus_fitness", runtime.synthetic_card_token(0)).outcome > 0
+            assert len(qj.check_batch("metro_pay_later", [runtime.synthetic_card_token(r) for r in range(50)]).outcomes) == 50
+    finally:
+        node.drain(0)
+
+
+def test_an_unknown_event_loop_is_named():
+    from server.event_loop import new_event_loop
+
+    with pytest.raises(ValueError, match="event loop 'tokio': expected one of uvloop, asyncio"):
+        new_event_loop("tokio")
