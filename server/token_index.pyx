@@ -184,15 +184,21 @@ cdef class TokenIndex:
         if buf.shape[0] % 16:
             raise ValueError(f"card_tokens: {buf.shape[0]} bytes is not a whole number of 16-byte tokens")
         cdef Py_ssize_t n = buf.shape[0] // 16
-        if out is None:
-            out = np.empty(n, np.int32)
+        out = _out(out, n, np.int32, "rows")
         cdef int32_t[::1] o = out
-        if o.shape[0] != n:
-            raise ValueError(f"out: expected {n} rows, got {o.shape[0]}")
         if n:
             with nogil:
                 lookup_many(self.k, self.r, self.mask, &buf[0], n, &o[0])
         return out
+
+
+cdef _out(out, Py_ssize_t n, dtype, str what):
+    """``out`` if given (it must hold n), else a new array of n."""
+    if out is None:
+        return np.empty(n, dtype)
+    if len(out) != n:
+        raise ValueError(f"out: expected {n} {what}, got {len(out)}")
+    return out
 
 
 cdef const unsigned char[::1] _token(token):
@@ -251,11 +257,8 @@ def pack_gate(adult, consent, score, flags, defaults, out=None):
     cdef Py_ssize_t i, n = a.shape[0]
     if not (c.shape[0] == s.shape[0] == f.shape[0] == d.shape[0] == n):
         raise ValueError("the columns must have one length")
-    if out is None:
-        out = np.empty(n, np.uint64)
+    out = _out(out, n, np.uint64, "gate words")
     cdef uint64_t[::1] o = out
-    if o.shape[0] != n:
-        raise ValueError(f"out: expected {n} gate words, got {o.shape[0]}")
     with nogil:
         for i in range(n):
             o[i] = gate_word(a[i], c[i], s[i], f[i], d[i])
