@@ -1,17 +1,20 @@
 """The service's load benchmark, beside a bare grpcio baseline, in one run.
 
-    python -m loadtest.bench            # about 2 minutes once data/bench is seeded
+    python -m loadtest.bench            # about 2 1/2 minutes once data/bench is seeded
 
 Starts the service as it runs in production (one worker per core, metrics on, the audit log
 on) and the baseline (loadtest/baseline_server.py: the same message shapes and process count,
-no logic) on loopback, then measures, alternating between the two where they are compared:
+no logic) on loopback, then measures both, alternating where they are compared (in
+``--rounds`` paired rounds: baseline, then service, back to back; medians, and the rounds'
+ratios):
 
-* unary Check: the closed-loop maximum of each (``baseline_unary_rps``, ``check_unary_rps``);
+* unary Check: the closed-loop maximum of each (``baseline_unary_rps``, ``check_unary_rps``,
+  ``unary_ratio``);
 * latency: the open-loop runner (loadtest/open_loop.py) at half of ``check_unary_rps``:
-  p50/p99/p99.9 from the intended send time;
+  p50/p99/p99.9 from the intended send time, of the service and of the baseline at that rate;
 * BatchCheck of 1,000 tokens (16 distinct batches in turn, so the lookups are not served
   from warm caches) and StreamCheck (a gateway's long-lived streams), closed loop, over eight
-  connections per worker;
+  connections per worker (``batch_ratio``, ``stream_ratio``);
 * overload: open loop at twice the maximum for a few seconds (RESOURCE_EXHAUSTED is the
   expected answer, not a queue), then half the maximum again (it must recover at once).
 
@@ -101,46 +104,61 @@ def main(argv=None) -> dict:
     )
     result: dict = {"processes": args.processes, "metrics": True, "audit_log": not args.no_audit, "event_loop": args.event_loop}
     try:
-        log("unary maximum, service and baseline alternating ...")
-        # Each round measures the baseline and then the service, back to back: a slow spell
-        # of this shared machine hits a pair rather than one side. The figures are the
-        # medians over the rounds; the ratio is the median of the rounds' ratios.
-        rounds = []
-        for _ in range(args.rounds):
-            rounds.append({name: _probe(target, "unary", args.seconds, data)
-                           for name, target in (("baseline", base_target), ("check", svc_target))})
         median = lambda xs: float(np.median(xs))  # noqa: E731
-        base_rps = median([r["baseline"]["checks_per_s"] for r in rounds])
-        check_rps = median([r["check"]["checks_per_s"] for r in rounds])
+
+        def paired(mode: str, seconds: float, **probe) -> tuple[dict, dict, list[float]]:
+            """args.rounds rounds of the baseline and then the service, back to back: a slow
+            spell of this shared machine hits a pair rather than one side. Returns the
+            medians of each side's figures and the rounds' ratios (service / baseline)."""
+            rounds = [{name: _probe(target, mode, seconds, data, **probe)
+                       for name, target in (("baseline", base_target), ("service", svc_target))}
+                      for _ in range(args.rounds)]
+            med = {side: {k: median([r[side][k] for r in rounds]) for k in ("checks_per_s", "p50_ms", "p99_ms")}
+                   for side in ("baseline", "service")}
+            ratios = [r["service"]["checks_per_s"] / r["baseline"]["checks_per_s"] for r in rounds]
+            errors = {}
+            for r in rounds:
+                for code, n in r["service"]["errors"].items():
+                    errors[code] = errors.get(code, 0) + n
+            med["service"]["errors"] = errors
+            return med["baseline"], med["service"], ratios
+
+        log("unary maximum, service and baseline alternating ...")
+        base, check, ratios = paired("unary", args.seconds)
+        check_rps = check["checks_per_s"]
         result.update(
-            baseline_unary_rps=round(base_rps, 1), check_unary_rps=round(check_rps, 1),
-            unary_ratio=round(median([r["check"]["checks_per_s"] / r["baseline"]["checks_per_s"] for r in rounds]), 3),
-            unary_ratio_rounds=[round(r["check"]["checks_per_s"] / r["baseline"]["checks_per_s"], 3) for r in rounds],
-            check_unary_closed_p50_ms=median([r["check"]["p50_ms"] for r in rounds]),
-            check_unary_closed_p99_ms=median([r["check"]["p99_ms"] for r in rounds]),
+            baseline_unary_rps=round(base["checks_per_s"], 1), check_unary_rps=round(check_rps, 1),
+            unary_ratio=round(median(ratios), 3), unary_ratio_rounds=[round(x, 3) for x in ratios],
+            check_unary_closed_p50_ms=check["p50_ms"], check_unary_closed_p99_ms=check["p99_ms"],
         )
 
-        log(f"open loop at half the maximum ({check_rps / 2:.0f}/s) ...")
-        ol = run_open_loop(svc_target, rate=check_rps / 2, seconds=max(args.seconds, 6.0), processes=1,
-                           data_dir=data, citizens=args.citizens)
+        log(f"open loop at half the maximum ({check_rps / 2:.0f}/s), service and baseline ...")
+        seconds = max(args.seconds, 6.0)
+        ol = run_open_loop(svc_target, rate=check_rps / 2, seconds=seconds, processes=1, data_dir=data, citizens=args.citizens)
+        base_ol = run_open_loop(base_target, rate=check_rps / 2, seconds=seconds, processes=1, data_dir=data,
+                                citizens=args.citizens)
         result.update(
             open_loop_rps=ol["achieved_rps"], p50_ms=ol["p50_ms"], p90_ms=ol["p90_ms"], p99_ms=ol["p99_ms"],
             p999_ms=ol["p999_ms"], max_ms=ol["max_ms"], open_loop_errors=ol["errors"],
             open_loop_runner_cpu_s=ol["runner_cpu_s"], open_loop_max_schedule_lag_ms=ol["max_schedule_lag_ms"],
+            baseline_p50_ms=base_ol["p50_ms"], baseline_p99_ms=base_ol["p99_ms"], baseline_p999_ms=base_ol["p999_ms"],
         )
 
-        log("batch and stream ...")
+        log("batch and stream, service and baseline alternating ...")
         # Gateways batch over many connections. One connection lands on one worker, chosen
         # by the kernel's SO_REUSEPORT hash: with two a worker, in one run in eight a worker
         # got none and sat idle; with eight a worker, in one run in tens of thousands. Two
-        # calls in flight on each; the baseline is measured the same way.
+        # calls in flight on each (one stream each); the baseline is measured the same way.
         channels = 8 * args.processes
-        batch = _probe(svc_target, "batch", args.seconds, data, concurrency=2 * channels, channels=channels)
-        base_batch = _probe(base_target, "batch", args.seconds, data, concurrency=2 * channels, channels=channels)
-        stream = _probe(svc_target, "stream", args.seconds, data, concurrency=channels, channels=channels)
+        short = min(args.seconds, 4.0)
+        base_batch, batch, batch_ratios = paired("batch", short, concurrency=2 * channels, channels=channels)
+        base_stream, stream, stream_ratios = paired("stream", short, concurrency=channels, channels=channels)
         result.update(
             batch_checks_per_s=batch["checks_per_s"], baseline_batch_checks_per_s=base_batch["checks_per_s"],
-            batch_p99_ms=batch["p99_ms"], stream_checks_per_s=stream["checks_per_s"],
+            batch_ratio=round(median(batch_ratios), 3), batch_ratio_rounds=[round(x, 3) for x in batch_ratios],
+            batch_p99_ms=batch["p99_ms"], baseline_batch_p99_ms=base_batch["p99_ms"],
+            stream_checks_per_s=stream["checks_per_s"], baseline_stream_checks_per_s=base_stream["checks_per_s"],
+            stream_ratio=round(median(stream_ratios), 3),
             batch_errors=batch["errors"], stream_errors=stream["errors"],
         )
 
