@@ -404,11 +404,13 @@ class Node:
             return child
 
         count = m.calls.inc
+        by_outcome = {}  # scenario -> its counters of outcomes 1..7 (0 is never an answer)
 
         def on_decisions(scenario: str, counts: np.ndarray) -> None:
-            for value, n in enumerate(counts.tolist()):
-                if n:
-                    count(counter(scenario, value), n)
+            counters = by_outcome.get(scenario)
+            if counters is None:
+                counters = by_outcome[scenario] = tuple(counter(scenario, v) for v in range(1, len(counts)))
+            m.calls.inc_each(counters, counts[1:])
 
         def on_decision(scenario: str, outcome) -> None:
             count(counter(scenario, int(outcome)))

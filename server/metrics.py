@@ -20,6 +20,7 @@ from __future__ import annotations
 import threading
 from bisect import bisect_left
 
+import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 #: 100 µs to 1 s: a gate check has single-digit milliseconds (design section 7).
@@ -41,12 +42,25 @@ class CallBuffer:
     def __init__(self):
         self._lock = threading.Lock()
         self._counts: dict = {}  # a counter (child) -> increment
+        self._vectors: dict = {}  # a tuple of counters (children) -> int64 increments, one each
         self._observed: dict = {}  # a histogram (child) -> [sum, per-bucket counts]
 
     def inc(self, counter, amount: float = 1) -> None:
         with self._lock:
             counts = self._counts
             counts[counter] = counts.get(counter, 0) + amount
+
+    def inc_each(self, counters: tuple, amounts: np.ndarray) -> None:
+        """``inc(counters[i], amounts[i])`` for every i, as one numpy add: a batch's decisions
+        by outcome."""
+        if len(amounts) != len(counters):
+            raise ValueError(f"{len(amounts)} amounts for {len(counters)} counters")
+        with self._lock:
+            pending = self._vectors.get(counters)
+            if pending is None:
+                self._vectors[counters] = np.array(amounts, dtype=np.int64)
+            else:
+                pending += amounts
 
     def observe(self, histogram, value: float) -> None:
         with self._lock:
@@ -59,9 +73,14 @@ class CallBuffer:
     def flush(self) -> None:
         with self._lock:
             counts, self._counts = self._counts, {}
+            vectors, self._vectors = self._vectors, {}
             observed, self._observed = self._observed, {}
         for counter, amount in counts.items():
             counter.inc(amount)
+        for counters, amounts in vectors.items():
+            for counter, amount in zip(counters, amounts.tolist(), strict=True):
+                if amount:
+                    counter.inc(amount)
         for histogram, (total, buckets) in observed.items():
             histogram._sum.inc(total)
             for bucket, n in zip(histogram._buckets, buckets):

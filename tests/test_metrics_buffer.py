@@ -8,6 +8,7 @@ import doctest
 import threading
 
 import numpy as np
+import pytest
 from prometheus_client import CollectorRegistry, Counter, Histogram
 
 from server import metrics
@@ -48,6 +49,26 @@ def test_flushed_buffer_equals_direct_updates():
     assert _samples(direct) == _samples(buffered)
 
 
+def test_inc_each_adds_a_vector_as_incs_would():
+    direct, buffered = CollectorRegistry(), CollectorRegistry()
+    counters = {name: Counter("decisions", "", ["outcome"], registry=reg) for name, reg in (("direct", direct), ("buffered", buffered))}
+    outcomes = ("ALLOW", "DENY", "UNKNOWN")
+    children = tuple(counters["buffered"].labels(outcome=o) for o in outcomes)
+    buf = CallBuffer()
+    batches = [np.array(v, np.int64) for v in ([5, 0, 2], [1, 3, 0], [0, 0, 0])]
+    for counts in batches:
+        for o, n in zip(outcomes, counts.tolist()):
+            if n:
+                counters["direct"].labels(outcome=o).inc(n)
+        buf.inc_each(children, counts)
+        counts[:] = 99  # the caller may reuse its array: what was added stays added
+    buf.flush()
+    assert _samples(direct) == _samples(buffered)
+    assert buffered.get_sample_value("decisions_total", {"outcome": "ALLOW"}) == 6
+    with pytest.raises(ValueError, match="3 amounts for 2 counters"):
+        buf.inc_each(children[:2], np.ones(3, np.int64))
+
+
 def test_buffer_loses_nothing_across_threads():
     reg = CollectorRegistry()
     c = Counter("calls", "", registry=reg)
@@ -58,9 +79,14 @@ def test_buffer_loses_nothing_across_threads():
         while not stop.is_set():
             buf.flush()
 
+    pair = (c, c)
+
     def worker():
-        for _ in range(20_000):
-            buf.inc(c)
+        for i in range(20_000):
+            if i % 2:
+                buf.inc(c)
+            else:
+                buf.inc_each(pair, np.array([1, 0], np.int64))
 
     f = threading.Thread(target=flusher)
     f.start()
