@@ -350,8 +350,7 @@ class CreditService:
         row = self.row_of(citizen_id)
         with self._writing():
             self.store.set_consent(citizen_id, granted)
-            self.state.consent[row] = 1 if granted else 0
-            self.state.refresh_gate(slice(row, row + 1))  # what the checks read
+            self.state.set_consent(row, granted)
 
     def upsert_citizen(self, citizen_id: str, birth_day: int) -> bool:
         check_id(citizen_id, "citizen_id")
@@ -368,7 +367,7 @@ class CreditService:
             s.birth_day[row] = birth_day
             s.subject[row] = self.audit_subject(citizen_id)
             if created:
-                s.consent[row] = 0
+                s.set_consent(row, False)
                 s.meta[N_CITIZENS] = max(n, row + 1)
             self._rescore(row)
         return created

@@ -355,6 +355,12 @@ class ServingState:
         self.computed_at[:n] = time.time()
         self.meta[GENERATION] += 1
 
+    def set_consent(self, row: int, granted: bool) -> None:
+        """A citizen's consent, in its column and in the gate word the checks read. Caller
+        holds the lock."""
+        self.consent[row] = 1 if granted else 0
+        self.refresh_gate(slice(row, row + 1))
+
     def refresh_gate(self, rows: slice) -> None:
         """Re-pack the gate words of ``rows`` after a write to their adult, consent, score,
         flags or defaults: the eligibility checks read those words, not the columns
