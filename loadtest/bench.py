@@ -80,7 +80,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--citizens", type=int, default=100_000)
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 1, help="server worker processes")
     ap.add_argument("--seconds", type=float, default=8.0, help="length of each measurement")
-    ap.add_argument("--rounds", type=int, default=3, help="paired rounds of the unary comparison")
+    ap.add_argument("--rounds", type=int, default=3, help="paired rounds of each comparison (unary, batch, stream)")
     ap.add_argument("--no-audit", action="store_true", help="run the service without its audit log")
     ap.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOPS[0], help="the service's and the baseline's")
     args = ap.parse_args(argv)

@@ -33,7 +33,7 @@ from loadtest.grpc_user import GrpcUser
 from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
 )
-from server.keys import card_token, load_keys, synthetic_card_number
+from server.keys import card_token, existing_card_key, synthetic_card_number
 
 CITIZENS = int(os.environ.get("QJ_CITIZENS", "100000"))
 UNKNOWN_CARD_SHARE = 0.02
@@ -45,9 +45,10 @@ REFUSED = (grpc.StatusCode.FAILED_PRECONDITION,)
 @functools.cache
 def city_tokens() -> list[bytes]:
     data_dir = Path(os.environ.get("QJ_DATA_DIR", "data"))
-    if not os.environ.get("QJ_CARD_KEY") and not (data_dir / "keys" / "card.key").exists():
-        raise RuntimeError(f"no card key under {data_dir}/keys: set QJ_DATA_DIR to the server's data directory")
-    key = load_keys(data_dir).card
+    try:
+        key = existing_card_key(data_dir)
+    except FileNotFoundError as exc:
+        raise RuntimeError(f"{exc}: set QJ_DATA_DIR to the server's data directory") from None
     return [card_token(key, synthetic_card_number(row)) for row in range(CITIZENS)]
 
 
