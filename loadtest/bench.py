@@ -18,6 +18,13 @@ ratios):
 * overload: open loop at twice the maximum for a few seconds (RESOURCE_EXHAUSTED is the
   expected answer, not a queue), then half the maximum again (it must recover at once).
 
+Each closed-loop measurement also gives what a call cost in CPU: the server's, all its
+processes together (``check_unary_cpu_us``, ``batch_cpu_us``, ``stream_cpu_us`` and the
+baseline's beside them; ``*_cpu_ratio`` = baseline / service, 1.0 when the service costs no
+more than grpc alone), and the load generator's (``*_client_cpu_us``), which runs on the
+same cores. On a shared machine a call's CPU moves less than the calls a second, and it is
+what capacity planning needs: cores = calls a second x CPU a call.
+
 The last line printed is one JSON object with every figure; ``<data-dir>/report.html`` and
 ``report.png`` plot the open-loop latency distribution beside them (loadtest/report.py).
 """
@@ -66,12 +73,39 @@ def _start(cmd: list[str], ready_text: str, log_path: Path, timeout: float = 600
     return proc
 
 
-def _probe(target: str, mode: str, seconds: float, data_dir: str, concurrency: int = 16, channels: int = 1) -> dict:
-    return closed_loop.main(
+_TICKS_PER_S = os.sysconf("SC_CLK_TCK")
+
+
+def _server_cpu_s(pid: int) -> float:
+    """CPU seconds (user + system) a server has used so far: the process and its workers
+    (its children), from /proc, in clock ticks (10 ms; a measurement lasts seconds)."""
+    ticks = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue  # gone meanwhile
+        fields = text[text.rindex(")") + 2:].split()  # after "pid (comm)": state, ppid, ...
+        if stat.parent.name == str(pid) or fields[1] == str(pid):
+            ticks += int(fields[11]) + int(fields[12])  # utime, stime
+    return ticks / _TICKS_PER_S
+
+
+def _probe(target: str, server_pid: int, mode: str, seconds: float, data_dir: str, concurrency: int = 16,
+           channels: int = 1) -> dict:
+    """A closed-loop measurement, with what each call cost in CPU: the server's (all its
+    processes, ``server_cpu_us``) and the load generator's (``client_cpu_us``), both on this
+    box. A call's CPU varies less with the neighbours than the calls a second do."""
+    cpu0 = _server_cpu_s(server_pid)
+    r = closed_loop.main(
         ["--target", target, "--mode", mode, "--seconds", str(seconds), "--processes", "1",
          "--concurrency", str(concurrency), "--channels", str(channels), "--data-dir", data_dir],
         quiet=True,
     )
+    calls = r["requests_per_s"] * seconds
+    r["server_cpu_us"] = (_server_cpu_s(server_pid) - cpu0) / calls * 1e6 if calls else float("nan")
+    r["client_cpu_us"] = r["client_cpu_s"] / calls * 1e6 if calls else float("nan")
+    return r
 
 
 def main(argv=None) -> dict:
@@ -109,13 +143,18 @@ def main(argv=None) -> dict:
         def paired(mode: str, seconds: float, **probe) -> tuple[dict, dict, list[float]]:
             """args.rounds rounds of the baseline and then the service, back to back: a slow
             spell of this shared machine hits a pair rather than one side. Returns the
-            medians of each side's figures and the rounds' ratios (service / baseline)."""
-            rounds = [{name: _probe(target, mode, seconds, data, **probe)
-                       for name, target in (("baseline", base_target), ("service", svc_target))}
+            medians of each side's figures and the rounds' ratios (service / baseline); the
+            service's medians include ``cpu_ratio``, the median of the rounds' baseline
+            server CPU per call over the service's (1.0: the service costs no more than
+            grpc alone)."""
+            rounds = [{name: _probe(target, proc.pid, mode, seconds, data, **probe)
+                       for name, target, proc in (("baseline", base_target, baseline), ("service", svc_target, service))}
                       for _ in range(args.rounds)]
-            med = {side: {k: median([r[side][k] for r in rounds]) for k in ("checks_per_s", "p50_ms", "p99_ms")}
+            med = {side: {k: median([r[side][k] for r in rounds])
+                          for k in ("checks_per_s", "p50_ms", "p99_ms", "server_cpu_us", "client_cpu_us")}
                    for side in ("baseline", "service")}
             ratios = [r["service"]["checks_per_s"] / r["baseline"]["checks_per_s"] for r in rounds]
+            med["service"]["cpu_ratio"] = median([r["baseline"]["server_cpu_us"] / r["service"]["server_cpu_us"] for r in rounds])
             errors = {}
             for r in rounds:
                 for code, n in r["service"]["errors"].items():
@@ -130,6 +169,8 @@ def main(argv=None) -> dict:
             baseline_unary_rps=round(base["checks_per_s"], 1), check_unary_rps=round(check_rps, 1),
             unary_ratio=round(median(ratios), 3), unary_ratio_rounds=[round(x, 3) for x in ratios],
             check_unary_closed_p50_ms=check["p50_ms"], check_unary_closed_p99_ms=check["p99_ms"],
+            check_unary_cpu_us=round(check["server_cpu_us"], 1), baseline_unary_cpu_us=round(base["server_cpu_us"], 1),
+            unary_cpu_ratio=round(check["cpu_ratio"], 3), unary_client_cpu_us=round(check["client_cpu_us"], 1),
         )
 
         log(f"open loop at half the maximum ({check_rps / 2:.0f}/s), service and baseline ...")
@@ -159,6 +200,10 @@ def main(argv=None) -> dict:
             batch_p99_ms=batch["p99_ms"], baseline_batch_p99_ms=base_batch["p99_ms"],
             stream_checks_per_s=stream["checks_per_s"], baseline_stream_checks_per_s=base_stream["checks_per_s"],
             stream_ratio=round(median(stream_ratios), 3),
+            batch_cpu_us=round(batch["server_cpu_us"], 1), baseline_batch_cpu_us=round(base_batch["server_cpu_us"], 1),
+            batch_cpu_ratio=round(batch["cpu_ratio"], 3), batch_client_cpu_us=round(batch["client_cpu_us"], 1),
+            stream_cpu_us=round(stream["server_cpu_us"], 1), baseline_stream_cpu_us=round(base_stream["server_cpu_us"], 1),
+            stream_cpu_ratio=round(stream["cpu_ratio"], 3),
             batch_errors=batch["errors"], stream_errors=stream["errors"],
         )
 
