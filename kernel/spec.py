@@ -453,8 +453,9 @@ def _compile(dimensions, variables, levels) -> CompiledSpec:
     var_dim = np.array([dim_index[v.dimension] for v in variables], np.int32)
     mins = np.array([min(v.y) for v in variables])
     maxs = np.array([max(v.y) for v in variables])
-    raw_min = float(sum(weights[d] * mins[var_dim == d].sum() for d in range(len(dimensions))))
-    raw_max = float(sum(weights[d] * maxs[var_dim == d].sum() for d in range(len(dimensions))))
+    with np.errstate(over="ignore"):  # an infinite range is the caller's SpecError, not a warning
+        raw_min = float(sum(weights[d] * mins[var_dim == d].sum() for d in range(len(dimensions))))
+        raw_max = float(sum(weights[d] * maxs[var_dim == d].sum() for d in range(len(dimensions))))
     arrays = dict(
         y0=y0, n_terms=n_terms, is_step=is_step, term_x=tx, term_inv_width=tinv,
         term_delta=tdelta, var_dim=var_dim, best=maxs, loss_weight=weights[var_dim],

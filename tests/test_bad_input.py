@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import tomllib
+import warnings
 
 import numpy as np
 import pytest
@@ -147,6 +148,17 @@ def test_invalid_spec_is_rejected_naming_the_key(doc, case, mutate, message):
     mutate(doc)
     with pytest.raises(SpecError, match=message):
         parse_spec(doc)
+
+
+def test_points_that_overflow_a_float_are_an_error_not_a_warning(doc):
+    """Two variables of one dimension at 1e308 points each: their sum is infinite. The spec
+    is refused naming the problem, and numpy's overflow warning is not printed on the way."""
+    _var(doc, "volunteer_hours")["points"].update(y=[0.0, 12.0, 30.0, 42.0, 1e308])
+    _var(doc, "honours")["points"].update(points=[0.0, 25.0, 1e308])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(SpecError, match=r"variables: the weighted points overflow a float \(raw points range from .* to inf\)"):
+            parse_spec(doc)
 
 
 def test_spec_that_is_not_toml(tmp_path):
