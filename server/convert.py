@@ -13,7 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kernel.spec import ModelSpec
 from qianjiang.v1 import audit_pb2, common_pb2, eligibility_pb2, records_pb2, score_pb2
 from server.errors import InvalidArgument
-from server.scenarios import Scenario
+from server.scenarios import Outcome, Scenario
 from server.service import BatchDecision, Contribution, DecisionView, ScoreView
 from server.state import day_of
 from server.store import RecordIn
@@ -100,11 +100,21 @@ def explanation_message(view: ScoreView, contributions: list[Contribution], spec
     )
 
 
+_ALLOW = Outcome.ALLOW
+
+
 def decision_message(d: DecisionView, request_id: int = 0) -> eligibility_pb2.Decision:
-    return eligibility_pb2.Decision(
-        outcome=int(d.outcome), allowed=d.outcome == 1, reason_codes=list(d.reason_codes),
-        decision_id=d.decision_id, model_version=d.model_version, scenario=d.scenario, request_id=request_id,
+    # Every gate scan builds one: fields at their defaults are not set (an ALLOW has no reason
+    # codes, a unary check no request id), which halves the cost of building it.
+    msg = eligibility_pb2.Decision(
+        outcome=d.outcome, allowed=d.outcome == _ALLOW, decision_id=d.decision_id,
+        model_version=d.model_version, scenario=d.scenario,
     )
+    if d.reason_codes:
+        msg.reason_codes.extend(d.reason_codes)
+    if request_id:
+        msg.request_id = request_id
+    return msg
 
 
 def batch_message(b: BatchDecision) -> eligibility_pb2.BatchCheckResponse:

@@ -101,6 +101,11 @@ class BatchDecision:
     allowed: int
 
 
+#: Outcome members by value, and the one the check looks at: an index and a global on the
+#: per-check path instead of Enum's call and attribute machinery (about 1 µs a check).
+_OUTCOME = {o.value: o for o in Outcome}
+_DENY_HARD_RULE = Outcome.DENY_HARD_RULE
+
 #: Audit result codes of score disclosures (decisions use their Outcome value, 1-7).
 SCORE_VIEWED, SCORE_EXPLAINED = 100, 101
 
@@ -265,10 +270,10 @@ class CreditService:
         scenario = self.scenario(scenario_name)
         check_token(token)
         value, subject = self._checker.check_one(token, *scenario.rule)
-        outcome = Outcome(value)
+        outcome = _OUTCOME[value]
         self._on_decision(scenario.name, outcome)
         codes = REASON_CODES[outcome]
-        if outcome == Outcome.DENY_HARD_RULE:
+        if outcome is _DENY_HARD_RULE:
             codes = tuple(f"HARD_RULE:{self.spec.variables[v].reason.code}" for v in self._hard_rules(self.state.tokens.get(token)))
         seq, decision_id = self.ids.next()
         self.audit.record(seq, caller.identity, method, scenario.name, subject, value, self.model_version)
