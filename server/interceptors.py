@@ -122,11 +122,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         started = m.started.labels(**labels)
         handling = m.handling.labels(**labels)
         handled = {code: m.handled.labels(**labels, grpc_code=code.name) for code in grpc.StatusCode}
-        count, observe = m.calls.inc, m.calls.observe  # buffered until the next flush (server/metrics.py)
+        count, count_observe = m.calls.inc, m.calls.inc_observe  # buffered until the next flush (server/metrics.py)
 
         def finish(code: grpc.StatusCode, t0: float) -> None:
-            count(handled[code])
-            observe(handling, time.perf_counter() - t0)
+            count_observe(handled[code], handling, time.perf_counter() - t0)
 
         def precheck(context) -> None:
             """Identity first (nothing about a person is looked up before it), then the

@@ -64,11 +64,22 @@ class CallBuffer:
 
     def observe(self, histogram, value: float) -> None:
         with self._lock:
-            pending = self._observed.get(histogram)
-            if pending is None:
-                pending = self._observed[histogram] = [0.0, [0] * len(_bounds(histogram))]
-            pending[0] += value
-            pending[1][bisect_left(histogram._upper_bounds, value)] += 1  # the bucket observe() picks
+            self._observe(histogram, value)
+
+    def inc_observe(self, counter, histogram, value: float) -> None:
+        """``inc(counter)`` and ``observe(histogram, value)`` under one lock: a call's end
+        (its status code and its latency)."""
+        with self._lock:
+            counts = self._counts
+            counts[counter] = counts.get(counter, 0) + 1
+            self._observe(histogram, value)
+
+    def _observe(self, histogram, value: float) -> None:
+        pending = self._observed.get(histogram)
+        if pending is None:
+            pending = self._observed[histogram] = [0.0, [0] * len(_bounds(histogram))]
+        pending[0] += value
+        pending[1][bisect_left(histogram._upper_bounds, value)] += 1  # the bucket observe() picks
 
     def flush(self) -> None:
         with self._lock:

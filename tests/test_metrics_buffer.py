@@ -40,8 +40,11 @@ def test_flushed_buffer_equals_direct_updates():
         code = "OK" if i % 3 else "NOT_FOUND"
         made["direct"][0].labels(code=code).inc()
         made["direct"][1].labels(method="Check").observe(v)
-        buf.inc(made["buffered"][0].labels(code=code))
-        buf.observe(made["buffered"][1].labels(method="Check"), v)
+        if i % 2:  # a call's end: both under one lock
+            buf.inc_observe(made["buffered"][0].labels(code=code), made["buffered"][1].labels(method="Check"), v)
+        else:
+            buf.inc(made["buffered"][0].labels(code=code))
+            buf.observe(made["buffered"][1].labels(method="Check"), v)
     assert _samples(direct) != _samples(buffered)  # nothing reaches Prometheus before a flush
     buf.flush()
     assert _samples(direct) == _samples(buffered)
@@ -72,6 +75,7 @@ def test_inc_each_adds_a_vector_as_incs_would():
 def test_buffer_loses_nothing_across_threads():
     reg = CollectorRegistry()
     c = Counter("calls", "", registry=reg)
+    h = Histogram("seconds", "", buckets=LATENCY_BUCKETS, registry=reg)
     buf = CallBuffer()
     stop = threading.Event()
 
@@ -82,11 +86,13 @@ def test_buffer_loses_nothing_across_threads():
     pair = (c, c)
 
     def worker():
-        for i in range(20_000):
-            if i % 2:
+        for i in range(30_000):
+            if i % 3 == 0:
                 buf.inc(c)
-            else:
+            elif i % 3 == 1:
                 buf.inc_each(pair, np.array([1, 0], np.int64))
+            else:
+                buf.inc_observe(c, h, 0.003)
 
     f = threading.Thread(target=flusher)
     f.start()
@@ -98,7 +104,9 @@ def test_buffer_loses_nothing_across_threads():
     stop.set()
     f.join()
     buf.flush()
-    assert reg.get_sample_value("calls_total") == 80_000
+    assert reg.get_sample_value("calls_total") == 120_000
+    assert reg.get_sample_value("seconds_count") == 40_000
+    assert reg.get_sample_value("seconds_bucket", {"le": "0.005"}) == 40_000
 
 
 def test_metrics_flush_on_their_own_and_on_stop():
