@@ -117,6 +117,7 @@ assert struct.calcsize("<qQQIIHHHHB7x") == ENTRY.itemsize
 # One batch item (format 2): packed, no padding — the bulk of the log at high batch rates.
 ITEM = np.dtype({"names": ["subject", "result"], "formats": ["<u8", "u1"], "offsets": [0, 8], "itemsize": 9})
 _KINDS = ("writer", "caller", "method", "scenario", "model")
+_STRINGS_CACHED = 4096  # (caller, method, scenario, model) combinations whose codes are remembered
 _LIMIT = {"writer": 1 << 32, "caller": 1 << 16, "method": 1 << 16, "scenario": 1 << 16, "model": 1 << 16}
 _SEGMENT_RE = re.compile(r"^audit-(\d+)-(\d+)\.bin$")
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
@@ -185,6 +186,7 @@ class AuditLog:
         self._new_lines: list[str] = []  # dictionary lines of codes assigned since the last swap
         self._pending = 0  # disclosures waiting: unary entries + batch items
         self._codes: dict[str, dict[str, int]] = {k: {} for k in _KINDS}
+        self._strings: dict[tuple[str, str, str, str], tuple[int, int, int, int]] = {}  # _codes_of
         self._code("writer", self.writer_prefix)
         self._writer = 0
         self._closed = False
@@ -243,6 +245,16 @@ class AuditLog:
                     self._new_lines.append(json.dumps({"kind": kind, "code": code, "value": value}, ensure_ascii=False))
         return code
 
+    def _codes_of(self, caller: str, method: str, scenario: str, model_version: str) -> tuple[int, int, int, int]:
+        """The four codes of an entry's strings, remembered for the next entry with the same
+        four (one lookup instead of four on the per-check path; a few hundred combinations
+        at most: callers, methods, scenarios and models are all configured)."""
+        codes = (self._code("caller", caller), self._code("method", method),
+                 self._code("scenario", scenario), self._code("model", model_version))
+        if len(self._strings) < _STRINGS_CACHED:
+            self._strings[(caller, method, scenario, model_version)] = codes
+        return codes
+
     def record(
         self, decision_seq: int, caller: str, method: str, scenario: str, subject: int, result: int, model_version: str
     ) -> None:
@@ -250,11 +262,8 @@ class AuditLog:
         # Validate here: a bad value found by the flusher would fail a whole group commit.
         if not (0 <= decision_seq < 1 << 64 and 0 <= subject < 1 << 64 and 0 <= result < 256):
             raise ValueError("decision_seq and subject must fit uint64, result uint8")
-        row = (
-            time.time_ns(), decision_seq, subject, self._writer, UNARY,
-            self._code("caller", caller), self._code("method", method),
-            self._code("scenario", scenario), self._code("model", model_version), result,
-        )
+        codes = self._strings.get((caller, method, scenario, model_version)) or self._codes_of(caller, method, scenario, model_version)
+        row = (time.time_ns(), decision_seq, subject, self._writer, UNARY, *codes, result)
         with self._lock:
             if self._closed:
                 raise AuditUnavailable("the audit log is closed")
@@ -282,11 +291,8 @@ class AuditLog:
         if n >= UNARY:
             raise ValueError(f"a batch of {n} items is too large for the audit log")
         # The header's subject (its first item's position) is set by the group commit.
-        row = (
-            time.time_ns(), batch_seq, 0, self._writer, n,
-            self._code("caller", caller), self._code("method", method),
-            self._code("scenario", scenario), self._code("model", model_version), 0,
-        )
+        codes = self._strings.get((caller, method, scenario, model_version)) or self._codes_of(caller, method, scenario, model_version)
+        row = (time.time_ns(), batch_seq, 0, self._writer, n, *codes, 0)
         with self._lock:
             if self._closed:
                 raise AuditUnavailable("the audit log is closed")

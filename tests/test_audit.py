@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import kill_after_flushes
+from server import audit
 from server.audit import ENTRY, AuditLog
 
 KEY = b"k" * 32
@@ -84,6 +85,24 @@ def test_bad_values_are_rejected_at_the_caller(tmp_path):
     log.record_batch(1, "a", "b", "c", np.array([3, 4]), np.array([0, 1]), "m")  # other int dtypes convert
     log.close()
     assert [e.subject for e in log.entries()] == [3, 4]
+
+
+def test_each_entry_keeps_its_strings_past_the_remembered_codes(tmp_path, monkeypatch):
+    """The log remembers the codes of a few (caller, method, scenario, model) combinations;
+    entries past that many, and repeats of remembered ones, still decode to their own."""
+    monkeypatch.setattr(audit, "_STRINGS_CACHED", 2)
+    log = AuditLog(tmp_path, KEY)
+    combos = [(f"gate-{i % 3}", "Check", f"scenario-{i % 4}", f"1+{i % 2}") for i in range(12)]
+    for seq, (caller, method, scenario, model) in enumerate(combos, 1):
+        if seq % 2:
+            log.record(seq, caller, method, scenario, seq, 1, model)
+        else:
+            log.record_batch(seq, caller, method, scenario, np.array([seq], np.uint64), np.array([1], np.uint8), model)
+    log.close()
+    assert [(e.caller, e.method, e.scenario, e.model_version) for e in log.entries()] == combos
+    assert len(log._strings) == 2
+    with pytest.raises(TypeError, match="caller must be a str"):
+        AuditLog(tmp_path, KEY).record(1, 7, "Check", "s", 1, 1, "m")
 
 
 def test_concurrent_appends_each_appear_exactly_once(tmp_path):
