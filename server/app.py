@@ -413,7 +413,7 @@ class Node:
             m.calls.inc_each(counters, counts[1:])
 
         def on_decision(scenario: str, outcome) -> None:
-            count(counter(scenario, int(outcome)))
+            count(counter(scenario, outcome))  # an Outcome is its int as a key and an index
 
         return CreditService(
             state, self._store, Scorer(spec, calibration), self.runtime.scenarios,

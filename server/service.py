@@ -20,6 +20,7 @@ import re
 import secrets
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -83,8 +84,10 @@ class Contribution:
     points: float
 
 
-@dataclass(frozen=True)
-class DecisionView:
+class DecisionView(NamedTuple):
+    """One check's answer. A NamedTuple: one is built for every gate scan, and it costs half
+    of a frozen dataclass's construction."""
+
     outcome: Outcome
     reason_codes: tuple[str, ...]
     decision_id: str
