@@ -186,7 +186,7 @@ class AuditLog:
         self._new_lines: list[str] = []  # dictionary lines of codes assigned since the last swap
         self._pending = 0  # disclosures waiting: unary entries + batch items
         self._codes: dict[str, dict[str, int]] = {k: {} for k in _KINDS}
-        self._strings: dict[tuple[str, str, str, str], tuple[int, int, int, int]] = {}  # _codes_of
+        self._entry_codes: dict[tuple[str, str, str, str], tuple[int, int, int, int]] = {}  # _codes_of
         self._code("writer", self.writer_prefix)
         self._writer = 0
         self._closed = False
@@ -249,10 +249,13 @@ class AuditLog:
         """The four codes of an entry's strings, remembered for the next entry with the same
         four (one lookup instead of four on the per-check path; a few hundred combinations
         at most: callers, methods, scenarios and models are all configured)."""
-        codes = (self._code("caller", caller), self._code("method", method),
-                 self._code("scenario", scenario), self._code("model", model_version))
-        if len(self._strings) < _STRINGS_CACHED:
-            self._strings[(caller, method, scenario, model_version)] = codes
+        key = (caller, method, scenario, model_version)
+        codes = self._entry_codes.get(key)
+        if codes is None:
+            codes = (self._code("caller", caller), self._code("method", method),
+                     self._code("scenario", scenario), self._code("model", model_version))
+            if len(self._entry_codes) < _STRINGS_CACHED:
+                self._entry_codes[key] = codes
         return codes
 
     def record(
@@ -262,7 +265,7 @@ class AuditLog:
         # Validate here: a bad value found by the flusher would fail a whole group commit.
         if not (0 <= decision_seq < 1 << 64 and 0 <= subject < 1 << 64 and 0 <= result < 256):
             raise ValueError("decision_seq and subject must fit uint64, result uint8")
-        codes = self._strings.get((caller, method, scenario, model_version)) or self._codes_of(caller, method, scenario, model_version)
+        codes = self._codes_of(caller, method, scenario, model_version)
         row = (time.time_ns(), decision_seq, subject, self._writer, UNARY, *codes, result)
         with self._lock:
             if self._closed:
@@ -291,7 +294,7 @@ class AuditLog:
         if n >= UNARY:
             raise ValueError(f"a batch of {n} items is too large for the audit log")
         # The header's subject (its first item's position) is set by the group commit.
-        codes = self._strings.get((caller, method, scenario, model_version)) or self._codes_of(caller, method, scenario, model_version)
+        codes = self._codes_of(caller, method, scenario, model_version)
         row = (time.time_ns(), batch_seq, 0, self._writer, n, *codes, 0)
         with self._lock:
             if self._closed:

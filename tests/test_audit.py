@@ -100,7 +100,7 @@ def test_each_entry_keeps_its_strings_past_the_remembered_codes(tmp_path, monkey
             log.record_batch(seq, caller, method, scenario, np.array([seq], np.uint64), np.array([1], np.uint8), model)
     log.close()
     assert [(e.caller, e.method, e.scenario, e.model_version) for e in log.entries()] == combos
-    assert len(log._strings) == 2
+    assert len(log._entry_codes) == 2
     with pytest.raises(TypeError, match="caller must be a str"):
         AuditLog(tmp_path, KEY).record(1, 7, "Check", "s", 1, 1, "m")
 
