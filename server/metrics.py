@@ -47,8 +47,7 @@ class CallBuffer:
 
     def inc(self, counter, amount: float = 1) -> None:
         with self._lock:
-            counts = self._counts
-            counts[counter] = counts.get(counter, 0) + amount
+            self._inc(counter, amount)
 
     def inc_each(self, counters: tuple, amounts: np.ndarray) -> None:
         """``inc(counters[i], amounts[i])`` for every i, as one numpy add: a batch's decisions
@@ -70,9 +69,12 @@ class CallBuffer:
         """``inc(counter)`` and ``observe(histogram, value)`` under one lock: a call's end
         (its status code and its latency)."""
         with self._lock:
-            counts = self._counts
-            counts[counter] = counts.get(counter, 0) + 1
+            self._inc(counter, 1)
             self._observe(histogram, value)
+
+    def _inc(self, counter, amount: float) -> None:
+        counts = self._counts
+        counts[counter] = counts.get(counter, 0) + amount
 
     def _observe(self, histogram, value: float) -> None:
         pending = self._observed.get(histogram)
