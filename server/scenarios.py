@@ -5,9 +5,10 @@
     >>> scenarios["campus_fitness"].min_score      # the seed: "above 580"
     581
 
-The rule itself is compiled (server/token_index.pyx::check_tokens): one pass over a station
-gateway's packed card tokens, lookup and decision together, without the GIL; a unary check
-is the same call on one token.
+The rule itself is compiled (server/token_index.pyx: ``check_many``, through the service's
+``Checker``): one pass over a station gateway's packed card tokens, lookup and decision
+together, reading each citizen's packed gate word; a unary check is the same pass over one
+token.
 """
 
 from __future__ import annotations
