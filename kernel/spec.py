@@ -357,8 +357,16 @@ def _parse_variables(doc: dict) -> tuple[Variable, ...]:
             decay = _choice(item, "decay", where, ("linear", "none"))
             if "window_days" in item:
                 raise SpecError(f"{where}.window_days: only positive variables have a window; negative ones use lifetime_days")
+            # Serious records (court-listed dishonest debtors, crimes, blacklists) cap the score
+            # and deny pay-later: the tier and the rule go together, stated in the spec both
+            # ways so a reader of one variable sees what it does.
             if hard_rule and tier != "serious":
                 raise SpecError(f"{where}.hard_rule: only serious-tier records may carry a hard rule")
+            if tier == "serious" and not hard_rule:
+                raise SpecError(
+                    f"{where}.hard_rule: a serious-tier record must carry the hard rule (hard_rule = true); "
+                    "a record that should only lower points belongs in the general tier"
+                )
         else:
             for key in ("tier", "lifetime_days", "decay"):
                 if key in item:

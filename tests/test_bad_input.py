@@ -129,6 +129,8 @@ SPEC_CASES = [
      r"variables.criminal_convictions.lifetime_days: 1825 days is outside the serious tier"),
     ("hard rule on a general record", lambda d: _var(d, "tax_arrears").update(hard_rule=True),
      r"variables.tax_arrears.hard_rule: only serious-tier records"),
+    ("serious record without the hard rule", lambda d: _var(d, "criminal_convictions").update(hard_rule=False),
+     r"variables.criminal_convictions.hard_rule: a serious-tier record must carry the hard rule"),
     ("zero weight", lambda d: d["dimensions"]["identity"].update(weight=0.0),
      r"dimensions.identity.weight: must be > 0"),
     ("unknown key", lambda d: _var(d, "honours").update(weigth=3),

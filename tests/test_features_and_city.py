@@ -8,6 +8,7 @@ import tomllib
 import numpy as np
 import pytest
 
+from kernel.columns import FLAG_HARD_RULE
 from kernel.features import Records, build_features
 from kernel.score import Scorer
 from kernel.spec import DEFAULT_SPEC_PATH, PROTECTED_WORDS, parse_spec
@@ -90,6 +91,7 @@ def test_a_new_dishonesty_variable_is_a_spec_change_only(city):
     doc["variables"].append({
         "name": "military_service_evasion", "dimension": "law_abiding", "source": "military_service_bureau",
         "direction": "negative", "tier": "serious", "aggregate": "count", "lifetime_days": 1095, "decay": "none",
+        "hard_rule": True,  # serious dishonesty: the spec refuses a serious record without it
         "points": {"kind": "bins", "edges": [0.5], "points": [0.0, -150.0]},
         "reason": {"code": "LA07", "zh": "有逃避兵役记录", "en": "Evaded military service",
                    "improve_zh": "依法履行兵役义务", "improve_en": "Fulfil military service obligations"},
@@ -101,3 +103,5 @@ def test_a_new_dishonesty_variable_is_a_spec_change_only(city):
     cols = Scorer(spec2).score(feats, np.ones(2, np.uint8))
     assert cols.raw[1] < cols.raw[0]
     assert cols.reasons[1, 0] == len(spec2.variables) - 1
+    assert cols.flags[1] & FLAG_HARD_RULE and not cols.flags[0] & FLAG_HARD_RULE
+    assert cols.score[1] <= spec2.hard_rule_cap
