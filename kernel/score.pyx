@@ -546,6 +546,26 @@ cdef class RowScorer:
         return self.o.score[row]
 
 
+def normal_quantile(p):
+    """Φ⁻¹ of each element of ``p`` (float64, strictly inside (0, 1)) through the kernel's own
+    ``ndtri``: the function every score goes through, exposed so tests can hold it to an
+    independent implementation (``statistics.NormalDist().inv_cdf``).
+
+        >>> float(normal_quantile(np.array([0.5]))[0])
+        0.0
+    """
+    cdef const double[::1] pv = np.ascontiguousarray(p, dtype=np.float64).ravel()
+    if pv.shape[0] and not (0.0 < np.min(pv) and np.max(pv) < 1.0):
+        raise ValueError("normal_quantile: every p must lie strictly inside (0, 1)")
+    out = np.empty(pv.shape[0], np.float64)
+    cdef double[::1] ov = out
+    cdef Py_ssize_t i
+    with nogil:
+        for i in range(pv.shape[0]):
+            ov[i] = ndtri(pv[i])
+    return out
+
+
 def _check_vector(arr, name, dtype, n):
     if not isinstance(arr, np.ndarray) or arr.dtype != dtype:
         got = arr.dtype if isinstance(arr, np.ndarray) else type(arr).__name__

@@ -105,3 +105,55 @@ def test_invalid_row_in_a_batch_is_named_and_gets_no_score(spec, calibration):
     assert out.flags[217] == FLAG_INVALID and out.score[217] == -1
     with pytest.raises(ValueError, match="is not a finite non-negative number"):
         score_reference(spec, calibration, feats, np.ones(300, np.uint8))
+
+
+# --- Φ⁻¹: the kernel's against an independent implementation ------------------------------
+
+
+def _open_interval_grid() -> np.ndarray:
+    """p over the whole open interval (0, 1): both tails down to the smallest normal double
+    (log-spaced), the body (linear), the branch points of AS 241 (|p - 0.5| = 0.425, and
+    r = sqrt(-log p) = 5) from both sides, and the doubles next to 0.5 and 1."""
+    tiny = np.finfo(np.float64).tiny
+    tail = np.logspace(np.log10(tiny), np.log10(0.075), 4000)
+    body = np.linspace(0.075, 0.925, 4001)
+    edges = []
+    for x in (0.075, 0.925, np.exp(-25.0), 1 - np.exp(-25.0), 0.5):
+        edges += [np.nextafter(x, 0.0), x, np.nextafter(x, 1.0)]
+    p = np.concatenate([tail, body, 1.0 - tail, edges, [np.nextafter(1.0, 0.0), tiny]])
+    return np.unique(p[(p > 0) & (p < 1)])
+
+
+def test_normal_quantile_matches_statistics_inv_cdf():
+    """statistics.NormalDist is CPython's own implementation (its coefficients typed
+    independently of kernel/normal.py's): the kernel agrees with it to a few ulps everywhere."""
+    from statistics import NormalDist
+
+    from kernel.score import normal_quantile
+
+    p = _open_interval_grid()
+    got = normal_quantile(p)
+    inv_cdf = NormalDist().inv_cdf
+    want = np.array([inv_cdf(float(x)) for x in p])
+    np.testing.assert_allclose(got, want, rtol=4e-15, atol=1e-15)
+    # Non-decreasing, but for one ulp at AS 241's branch points (CPython's inv_cdf steps back
+    # by the same ulp at p = 0.075): far below what could move a rounded score.
+    assert np.all(np.diff(got) >= -np.spacing(np.abs(got[1:]))), "Φ⁻¹ must never decrease"
+    assert got[0] < -37 and got[-1] > 8  # both tails were reached
+
+
+@given(st.floats(min_value=0.0, max_value=1.0, exclude_min=True, exclude_max=True))
+def test_normal_quantile_any_p(p):
+    from statistics import NormalDist
+
+    from kernel.score import normal_quantile
+
+    assert normal_quantile(np.array([p]))[0] == pytest.approx(NormalDist().inv_cdf(p), rel=4e-15, abs=1e-15)
+
+
+@pytest.mark.parametrize("bad", [0.0, 1.0, -0.1, 1.5, float("nan")])
+def test_normal_quantile_refuses_the_closed_ends(bad):
+    from kernel.score import normal_quantile
+
+    with pytest.raises(ValueError, match="strictly inside"):
+        normal_quantile(np.array([0.5, bad]))
