@@ -1,8 +1,9 @@
-"""The durable store: citizens, consent, card tokens and credit records.
+"""The durable store: citizens, consent, card tokens and credit records, with the history of
+every record and a log of every change.
 
 :class:`Store` is the interface the servicers use; :class:`SQLiteStore` is the embedded
 default (one file, WAL journal, zero set-up); :class:`server.store_pg.PostgresStore` fills the
-same interface in PostgreSQL and passes the same tests (design section 6). Pick one with
+same interface in PostgreSQL and passes the same tests (docs/product.md §6). Pick one with
 :func:`open_store`.
 
     >>> import tempfile
@@ -13,12 +14,25 @@ same interface in PostgreSQL and passes the same tests (design section 6). Pick 
     (0, True)
     >>> store.set_consent("c-1", granted=True)
     0
-    >>> store.add_records([RecordIn("r-1", "c-1", "traffic_violations", 19000, 1.0, "police", None)])
-    [True]
-    >>> store.add_records([RecordIn("r-1", "c-1", "traffic_violations", 19000, 1.0, "police", None)])
-    [False]
-    >>> store.active_records(citizen_row=0).record_id.tolist()
-    ['r-1']
+    >>> r1 = RecordIn("r-1", "c-1", "traffic_violations", 19000, 1.0, "police")
+    >>> store.add_records([r1], sent_by="police")
+    ['accepted']
+    >>> store.add_records([r1], sent_by="police")              # a resend: nothing changes
+    ['duplicate']
+    >>> store.add_records([RecordIn("r-1", "c-1", "court_listed_dishonest_debtor", 19000, 1.0, "court")],
+    ...                   sent_by="court")                      # another source's r-1
+    ['accepted']
+    >>> store.correct_record("police", "r-1", day=19001, value=2.0, sent_by="police").version
+    2
+    >>> [(v.version, v.value, v.status) for v in store.record_history("police", "r-1")]
+    [(1, 1.0, 'active'), (2, 2.0, 'active')]
+    >>> at = store.last_position()                              # the seq of that correction
+    >>> store.set_record_status("court", "r-1", "withdrawn", sent_by="court").status
+    'withdrawn'
+    >>> store.active_records(citizen_row=0).value.tolist(), store.high_water_mark() == at + 1
+    ([2.0], True)
+    >>> store.active_records(citizen_row=0, as_of=at).variable.tolist()   # as it stood then
+    ['traffic_violations', 'court_listed_dishonest_debtor']
     >>> store.close(); tmp.cleanup()
 
 Contract shared by every implementation:
@@ -27,17 +41,45 @@ Contract shared by every implementation:
   after it is committed. A method that raises has written nothing.
 * Citizen rows are dense, ``0..n-1`` in creation order, and never change: they index the
   serving arrays (features, scores) directly.
-* Days are integers, days since 1970-01-01.
-* :meth:`Store.high_water_mark` changes whenever stored data changes (and only then), so a
-  snapshot file tagged with it can be checked for staleness.
+* Days are integers, days since 1970-01-01; times (``at``, ``received_at``) are seconds since
+  the epoch, the server's clock.
+* A record is identified by ``(source, record_id)``: two sources may use the same id. A
+  resend with the content first stored is a duplicate; with other content it is a
+  :class:`RecordConflict`. An id another source used is, to a caller, an id not there.
+* Nothing is overwritten: a correction or a withdrawal adds a version of the record
+  (:meth:`Store.record_history`); consent grants and revocations are kept too.
+* The change log: every write transaction that changes data appends one entry
+  ``(seq, at, kind, citizen_row)`` (kind: the write's operation name; citizen_row: the one
+  citizen it touched, NULL for several or all), ``seq`` 1, 2, 3 … without gaps, in commit
+  order. A version of a record and a consent event carry the ``seq`` (their *position*) of
+  the write that made them, so the data as it stood at any position can be read back
+  (``active_records(as_of=)``, ``consent_at``). :meth:`Store.high_water_mark` is the last
+  ``seq``: it changes whenever stored data changes (and only then), so a snapshot file tagged
+  with it can be checked for staleness.
+* A write the database refuses for good (a broken constraint, a value it cannot hold) raises
+  :class:`StoreRejected`, never :class:`StoreUnavailable` (which callers retry).
 * Error messages name the problem, and name citizens and records by their ids: callers decide
-  what reaches logs (no identifier of a person may, design section 5).
+  what reaches logs (no identifier of a person may, docs/product.md §5).
+
+Layout (schema version 2). ``record_versions`` is the truth: append-only, one row per version
+of a record, keyed ``(record, version)``, each with its day, value, status, ``received_at``,
+``sent_by`` and ``position``. ``records`` holds each record's identity and fixed fields
+(source, record_id, citizen, variable, scenario) and, updated in the same transaction as each
+new version, its current version number, day, value and status: what the current view needs,
+so the start-up load (``active_records()``, the whole city) stays one scan of one table, as
+fast as before history was kept. When, by whom and where are read from the version row only
+(they are the same for every record one write makes, so a seeding write adds no per-record
+columns for them). The versions table is read for a record's history, its current version's
+details and ``as_of`` reads, which are rare. Seeding writes the version rows with one
+``INSERT … SELECT`` from the records just inserted.
 """
 
 from __future__ import annotations
 
 import abc
+import dataclasses
 import logging
+import math
 import os
 import sqlite3
 import threading
@@ -45,6 +87,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
+from itertools import repeat
 from pathlib import Path
 
 import numpy as np
@@ -55,7 +98,15 @@ log = logging.getLogger(__name__)
 ACTIVE, WITHDRAWN, REPAIRED = "active", "withdrawn", "repaired"
 INACTIVE_STATUSES = (WITHDRAWN, REPAIRED)
 
+#: What :meth:`Store.add_records` says of each record.
+ACCEPTED, DUPLICATE = "accepted", "duplicate"
+
+#: What a resend is compared on, in this order (the first that differs is named).
+RECORD_CONTENT = ("citizen_id", "variable", "day", "value", "scenario")
+
 TOKEN_BYTES = 16
+
+_INT32 = 2**31
 
 
 class StoreError(Exception):
@@ -75,8 +126,26 @@ class Conflict(StoreError):
     """The request contradicts what is stored (a token bound elsewhere, a withdrawn record)."""
 
 
+class RecordConflict(Conflict):
+    """A record resent with other content than it was first stored with. ``field`` is the
+    first of :data:`RECORD_CONTENT` that differs."""
+
+    def __init__(self, source: str, record_id: str, field: str):
+        super().__init__(f"record {record_id!r} from source {source!r} is already stored"
+                         f" with another {field}")
+        self.source, self.record_id, self.field = source, record_id, field
+
+    def __reduce__(self):
+        return type(self), (self.source, self.record_id, self.field)
+
+
 class WrongState(StoreError):
     """The operation does not apply to the item in its current state (a withdrawn record)."""
+
+
+class StoreRejected(StoreError):
+    """The store refused the write for a reason that will not go away on a retry (a broken
+    constraint, data it cannot hold): nothing was written, and resending it fails again."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -98,7 +167,9 @@ class RecordIn:
 
 @dataclass(frozen=True)
 class RecordRow:
-    """A stored record, with its citizen's row and its status (active/withdrawn/repaired)."""
+    """A stored record as it is now: its citizen's row, its current version's day, value and
+    status (active/withdrawn/repaired), and when, by whom and at which position that version
+    was written."""
 
     record_id: str
     citizen_row: int
@@ -109,14 +180,34 @@ class RecordRow:
     source: str
     scenario: str | None
     status: str
+    version: int
+    received_at: float
+    sent_by: str
+    position: int
+
+
+@dataclass(frozen=True)
+class RecordVersion:
+    """One version of a record, as written: version 1 is the record as first received.
+    ``received_at`` is 0 for records stored before versions were kept (schema version 1)."""
+
+    version: int
+    day: int
+    value: float
+    status: str
+    received_at: float
+    sent_by: str
+    position: int
 
 
 @dataclass(frozen=True)
 class ConsentEvent:
-    """One grant or revocation, ``at`` in seconds since the epoch (UTC)."""
+    """One grant or revocation, ``at`` in seconds since the epoch (UTC), written at change
+    log ``position``."""
 
     granted: bool
     at: float
+    position: int
 
 
 @dataclass(frozen=True, eq=False)
@@ -199,6 +290,74 @@ def _token_hint(token: bytes) -> str:
     return token.hex()[:8] + "…"
 
 
+def _check_sent_by(sent_by: str) -> str:
+    if not isinstance(sent_by, str) or not sent_by:
+        raise ValueError(f"sent_by must be the sender's identity, a non-empty string; got {sent_by!r}")
+    return sent_by
+
+
+def _check_day(day: int, what: str) -> int:
+    # Days are int32 everywhere else (PostgreSQL's column, ActiveRecords.day): refuse here,
+    # the same way on both stores, what one of them would store and the other refuse.
+    day = int(day)
+    if not -_INT32 <= day < _INT32:
+        raise ValueError(f"{what}: day {day} is out of range")
+    return day
+
+
+def _check_value(value: float, what: str) -> float:
+    # SQLite stores NaN as NULL, PostgreSQL as NaN: refuse non-finite values on both.
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{what}: value {value} is not a finite number")
+    return value
+
+
+def _check_position(as_of: int) -> int:
+    if isinstance(as_of, bool) or not isinstance(as_of, (int, np.integer)) or as_of < 0:
+        raise ValueError(f"as_of must be a change log position, an integer >= 0; got {as_of!r}")
+    return int(as_of)
+
+
+def _content(r: RecordIn) -> tuple:
+    """What a resend is compared on (:data:`RECORD_CONTENT`), normalised as stored."""
+    what = f"record {r.record_id!r}"
+    return (r.citizen_id, r.variable, _check_day(r.day, what), _check_value(r.value, what), r.scenario)
+
+
+def _classify(records: Sequence[RecordIn], stored: dict[tuple[str, str], tuple]) -> tuple[list[str], list[int]]:
+    """add_records' verdicts: per record "accepted" or "duplicate", and the indexes of the
+    accepted ones. ``stored`` maps each (source, record_id) already stored to its first
+    content; a repeat inside the batch counts as stored by its first occurrence."""
+    verdicts: list[str] = []
+    new: list[int] = []
+    firsts = dict(stored)
+    for i, r in enumerate(records):
+        key, content = (r.source, r.record_id), _content(r)
+        first = firsts.get(key)
+        if first is None:
+            firsts[key] = content
+            verdicts.append(ACCEPTED)
+            new.append(i)
+            continue
+        for name, was, now in zip(RECORD_CONTENT, first, content):
+            if was != now:
+                raise RecordConflict(r.source, r.record_id, name)
+        verdicts.append(DUPLICATE)
+    return verdicts, new
+
+
+@dataclass
+class _Transaction:
+    """The write transaction in progress: its operation and, once it has changed something,
+    its change log entry."""
+
+    operation: str
+    position: int | None = None
+    at: float = 0.0
+    citizen_row: int | None = None
+
+
 # --------------------------------------------------------------------------------------------
 # The interface
 
@@ -244,6 +403,12 @@ class Store(abc.ABC):
     def consent_history(self, citizen_id: str) -> list[ConsentEvent]:
         """Every grant and revocation of one citizen, oldest first."""
 
+    @abc.abstractmethod
+    def consent_at(self, citizen_row: int, as_of: int) -> bool:
+        """Whether scoring the citizen was authorised right after the write at position
+        ``as_of`` (False before any grant, or before the citizen existed). :class:`NotFound`
+        for a row the store does not hold."""
+
     # Card tokens ------------------------------------------------------------------------
 
     @abc.abstractmethod
@@ -262,33 +427,47 @@ class Store(abc.ABC):
     # Records ----------------------------------------------------------------------------
 
     @abc.abstractmethod
-    def add_records(self, records: Sequence[RecordIn]) -> list[bool]:
-        """Insert a batch in one transaction. Per record: True if inserted, False if its
-        record_id is already stored (nothing changes, even if other fields differ). An unknown
-        citizen raises :class:`NotFound` and nothing of the batch is written."""
+    def add_records(self, records: Sequence[RecordIn], sent_by: str) -> list[str]:
+        """Insert a batch in one transaction, sent by the caller identity ``sent_by``.
+
+        Per record "accepted" (stored as version 1) or "duplicate": its (source, record_id)
+        is stored already with the same content (:data:`RECORD_CONTENT`) as its version 1, so
+        nothing changes. With other content, :class:`RecordConflict`. That, or an unknown
+        citizen (:class:`NotFound`), and nothing of the batch is written."""
 
     @abc.abstractmethod
     def add_records_bulk(
         self, citizen_row: np.ndarray, variable: Sequence[str] | np.ndarray, day: np.ndarray,
-        value: np.ndarray, source: str, record_ids: Sequence[str],
+        value: np.ndarray, source: str, record_ids: Sequence[str], sent_by: str | None = None,
     ) -> None:
-        """Seeding: insert many new records (no scenario) in one transaction."""
+        """Seeding: insert many new records of one source (no scenario) in one transaction,
+        one change in the log; ``sent_by`` defaults to the source. :class:`Conflict` if an
+        id is stored already or repeated."""
 
     @abc.abstractmethod
-    def get_record(self, record_id: str) -> RecordRow:
-        """One record, whatever its status. :class:`NotFound` for an unknown id."""
+    def get_record(self, source: str, record_id: str) -> RecordRow:
+        """One record as it is now, whatever its status. :class:`NotFound` when the source
+        has no record of that id (the same whether or not another source has one)."""
 
     @abc.abstractmethod
-    def correct_record(self, record_id: str, day: int, value: float) -> RecordRow:
-        """Change an active record's day and value; :class:`Conflict` if it is not active."""
+    def correct_record(self, source: str, record_id: str, day: int, value: float, sent_by: str) -> RecordRow:
+        """Add a version with another day and value to an active record (:class:`WrongState`
+        if it is not active). The same day and value again change nothing."""
 
     @abc.abstractmethod
-    def set_record_status(self, record_id: str, status: str) -> RecordRow:
-        """Mark a record "withdrawn" or "repaired": it stops counting."""
+    def set_record_status(self, source: str, record_id: str, status: str, sent_by: str) -> RecordRow:
+        """Add a version marking the record "withdrawn" or "repaired": it stops counting.
+        The status it has already changes nothing."""
 
     @abc.abstractmethod
-    def active_records(self, citizen_row: int | None = None) -> ActiveRecords:
-        """All active records, or one citizen's."""
+    def record_history(self, source: str, record_id: str) -> list[RecordVersion]:
+        """Every version of one record, oldest first. :class:`NotFound` as get_record."""
+
+    @abc.abstractmethod
+    def active_records(self, citizen_row: int | None = None, as_of: int | None = None) -> ActiveRecords:
+        """All active records, or one citizen's, in insertion order. ``as_of``: as they stood
+        right after the write at that position (each record's latest version written at or
+        before it, if active), with the day and value of that version."""
 
     # Bookkeeping ------------------------------------------------------------------------
 
@@ -298,7 +477,13 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def high_water_mark(self) -> int:
-        """A number that increases with every change to the stored data."""
+        """The position (seq) of the last change in the log; 0 for none."""
+
+    @abc.abstractmethod
+    def last_position(self) -> int:
+        """The position of the latest committed write made through this object (0 for
+        none): read it right after a write, under the caller's own lock, to know where that
+        write stands in the log."""
 
     @abc.abstractmethod
     def close(self) -> None:
@@ -342,7 +527,7 @@ MIGRATIONS: list[list[str]] = [
             citizen_row INTEGER NOT NULL REFERENCES citizens (citizen_row)
         )""",
         "CREATE INDEX cards_by_citizen ON cards (citizen_row)",
-        # No CHECK on status: a later status (e.g. "disputed", design section 5) should not
+        # No CHECK on status: a later status (e.g. "disputed", docs/product.md §5) should not
         # need a table rebuild, which is what changing a CHECK costs in SQLite. The code checks.
         """CREATE TABLE records (
             id INTEGER PRIMARY KEY,
@@ -360,6 +545,66 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE changes (id INTEGER PRIMARY KEY CHECK (id = 1), n INTEGER NOT NULL)",
         "INSERT INTO changes (id, n) VALUES (1, 0)",
     ],
+    [
+        # Version 2: a record is identified by (source, record_id) and every version of it is
+        # kept; the change log replaces the one-row counter.
+        "ALTER TABLE changes RENAME TO changes_v1",
+        """CREATE TABLE changes (
+            seq INTEGER PRIMARY KEY,
+            at REAL NOT NULL,
+            kind TEXT NOT NULL,
+            citizen_row INTEGER
+        )""",
+        # The mark must not go backwards: the old counter becomes the first entry, standing
+        # for every change made before the log was kept (time unknown: 0), and everything
+        # already stored counts as written at that position.
+        "INSERT INTO changes (seq, at, kind) SELECT n, 0, 'before_log' FROM changes_v1 WHERE n > 0",
+        # (SQLite adds a NOT NULL column only with a default; every insert gives the position.)
+        "ALTER TABLE consent_history ADD COLUMN position INTEGER NOT NULL DEFAULT 0",
+        "UPDATE consent_history SET position = (SELECT n FROM changes_v1)",
+        # SQLite cannot drop the UNIQUE (record_id) of version 1: the table is rebuilt, its
+        # columns in the same order as PostgreSQL's after its ALTER TABLEs.
+        """CREATE TABLE records_v2 (
+            id INTEGER PRIMARY KEY,
+            record_id TEXT NOT NULL,
+            citizen_row INTEGER NOT NULL REFERENCES citizens (citizen_row),
+            variable TEXT NOT NULL,
+            day INTEGER NOT NULL,
+            value REAL NOT NULL,
+            source TEXT NOT NULL,
+            scenario TEXT,
+            status TEXT NOT NULL DEFAULT 'active',
+            version INTEGER NOT NULL DEFAULT 1,
+            UNIQUE (source, record_id)
+        )""",
+        """INSERT INTO records_v2 (id, record_id, citizen_row, variable, day, value, source, scenario, status)
+           SELECT id, record_id, citizen_row, variable, day, value, source, scenario, status
+           FROM records ORDER BY id""",
+        "DROP TABLE records",
+        "ALTER TABLE records_v2 RENAME TO records",
+        "CREATE INDEX records_by_citizen ON records (citizen_row, status)",
+        # Append-only: one row per version of a record (records holds the latest one's number,
+        # day, value and status). WITHOUT ROWID: the versions of a record sit together, in
+        # the key's order. No foreign key on ``record``: versions are only ever written with
+        # their records row, in the same transaction, and records are never deleted, while
+        # PostgreSQL's per-row check would make seeding a million records seconds slower.
+        """CREATE TABLE record_versions (
+            record INTEGER NOT NULL,
+            version INTEGER NOT NULL CHECK (version >= 1),
+            day INTEGER NOT NULL,
+            value REAL NOT NULL,
+            status TEXT NOT NULL,
+            received_at REAL NOT NULL,
+            sent_by TEXT NOT NULL,
+            position INTEGER NOT NULL,
+            PRIMARY KEY (record, version)
+        ) WITHOUT ROWID""",
+        # A stored record becomes version 1 of itself, as it is now (a withdrawal overwrote
+        # what it was before): received at an unknown time (0), sent by its source.
+        """INSERT INTO record_versions (record, version, day, value, status, received_at, sent_by, position)
+           SELECT id, 1, day, value, status, 0, source, (SELECT n FROM changes_v1) FROM records ORDER BY id""",
+        "DROP TABLE changes_v1",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -370,17 +615,65 @@ _NEXT_ROW = "(SELECT COALESCE(MAX(citizen_row), -1) + 1 FROM citizens)"
 #: Page cache for the bulk (seeding) writes, KiB.
 _BULK_CACHE_KIB = 256 * 1024
 
-_RECORD_COLUMNS = """r.record_id, r.citizen_row, c.citizen_id, r.variable, r.day, r.value,
-    r.source, r.scenario, r.status"""
+#: A record as it is now: its current row, and when, by whom and where its version was written.
+_RECORD = """
+    SELECT r.id, r.record_id, r.citizen_row, c.citizen_id, r.variable, r.day, r.value, r.source,
+           r.scenario, r.status, r.version, v.received_at, v.sent_by, v.position
+    FROM records r JOIN citizens c USING (citizen_row)
+    JOIN record_versions v ON v.record = r.id AND v.version = r.version
+    WHERE r.source = ? AND r.record_id = ?"""
+
+#: Version 1 of each record a write just inserted (those with an id above the last
+#: parameter), in one statement: seeding stays one bulk insert per table. When, by whom and
+#: where are the same for the whole write.
+_FIRST_VERSIONS = """
+    INSERT INTO record_versions (record, version, day, value, status, received_at, sent_by, position)
+    SELECT id, 1, day, value, status, ?, ?, ? FROM records WHERE id > ?"""
+
+#: The current view: one scan of records, no history (the start-up load).
+_ACTIVE_NOW = ("SELECT r.record_id, r.citizen_row, r.variable, r.day, r.value, r.scenario"
+               " FROM records r WHERE r.status = 'active'")
+
+#: The content of a record's version 1 (RECORD_CONTENT), for ``records r`` joined to its
+#: citizen ``c``. Scalar subqueries: index lookups in the versions' key whatever the
+#: planner's statistics say (PostgreSQL has none for a table just seeded).
+_FIRST_CONTENT = """c.citizen_id, r.variable,
+    (SELECT v.day FROM record_versions v WHERE v.record = r.id AND v.version = 1),
+    (SELECT v.value FROM record_versions v WHERE v.record = r.id AND v.version = 1),
+    r.scenario"""
+
+#: As of a position: each record's latest version written at or before it. Versions of a
+#: record are written in position order, so the highest such version number is that one.
+_ACTIVE_AS_OF = """
+    SELECT r.record_id, r.citizen_row, r.variable, v.day, v.value, r.scenario
+    FROM records r JOIN record_versions v ON v.record = r.id
+    WHERE v.version = (SELECT MAX(w.version) FROM record_versions w
+                       WHERE w.record = r.id AND w.position <= ?)
+      AND v.status = 'active'"""
+
+
+def _no_record(source: str, record_id: str) -> str:
+    # One message whether the id is unknown or another source's: a source must not learn
+    # which ids other sources use.
+    return f"no record {record_id!r} from source {source!r}"
 
 
 class SQLStore(Store):
     """What SQLiteStore and PostgresStore (server/store_pg.py) share: the statements that are
-    the same in both dialects but for the placeholder. A subclass gives ``PARAM`` and the
-    ``_read()``/``_write(operation)`` transactions and ``_bump(db)``."""
+    the same in both dialects but for the placeholder. A subclass gives ``PARAM``, the
+    ``_read()``/``_write(operation)`` transactions (calling ``_begin`` and ``_end`` around a
+    write) and the few steps that differ (``_citizen_rows``, ``_first_contents``,
+    ``_insert_records``, ``_fetch_all``)."""
 
     #: The DB-API placeholder of the dialect ("?" for sqlite3, "%s" for psycopg).
     PARAM = "?"
+
+    #: ``active_records(as_of=)``'s statement, to which the citizen filter can be appended.
+    _ACTIVE_AS_OF = _ACTIVE_AS_OF
+
+    #: The write transaction in progress (the subclass's lock serialises writes).
+    _tx: _Transaction | None = None
+    _last_position = 0
 
     def _q(self, sql: str) -> str:
         """A statement written with "?" placeholders, in this dialect."""
@@ -389,6 +682,44 @@ class SQLStore(Store):
     def ping(self) -> None:
         with self._read() as db:
             db.execute("SELECT 1").fetchone()
+
+    # Transactions and the change log -----------------------------------------------------
+
+    def _begin(self, operation: str) -> None:
+        self._tx = _Transaction(operation)
+
+    def _end(self, committed: bool) -> None:
+        tx, self._tx = self._tx, None
+        if committed and tx is not None and tx.position is not None:
+            self._last_position = tx.position
+
+    def _change(self, db, citizen_row: int | None = None) -> _Transaction:
+        """The write in progress (inside its transaction), with its position and time: its
+        change log entry is appended at its first change and shared by the rest, and what it
+        writes carries that position and time. ``citizen_row``: the one citizen it changes;
+        None for several or all."""
+        tx = self._tx
+        if tx is None:
+            raise RuntimeError("a change outside a write transaction")
+        if tx.position is None:
+            # seq is MAX + 1: the writers' lock (SQLite's write lock, PostgreSQL's advisory
+            # lock) is held, so it cannot race, and seqs have no gaps, unlike a sequence's.
+            tx.citizen_row, tx.at = citizen_row, time.time()
+            tx.position = db.execute(self._q(
+                "INSERT INTO changes (seq, at, kind, citizen_row)"
+                " SELECT COALESCE(MAX(seq), 0) + 1, ?, ?, ? FROM changes RETURNING seq"),
+                (tx.at, tx.operation, citizen_row)).fetchone()[0]
+        elif tx.citizen_row is not None and tx.citizen_row != citizen_row:
+            tx.citizen_row = None
+            db.execute(self._q("UPDATE changes SET citizen_row = NULL WHERE seq = ?"), (tx.position,))
+        return tx
+
+    def high_water_mark(self) -> int:
+        with self._read() as db:
+            return db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+
+    def last_position(self) -> int:
+        return self._last_position
 
     def _migrate_from(self, db, migrations: list[list[str]], where: str) -> None:
         """Apply the dialect's ``migrations`` the schema_version table has not recorded yet
@@ -402,7 +733,9 @@ class SQLStore(Store):
                 db.execute(statement)
             db.execute(self._q("INSERT INTO schema_version (version, applied_at) VALUES (?, ?)"), (version, time.time()))
         if current < len(migrations):
-            self._bump(db)
+            self._change(db)
+
+    # Citizens and consent ---------------------------------------------------------------
 
     def _known_citizen(self, db, citizen_id: str, birth_day: int) -> int | None:
         """upsert_citizen's first half: the row of an id already stored (its birth day set
@@ -414,7 +747,7 @@ class SQLStore(Store):
         row, stored_day = found
         if stored_day != birth_day:
             db.execute(self._q("UPDATE citizens SET birth_day = ? WHERE citizen_row = ?"), (int(birth_day), row))
-            self._bump(db)
+            self._change(db, row)
         return row
 
     def _row_of(self, db, citizen_id: str) -> int:
@@ -423,14 +756,6 @@ class SQLStore(Store):
         if found is None:
             raise NotFound(f"citizen {citizen_id!r} not found")
         return found[0]
-
-    def _record(self, db, record_id: str) -> RecordRow:
-        found = db.execute(self._q(
-            f"SELECT {_RECORD_COLUMNS} FROM records r JOIN citizens c USING (citizen_row)"
-            " WHERE r.record_id = ?"), (record_id,)).fetchone()
-        if found is None:
-            raise NotFound(f"record {record_id!r} not found")
-        return RecordRow(*found)
 
     def citizen_row(self, citizen_id: str) -> int:
         with self._read() as db:
@@ -446,12 +771,27 @@ class SQLStore(Store):
     def set_consent(self, citizen_id: str, granted: bool) -> int:
         with self._write("set_consent") as db:
             row = self._row_of(db, citizen_id)
+            tx = self._change(db, row)
             db.execute(self._q("UPDATE citizens SET consent = ? WHERE citizen_row = ?"), (int(granted), row))
             # Every call is an event in the history, even one that repeats the current state.
-            db.execute(self._q("INSERT INTO consent_history (citizen_row, granted, at) VALUES (?, ?, ?)"),
-                       (row, int(granted), time.time()))
-            self._bump(db)
+            db.execute(self._q("INSERT INTO consent_history (citizen_row, granted, at, position)"
+                               " VALUES (?, ?, ?, ?)"), (row, int(granted), tx.at, tx.position))
             return row
+
+    def consent_at(self, citizen_row: int, as_of: int) -> bool:
+        as_of = _check_position(as_of)
+        with self._read() as db:
+            # One statement (PostgreSQL reads are single statements): the citizen, and its
+            # latest event at or before the position (events are appended in position order).
+            found = db.execute(self._q(
+                "SELECT (SELECT h.granted FROM consent_history h WHERE h.citizen_row = c.citizen_row"
+                "        AND h.position <= ? ORDER BY h.id DESC LIMIT 1)"
+                " FROM citizens c WHERE c.citizen_row = ?"), (as_of, int(citizen_row))).fetchone()
+        if found is None:
+            raise NotFound(f"citizen row {citizen_row} not found")
+        return bool(found[0])
+
+    # Card tokens ------------------------------------------------------------------------
 
     def register_card(self, token: bytes, citizen_id: str) -> tuple[int, bool]:
         token = _check_token(token)
@@ -463,7 +803,7 @@ class SQLStore(Store):
                     raise Conflict(f"card token {_token_hint(token)} is bound to another citizen")
                 return row, False
             db.execute(self._q("INSERT INTO cards (token, citizen_row) VALUES (?, ?)"), (token, row))
-            self._bump(db)
+            self._change(db, row)
             return row, True
 
     def cards(self) -> CardTable:
@@ -474,30 +814,130 @@ class SQLStore(Store):
             np.frombuffer(b"".join(tokens), np.uint8).reshape(len(rows), TOKEN_BYTES).copy(),
             np.asarray(owners, np.int64))
 
-    def get_record(self, record_id: str) -> RecordRow:
+    # Records ----------------------------------------------------------------------------
+
+    def _citizen_rows(self, db, citizen_ids: Sequence[str]) -> dict[str, int]:
+        """The rows of the ids; :class:`NotFound` for the first unknown one in list order."""
+        raise NotImplementedError
+
+    def _first_contents(self, db, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple]:
+        """For each (source, record_id) stored, the content of its version 1, as
+        :data:`RECORD_CONTENT`."""
+        raise NotImplementedError
+
+    def _insert_records(self, db, rows: list[tuple]) -> None:
+        """Insert ``(record_id, citizen_row, variable, day, value, source, scenario)`` rows
+        into records (as version 1), in order."""
+        raise NotImplementedError
+
+    def _fetch_all(self, query: str, params: tuple) -> list[tuple]:
+        """All rows of one read statement."""
+        raise NotImplementedError
+
+    def _last_record_id(self, db) -> int:
+        return db.execute("SELECT COALESCE(MAX(id), 0) FROM records").fetchone()[0]
+
+    def _record(self, db, source: str, record_id: str) -> tuple[int, RecordRow]:
+        """The record's internal id and its current version."""
+        found = db.execute(self._q(_RECORD), (source, record_id)).fetchone()
+        if found is None:
+            raise NotFound(_no_record(source, record_id))
+        return found[0], RecordRow(*found[1:])
+
+    def add_records(self, records: Sequence[RecordIn], sent_by: str) -> list[str]:
+        sent_by = _check_sent_by(sent_by)
+        records = list(records)
+        with self._write("add_records") as db:
+            rows = self._citizen_rows(db, [r.citizen_id for r in records])  # NotFound: rollback
+            # Stored records are found first, so a batch of resends writes nothing at all.
+            # No other writer can add one in between: we hold the writers' lock.
+            stored = self._first_contents(db, list(dict.fromkeys((r.source, r.record_id) for r in records)))
+            verdicts, new = _classify(records, stored)  # RecordConflict: rollback
+            if new:
+                citizens = {rows[records[i].citizen_id] for i in new}
+                tx = self._change(db, citizens.pop() if len(citizens) == 1 else None)
+                after = self._last_record_id(db)
+                self._insert_records(db, [
+                    (r.record_id, rows[r.citizen_id], r.variable, int(r.day), float(r.value), r.source,
+                     r.scenario) for r in (records[i] for i in new)])
+                db.execute(self._q(_FIRST_VERSIONS), (tx.at, sent_by, tx.position, after))
+        return verdicts
+
+    @staticmethod
+    def _bulk_columns(citizen_row, variable, day, value, record_ids) -> tuple:
+        rows = np.asarray(citizen_row, np.int64)
+        day = np.asarray(day, np.int64)
+        value = np.asarray(value, np.float64)
+        variable = variable.tolist() if isinstance(variable, np.ndarray) else variable
+        if not len(rows) == len(variable) == len(day) == len(value) == len(record_ids):
+            raise ValueError("add_records_bulk: all columns must have the same length")
+        if len(day) and not (-_INT32 <= day.min() and day.max() < _INT32):
+            raise ValueError(f"add_records_bulk: days must be in int32 range; got {day.min()}..{day.max()}")
+        if not np.isfinite(value).all():
+            raise ValueError("add_records_bulk: every value must be a finite number")
+        return rows, variable, day, value
+
+    def get_record(self, source: str, record_id: str) -> RecordRow:
         with self._read() as db:
-            return self._record(db, record_id)
+            return self._record(db, source, record_id)[1]
 
-    def correct_record(self, record_id: str, day: int, value: float) -> RecordRow:
+    def correct_record(self, source: str, record_id: str, day: int, value: float, sent_by: str) -> RecordRow:
+        sent_by = _check_sent_by(sent_by)
+        what = f"record {record_id!r}"
+        day, value = _check_day(day, what), _check_value(value, what)
         with self._write("correct_record") as db:
-            record = self._record(db, record_id)
+            key, record = self._record(db, source, record_id)
             if record.status != ACTIVE:
-                raise WrongState(f"record {record_id!r} is {record.status}")
-            db.execute(self._q("UPDATE records SET day = ?, value = ? WHERE record_id = ?"),
-                       (int(day), float(value), record_id))
-            self._bump(db)
-            return self._record(db, record_id)
+                raise WrongState(f"record {record_id!r} from source {source!r} is {record.status}")
+            if (record.day, record.value) == (day, value):
+                return record  # nothing to change: no version, no change in the log
+            return self._new_version(db, key, record, day, value, ACTIVE, sent_by)
 
-    def set_record_status(self, record_id: str, status: str) -> RecordRow:
+    def set_record_status(self, source: str, record_id: str, status: str, sent_by: str) -> RecordRow:
         if status not in INACTIVE_STATUSES:
             raise ValueError(f"status must be one of {INACTIVE_STATUSES}, not {status!r}")
+        sent_by = _check_sent_by(sent_by)
         with self._write("set_record_status") as db:
-            record = self._record(db, record_id)
+            key, record = self._record(db, source, record_id)
             if record.status == status:
                 return record
-            db.execute(self._q("UPDATE records SET status = ? WHERE record_id = ?"), (status, record_id))
-            self._bump(db)
-            return self._record(db, record_id)
+            return self._new_version(db, key, record, record.day, record.value, status, sent_by)
+
+    def _new_version(self, db, key: int, record: RecordRow, day: int, value: float, status: str,
+                     sent_by: str) -> RecordRow:
+        """Append the next version of a record and make it the current one (inside the
+        caller's write transaction)."""
+        tx = self._change(db, record.citizen_row)
+        new = dataclasses.replace(record, day=day, value=value, status=status, version=record.version + 1,
+                                  received_at=tx.at, sent_by=sent_by, position=tx.position)
+        db.execute(self._q("INSERT INTO record_versions (record, version, day, value, status, received_at,"
+                           " sent_by, position) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"),
+                   (key, new.version, new.day, new.value, new.status, new.received_at, new.sent_by, new.position))
+        db.execute(self._q("UPDATE records SET version = ?, day = ?, value = ?, status = ? WHERE id = ?"),
+                   (new.version, new.day, new.value, new.status, key))
+        return new
+
+    def record_history(self, source: str, record_id: str) -> list[RecordVersion]:
+        with self._read() as db:
+            rows = db.execute(self._q(
+                # The record's id first: an index lookup in the versions' key, whatever the
+                # planner's statistics say.
+                "SELECT v.version, v.day, v.value, v.status, v.received_at, v.sent_by, v.position"
+                " FROM record_versions v"
+                " WHERE v.record = (SELECT r.id FROM records r WHERE r.source = ? AND r.record_id = ?)"
+                " ORDER BY v.version"), (source, record_id)).fetchall()
+        if not rows:  # every stored record has a version 1
+            raise NotFound(_no_record(source, record_id))
+        return [RecordVersion(*row) for row in rows]
+
+    def active_records(self, citizen_row: int | None = None, as_of: int | None = None) -> ActiveRecords:
+        if as_of is None:
+            query, params = _ACTIVE_NOW, ()
+        else:
+            query, params = self._ACTIVE_AS_OF, (_check_position(as_of),)
+        if citizen_row is not None:
+            query, params = query + " AND r.citizen_row = ?", (*params, int(citizen_row))
+        return ActiveRecords.from_rows(self._fetch_all(self._q(query + " ORDER BY r.id"), params))
 
 
 class SQLiteStore(SQLStore):
@@ -549,7 +989,8 @@ class SQLiteStore(SQLStore):
 
     @contextmanager
     def _write(self, operation: str, bulk: bool = False) -> Iterator[sqlite3.Connection]:
-        """One write transaction: committed when the block ends, rolled back if it raises."""
+        """One write transaction: committed when the block ends, rolled back if it raises.
+        A constraint the database enforces (or a value it cannot hold) is StoreRejected."""
         start = time.perf_counter()
         with self._lock:
             db = self._connection()
@@ -562,14 +1003,20 @@ class SQLiteStore(SQLStore):
             # transaction would take it at its first write and could then fail with
             # SQLITE_BUSY at once, because its read snapshot may be stale.
             db.execute("BEGIN IMMEDIATE")
+            committed = False
+            self._begin(operation)
             try:
                 yield db
                 db.execute("COMMIT")
-            except BaseException:
+                committed = True
+            except BaseException as e:
                 if db.in_transaction:
                     db.execute("ROLLBACK")
+                if isinstance(e, (sqlite3.IntegrityError, sqlite3.DataError)):
+                    raise StoreRejected(f"{operation}: the store refused the write ({e})") from e
                 raise
             finally:
+                self._end(committed)
                 if bulk:
                     db.execute(f"PRAGMA cache_size = {self._default_cache_size}")
                     db.execute("PRAGMA shrink_memory")
@@ -592,9 +1039,9 @@ class SQLiteStore(SQLStore):
             finally:
                 db.execute("COMMIT")
 
-    @staticmethod
-    def _bump(db: sqlite3.Connection) -> None:
-        db.execute("UPDATE changes SET n = n + 1")
+    def _fetch_all(self, query: str, params: tuple) -> list[tuple]:
+        with self._read() as db:
+            return db.execute(query, params).fetchall()
 
     @staticmethod
     def _check_rows(db: sqlite3.Connection, rows: np.ndarray) -> None:
@@ -621,7 +1068,7 @@ class SQLiteStore(SQLStore):
             row = db.execute(f"SELECT {_NEXT_ROW}").fetchone()[0]
             db.execute("INSERT INTO citizens (citizen_row, citizen_id, birth_day) VALUES (?, ?, ?)",
                        (row, citizen_id, int(birth_day)))
-            self._bump(db)
+            self._change(db, row)
             return row, True
 
     def upsert_citizens_bulk(self, ids: Sequence[str], birth_days: np.ndarray) -> None:
@@ -635,25 +1082,24 @@ class SQLiteStore(SQLStore):
                 f"INSERT INTO citizens (citizen_row, citizen_id, birth_day) VALUES ({_NEXT_ROW}, ?, ?)"
                 " ON CONFLICT (citizen_id) DO UPDATE SET birth_day = excluded.birth_day",
                 zip(ids, days.tolist()))
-            self._bump(db)
+            self._change(db)
 
     def set_consents_bulk(self, rows: np.ndarray, granted: bool) -> None:
         rows = np.asarray(rows, np.int64)
-        at = time.time()
         with self._write("set_consents_bulk", bulk=True) as db:
             self._check_rows(db, rows)
+            tx = self._change(db)
             db.executemany("UPDATE citizens SET consent = ? WHERE citizen_row = ?",
                            ((int(granted), r) for r in rows.tolist()))
-            db.executemany("INSERT INTO consent_history (citizen_row, granted, at) VALUES (?, ?, ?)",
-                           ((r, int(granted), at) for r in rows.tolist()))
-            self._bump(db)
+            db.executemany("INSERT INTO consent_history (citizen_row, granted, at, position) VALUES (?, ?, ?, ?)",
+                           ((r, int(granted), tx.at, tx.position) for r in rows.tolist()))
 
     def consent_history(self, citizen_id: str) -> list[ConsentEvent]:
         with self._read() as db:
             row = self._row_of(db, citizen_id)
-            events = db.execute("SELECT granted, at FROM consent_history WHERE citizen_row = ?"
+            events = db.execute("SELECT granted, at, position FROM consent_history WHERE citizen_row = ?"
                                 " ORDER BY id", (row,)).fetchall()
-        return [ConsentEvent(bool(g), at) for g, at in events]
+        return [ConsentEvent(bool(g), at, position) for g, at, position in events]
 
     # Card tokens ------------------------------------------------------------------------
 
@@ -664,64 +1110,53 @@ class SQLiteStore(SQLStore):
             raise ValueError(f"tokens must have shape (n, {TOKEN_BYTES}) with n = len(rows)")
         with self._write("register_cards_bulk", bulk=True) as db:
             self._check_rows(db, rows)
+            self._change(db)
             try:
                 db.executemany("INSERT INTO cards (token, citizen_row) VALUES (?, ?)",
                                zip((t.tobytes() for t in tokens), rows.tolist()))
-            except sqlite3.IntegrityError as e:  # UNIQUE(token): the batch is rolled back
+            except sqlite3.IntegrityError as e:  # the batch is rolled back
+                if "UNIQUE constraint failed: cards.token" not in str(e):
+                    raise  # another constraint: StoreRejected
                 raise Conflict(f"a card token in the batch is already registered ({e})") from e
-            self._bump(db)
 
     # Records ----------------------------------------------------------------------------
 
-    def add_records(self, records: Sequence[RecordIn]) -> list[bool]:
-        inserted: list[bool] = []
-        with self._write("add_records") as db:
-            rows: dict[str, int] = {}
-            for r in records:
-                if r.citizen_id not in rows:
-                    rows[r.citizen_id] = self._row_of(db, r.citizen_id)  # NotFound: rollback
-                cur = db.execute(
-                    "INSERT INTO records (record_id, citizen_row, variable, day, value, source,"
-                    " scenario) VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (record_id) DO NOTHING",
-                    (r.record_id, rows[r.citizen_id], r.variable, int(r.day), float(r.value),
-                     r.source, r.scenario))
-                inserted.append(cur.rowcount == 1)
-            if any(inserted):
-                self._bump(db)
-        return inserted
+    def _citizen_rows(self, db, citizen_ids: Sequence[str]) -> dict[str, int]:
+        rows: dict[str, int] = {}
+        for citizen_id in citizen_ids:
+            if citizen_id not in rows:
+                rows[citizen_id] = self._row_of(db, citizen_id)
+        return rows
+
+    def _first_contents(self, db, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple]:
+        query = (f"SELECT {_FIRST_CONTENT} FROM records r JOIN citizens c USING (citizen_row)"
+                 " WHERE r.source = ? AND r.record_id = ?")
+        found = ((key, db.execute(query, key).fetchone()) for key in keys)
+        return {key: tuple(content) for key, content in found if content is not None}
+
+    def _insert_records(self, db, rows: list[tuple]) -> None:
+        db.executemany("INSERT INTO records (record_id, citizen_row, variable, day, value, source, scenario)"
+                       " VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
 
     def add_records_bulk(
         self, citizen_row: np.ndarray, variable: Sequence[str] | np.ndarray, day: np.ndarray,
-        value: np.ndarray, source: str, record_ids: Sequence[str],
+        value: np.ndarray, source: str, record_ids: Sequence[str], sent_by: str | None = None,
     ) -> None:
-        rows = np.asarray(citizen_row, np.int64)
-        day = np.asarray(day, np.int64)
-        value = np.asarray(value, np.float64)
-        variable = variable.tolist() if isinstance(variable, np.ndarray) else variable
-        if not len(rows) == len(variable) == len(day) == len(value) == len(record_ids):
-            raise ValueError("add_records_bulk: all columns must have the same length")
+        rows, variable, day, value = self._bulk_columns(citizen_row, variable, day, value, record_ids)
+        sent_by = _check_sent_by(source if sent_by is None else sent_by)
         with self._write("add_records_bulk", bulk=True) as db:
             self._check_rows(db, rows)
+            tx, after = self._change(db), self._last_record_id(db)
             try:
                 db.executemany(
                     "INSERT INTO records (record_id, citizen_row, variable, day, value, source)"
                     " VALUES (?, ?, ?, ?, ?, ?)",
-                    zip(record_ids, rows.tolist(), variable, day.tolist(), value.tolist(),
-                        (source for _ in range(len(rows)))))
-            except sqlite3.IntegrityError as e:  # UNIQUE(record_id): the batch is rolled back
-                raise Conflict(f"a record_id in the batch is already stored ({e})") from e
-            self._bump(db)
-
-    def active_records(self, citizen_row: int | None = None) -> ActiveRecords:
-        query = ("SELECT record_id, citizen_row, variable, day, value, scenario FROM records"
-                 " WHERE status = 'active'")
-        with self._read() as db:
-            if citizen_row is None:
-                rows = db.execute(query + " ORDER BY id").fetchall()
-            else:
-                rows = db.execute(query + " AND citizen_row = ? ORDER BY id",
-                                  (int(citizen_row),)).fetchall()
-        return ActiveRecords.from_rows(rows)
+                    zip(record_ids, rows.tolist(), variable, day.tolist(), value.tolist(), repeat(source)))
+            except sqlite3.IntegrityError as e:  # the batch is rolled back
+                if "UNIQUE constraint failed: records.source, records.record_id" not in str(e):
+                    raise  # another constraint: StoreRejected
+                raise Conflict(f"a record_id in the batch is already stored for source {source!r}") from e
+            db.execute(_FIRST_VERSIONS, (tx.at, sent_by, tx.position, after))
 
     # Bookkeeping ------------------------------------------------------------------------
 
@@ -735,10 +1170,6 @@ class SQLiteStore(SQLStore):
         }
         with self._read() as db:
             return {name: db.execute(sql).fetchone()[0] for name, sql in queries.items()}
-
-    def high_water_mark(self) -> int:
-        with self._read() as db:
-            return db.execute("SELECT n FROM changes").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:

@@ -5,7 +5,8 @@ Usage (``open_store`` picks this class for ``postgresql://`` and ``postgres://``
     from server.store import RecordIn, open_store
     store = open_store("postgresql://qj@db.internal:5432/qianjiang")  # connects, migrates
     store.upsert_citizen("c-1", birth_day=7000)                        # (0, True)
-    store.add_records([RecordIn("r-1", "c-1", "traffic_violations", 19000, 1.0, "police")])
+    store.add_records([RecordIn("r-1", "c-1", "traffic_violations", 19000, 1.0, "police")],
+                      sent_by="police")                                # ['accepted']
     store.close()
 
     qjscore serve --store postgresql://qj@db.internal/qianjiang
@@ -23,16 +24,17 @@ How the contract of :mod:`server.store` is kept:
   session raises to ``on``: an acknowledged write is on disk (or on the synchronous standby).
 * One writer at a time, readers never blocked: every write transaction (migrations too)
   starts by taking one transaction-level advisory lock, ``pg_advisory_xact_lock``, the
-  equivalent of SQLite's ``BEGIN IMMEDIATE``, across threads, processes and machines. Every
-  write that changes data updates the one row of ``changes`` (the high-water mark) and so
-  holds that row's lock until it commits anyway; the advisory lock first costs little and buys
-  the rest: dense citizen rows as ``MAX + 1`` cannot race (the insert also takes ``LOCK TABLE
-  citizens IN SHARE ROW EXCLUSIVE MODE``, against writers that bypass this class), identity
-  ids follow commit order (so "insertion order" means what it means in SQLite), read-then-write
-  steps (correct a record that is still active) need no retry loop, processes starting
-  together on an empty database migrate it once, and there is no lock order to get wrong, so
-  no deadlocks. Unlike a row lock it writes nothing, so a call that changes nothing (a
-  resent record, an unchanged citizen or card) commits without a WAL flush. Writes run at READ COMMITTED (each
+  equivalent of SQLite's ``BEGIN IMMEDIATE``, across threads, processes and machines. It
+  buys: the change log's ``seq`` as ``MAX + 1``, so without gaps and in commit order (a
+  sequence would leave gaps at rollbacks and could commit out of order); dense citizen rows
+  as ``MAX + 1`` (the insert also takes ``LOCK TABLE citizens IN SHARE ROW EXCLUSIVE MODE``,
+  against writers that bypass this class); identity ids that follow commit order (so
+  "insertion order" means what it means in SQLite, and the records a write inserted are
+  those above the largest id before it); read-then-write steps (correct a record that is
+  still active) with no retry loop; processes starting together on an empty database
+  migrating it once; and no lock order to get wrong, so no deadlocks. Unlike a row lock it
+  writes nothing, so a call that changes nothing (a resent record, an unchanged citizen or
+  card) commits without a WAL flush. Writes run at READ COMMITTED (each
   statement sees what the writer before committed); a writer that waits more than
   ``lock_timeout`` (10 s, like SQLite's ``busy_timeout``) fails with :class:`StoreError`. The
   lock's key is per database: stores in several schemas of one database share it.
@@ -41,12 +43,15 @@ How the contract of :mod:`server.store` is kept:
 * Migrations: run on open, in one write transaction; DDL is transactional, so a step is all
   or nothing. Version numbers are those of the SQLite schema (same tables, PostgreSQL types).
 * Errors: the same :class:`StoreError` subclasses and messages as SQLite. A lost connection,
-  a lock timeout or a server shutting down is a :class:`StoreError` (UNAVAILABLE to callers);
-  the next call reconnects. Constraint messages never include the offending value (a card
-  token), unlike PostgreSQL's DETAIL line.
+  a lock timeout or a server shutting down is a :class:`StoreUnavailable` (UNAVAILABLE to
+  callers); the next call reconnects. An integrity or data error (a broken constraint, a
+  value out of a column's range) is a :class:`StoreRejected`: retrying cannot help.
+  Constraint messages never include the offending value (a card token), unlike PostgreSQL's
+  DETAIL line.
 * Fork: as with SQLite, a store must not be used across ``fork``; the child gets
   :class:`StoreError` and its ``close()`` leaves the parent's connection alone.
-* Bulk (seeding) methods stream rows with binary ``COPY``.
+* Bulk (seeding) methods stream rows with binary ``COPY``; a record's version 1 is then
+  copied with one ``INSERT … SELECT``.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import repeat
 
 import numpy as np
 import psycopg
@@ -65,7 +71,8 @@ from psycopg.conninfo import conninfo_to_dict
 from psycopg.pq import TransactionStatus
 
 from server.store import (
-    TOKEN_BYTES, ActiveRecords, ConsentEvent, Conflict, NotFound, RecordIn, SQLStore, StoreError, StoreUnavailable,
+    _FIRST_CONTENT, _FIRST_VERSIONS, TOKEN_BYTES, ConsentEvent, Conflict, NotFound, SQLStore, StoreError,
+    StoreRejected, StoreUnavailable, _check_sent_by,
 )
 
 log = logging.getLogger(__name__)
@@ -112,6 +119,45 @@ MIGRATIONS: list[list[str]] = [
         "CREATE TABLE changes (id INTEGER PRIMARY KEY CHECK (id = 1), n BIGINT NOT NULL)",
         "INSERT INTO changes (id, n) VALUES (1, 0)",
     ],
+    [
+        # Version 2, as in SQLite: a record is identified by (source, record_id) and every
+        # version of it is kept; the change log replaces the one-row counter.
+        "ALTER TABLE changes RENAME TO changes_v1",
+        """CREATE TABLE changes (
+            seq BIGINT PRIMARY KEY CHECK (seq > 0),
+            at DOUBLE PRECISION NOT NULL,
+            kind TEXT NOT NULL,
+            citizen_row BIGINT
+        )""",
+        # The mark must not go backwards: the old counter becomes the first entry (time
+        # unknown: 0), and everything already stored counts as written at that position.
+        "INSERT INTO changes (seq, at, kind) SELECT n, 0, 'before_log' FROM changes_v1 WHERE n > 0",
+        "ALTER TABLE consent_history ADD COLUMN position BIGINT",
+        "UPDATE consent_history SET position = (SELECT n FROM changes_v1)",
+        "ALTER TABLE consent_history ALTER COLUMN position SET NOT NULL",
+        # A constant default: no rewrite of the table.
+        "ALTER TABLE records ADD COLUMN version INTEGER NOT NULL DEFAULT 1",
+        "ALTER TABLE records DROP CONSTRAINT records_record_id_key",
+        "ALTER TABLE records ADD CONSTRAINT records_source_record_id_key UNIQUE (source, record_id)",
+        # Append-only: one row per version of a record (records holds the latest one's number,
+        # day, value and status). No foreign key (as in SQLite): its per-row check costs seeding several seconds.
+        """CREATE TABLE record_versions (
+            record BIGINT NOT NULL,
+            version INTEGER NOT NULL CHECK (version >= 1),
+            day INTEGER NOT NULL,
+            value DOUBLE PRECISION NOT NULL,
+            status TEXT NOT NULL,
+            received_at DOUBLE PRECISION NOT NULL,
+            sent_by TEXT NOT NULL,
+            position BIGINT NOT NULL,
+            PRIMARY KEY (record, version)
+        )""",
+        # A stored record becomes version 1 of itself, as it is now (a withdrawal overwrote
+        # what it was before): received at an unknown time (0), sent by its source.
+        """INSERT INTO record_versions (record, version, day, value, status, received_at, sent_by, position)
+           SELECT id, 1, day, value, status, 0, source, (SELECT n FROM changes_v1) FROM records ORDER BY id""",
+        "DROP TABLE changes_v1",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -126,8 +172,12 @@ _NEXT_ROW = "(SELECT COALESCE(MAX(citizen_row), -1) + 1 FROM citizens)"
 
 #: Errors that say "the server or the connection is not available right now" (connection
 #: lost, server shutting down, lock timeout, serialization failure): a StoreError, which
-#: callers see as UNAVAILABLE and may retry. Anything else from PostgreSQL is a bug.
+#: callers see as UNAVAILABLE and may retry.
 _UNAVAILABLE = (psycopg.OperationalError, psycopg.InterfaceError)
+
+#: Errors that say "this write can never succeed" (a broken constraint, a value the column
+#: cannot hold): StoreRejected. Anything else from PostgreSQL is a bug.
+_REJECTED = (psycopg.IntegrityError, psycopg.DataError)
 
 
 def _describe(dsn: str) -> str:
@@ -152,6 +202,16 @@ class PostgresStore(SQLStore):
     """
 
     PARAM = "%s"
+
+    #: As of a position, each record's version through LATERAL: one backward index probe
+    #: per record, a plan that needs no statistics (a table just seeded has none, and the
+    #: join SQLite runs can then be planned as a scan and sort of every version).
+    _ACTIVE_AS_OF = """
+        SELECT r.record_id, r.citizen_row, r.variable, v.day, v.value, r.scenario
+        FROM records r CROSS JOIN LATERAL (
+            SELECT w.day, w.value, w.status FROM record_versions w
+            WHERE w.record = r.id AND w.position <= ? ORDER BY w.version DESC LIMIT 1) v
+        WHERE v.status = 'active'"""
 
     def __init__(self, dsn: str, on_write: Callable[[str, float], None] | None = None):
         if dsn.startswith("postgresql+"):  # postgresql+psycopg://… (SQLAlchemy's spelling)
@@ -237,17 +297,26 @@ class PostgresStore(SQLStore):
         start = time.perf_counter()
         with self._lock:
             db = self._connection()
+            committed = False
+            self._begin(operation)
             try:
                 # One round trip (no parameters: the simple protocol takes both statements).
                 db.execute("BEGIN ISOLATION LEVEL READ COMMITTED;"
                            f" SELECT pg_advisory_xact_lock({_WRITERS_LOCK})")
                 yield db
                 db.execute("COMMIT")
+                committed = True
             except BaseException as e:
                 self._rollback(db)  # also when the lock timed out: BEGIN had succeeded
                 if isinstance(e, _UNAVAILABLE):
                     raise self._unavailable(e) from e
+                if isinstance(e, _REJECTED):
+                    # The primary message only: the DETAIL line may quote the value.
+                    why = getattr(e.diag, "message_primary", None) or str(e).splitlines()[0]
+                    raise StoreRejected(f"{operation}: the store refused the write ({why})") from None
                 raise
+            finally:
+                self._end(committed)
         if self._on_write is not None:
             try:
                 self._on_write(operation, time.perf_counter() - start)
@@ -266,9 +335,10 @@ class PostgresStore(SQLStore):
             except _UNAVAILABLE as e:
                 raise self._unavailable(e) from e
 
-    @staticmethod
-    def _bump(db: psycopg.Connection) -> None:
-        db.execute("UPDATE changes SET n = n + 1 WHERE id = 1")
+    def _fetch_all(self, query: str, params: tuple) -> list[tuple]:
+        # Binary results: no number parsing for the millions of rows of a start-up load.
+        with self._read() as db, db.cursor(binary=True) as cur:
+            return cur.execute(query, params).fetchall()
 
     @staticmethod
     def _check_rows(db: psycopg.Connection, rows: np.ndarray) -> None:
@@ -308,7 +378,7 @@ class PostgresStore(SQLStore):
             row = db.execute(
                 f"INSERT INTO citizens (citizen_row, citizen_id, birth_day) VALUES ({_NEXT_ROW}, %s, %s)"
                 " RETURNING citizen_row", (citizen_id, int(birth_day))).fetchone()[0]
-            self._bump(db)
+            self._change(db, row)
             return row, True
 
     def upsert_citizens_bulk(self, ids: Sequence[str], birth_days: np.ndarray) -> None:
@@ -338,31 +408,30 @@ class PostgresStore(SQLStore):
                 SELECT {_NEXT_ROW} + ROW_NUMBER() OVER (ORDER BY l.first_ord) - 1, l.citizen_id, l.birth_day
                 FROM qj_citizens_last l
                 WHERE NOT EXISTS (SELECT 1 FROM citizens c WHERE c.citizen_id = l.citizen_id)""")
-            self._bump(db)
+            self._change(db)
 
     def set_consents_bulk(self, rows: np.ndarray, granted: bool) -> None:
         rows = np.asarray(rows, np.int64)
-        at = time.time()
         with self._write("set_consents_bulk") as db:
             self._check_rows(db, rows)
+            tx = self._change(db)
             listed = rows.tolist()
             db.execute("UPDATE citizens SET consent = %s WHERE citizen_row = ANY(%s::bigint[])",
                        (int(granted), listed))
             # One event per listed row, in list order (repeats included, as one by one).
-            db.execute("INSERT INTO consent_history (citizen_row, granted, at)"
-                       " SELECT u.r, %s, %s FROM unnest(%s::bigint[]) WITH ORDINALITY AS u (r, i)"
-                       " ORDER BY u.i", (int(granted), at, listed))
-            self._bump(db)
+            db.execute("INSERT INTO consent_history (citizen_row, granted, at, position)"
+                       " SELECT u.r, %s, %s, %s FROM unnest(%s::bigint[]) WITH ORDINALITY AS u (r, i)"
+                       " ORDER BY u.i", (int(granted), tx.at, tx.position, listed))
 
     def consent_history(self, citizen_id: str) -> list[ConsentEvent]:
         with self._read() as db:
             # One statement: the citizen (NotFound) and its events, in one snapshot.
             events = db.execute(
-                "SELECT h.granted, h.at FROM citizens c LEFT JOIN consent_history h USING (citizen_row)"
+                "SELECT h.granted, h.at, h.position FROM citizens c LEFT JOIN consent_history h USING (citizen_row)"
                 " WHERE c.citizen_id = %s ORDER BY h.id", (citizen_id,)).fetchall()
         if not events:
             raise NotFound(f"citizen {citizen_id!r} not found")
-        return [ConsentEvent(bool(g), at) for g, at in events if g is not None]
+        return [ConsentEvent(bool(g), at, position) for g, at, position in events if g is not None]
 
     # Card tokens ------------------------------------------------------------------------
 
@@ -373,91 +442,67 @@ class PostgresStore(SQLStore):
             raise ValueError(f"tokens must have shape (n, {TOKEN_BYTES}) with n = len(rows)")
         with self._write("register_cards_bulk") as db:
             self._check_rows(db, rows)
+            self._change(db)
             try:
                 self._copy(db, "cards", ("token", "citizen_row"), ("bytea", "int8"),
                            zip((t.tobytes() for t in tokens), rows.tolist()))
             except pg_errors.UniqueViolation as e:  # the batch is rolled back
+                if e.diag.constraint_name != "cards_token_key":
+                    raise  # another constraint: StoreRejected
                 # Not str(e): its DETAIL line quotes the token.
                 raise Conflict("a card token in the batch is already registered"
                                f" ({e.diag.message_primary})") from None
-            self._bump(db)
 
     # Records ----------------------------------------------------------------------------
 
-    def add_records(self, records: Sequence[RecordIn]) -> list[bool]:
-        inserted: list[bool] = []
-        with self._write("add_records") as db:
-            ids = list(dict.fromkeys(r.citizen_id for r in records))
-            rows = dict(db.execute("SELECT citizen_id, citizen_row FROM citizens"
-                                   " WHERE citizen_id = ANY(%s::text[])", (ids,)).fetchall()) if ids else {}
-            for citizen_id in ids:  # the first unknown one in batch order, as one by one
-                if citizen_id not in rows:
-                    raise NotFound(f"citizen {citizen_id!r} not found")  # nothing written
-            # Resent records are found first, so a batch of only those writes nothing at all
-            # (an INSERT … DO NOTHING would still take a transaction id and a WAL flush). No
-            # other writer can add one in between: we hold the writers' lock.
-            record_ids = list(dict.fromkeys(r.record_id for r in records))
-            stored = {rid for (rid,) in db.execute(
-                "SELECT record_id FROM records WHERE record_id = ANY(%s::text[])", (record_ids,))
-                } if records else set()
-            new: list[int] = []
-            for i, r in enumerate(records):
-                inserted.append(r.record_id not in stored)  # a repeat inside the batch: False
-                if inserted[-1]:
-                    stored.add(r.record_id)
-                    new.append(i)
-            if new:
-                # One statement per record, in order, in one round trip (pipeline). DO NOTHING
-                # still guards against a writer that bypasses the lock.
-                with db.cursor() as cur:
-                    cur.executemany(
-                        "INSERT INTO records (record_id, citizen_row, variable, day, value, source,"
-                        " scenario) VALUES (%s, %s, %s, %s, %s, %s, %s)"
-                        " ON CONFLICT (record_id) DO NOTHING RETURNING 1",
-                        [(r.record_id, rows[r.citizen_id], r.variable, int(r.day), float(r.value),
-                          r.source, r.scenario) for r in (records[i] for i in new)],
-                        returning=True)
-                    for i in new:
-                        inserted[i] = cur.rowcount == 1
-                        cur.nextset()
-            if any(inserted):
-                self._bump(db)
-        return inserted
+    def _citizen_rows(self, db, citizen_ids: Sequence[str]) -> dict[str, int]:
+        ids = list(dict.fromkeys(citizen_ids))
+        rows = dict(db.execute("SELECT citizen_id, citizen_row FROM citizens"
+                               " WHERE citizen_id = ANY(%s::text[])", (ids,)).fetchall()) if ids else {}
+        for citizen_id in ids:  # the first unknown one in batch order, as one by one
+            if citizen_id not in rows:
+                raise NotFound(f"citizen {citizen_id!r} not found")
+        return rows
+
+    def _first_contents(self, db, keys: Sequence[tuple[str, str]]) -> dict[tuple[str, str], tuple]:
+        if not keys:
+            return {}
+        sources, record_ids = zip(*keys)
+        found = db.execute(
+            f"SELECT r.source, r.record_id, {_FIRST_CONTENT}"
+            " FROM unnest(%s::text[], %s::text[]) AS k (source, record_id)"
+            " JOIN records r ON r.source = k.source AND r.record_id = k.record_id"
+            " JOIN citizens c ON c.citizen_row = r.citizen_row",
+            (list(sources), list(record_ids))).fetchall()
+        return {(source, record_id): tuple(content) for source, record_id, *content in found}
+
+    def _insert_records(self, db, rows: list[tuple]) -> None:
+        # One statement per record, in order, in one round trip (executemany pipelines).
+        with db.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO records (record_id, citizen_row, variable, day, value, source, scenario)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s)", rows)
 
     def add_records_bulk(
         self, citizen_row: np.ndarray, variable: Sequence[str] | np.ndarray, day: np.ndarray,
-        value: np.ndarray, source: str, record_ids: Sequence[str],
+        value: np.ndarray, source: str, record_ids: Sequence[str], sent_by: str | None = None,
     ) -> None:
-        rows = np.asarray(citizen_row, np.int64)
-        day = np.asarray(day, np.int64)
-        value = np.asarray(value, np.float64)
-        variable = variable.tolist() if isinstance(variable, np.ndarray) else variable
-        if not len(rows) == len(variable) == len(day) == len(value) == len(record_ids):
-            raise ValueError("add_records_bulk: all columns must have the same length")
+        rows, variable, day, value = self._bulk_columns(citizen_row, variable, day, value, record_ids)
+        sent_by = _check_sent_by(source if sent_by is None else sent_by)
         with self._write("add_records_bulk") as db:
             self._check_rows(db, rows)
+            tx, after = self._change(db), self._last_record_id(db)
             try:
                 self._copy(
                     db, "records", ("record_id", "citizen_row", "variable", "day", "value", "source"),
                     ("text", "int8", "text", "int4", "float8", "text"),
-                    zip(record_ids, rows.tolist(), variable, day.tolist(), value.tolist(),
-                        (source for _ in range(len(rows)))))
+                    zip(record_ids, rows.tolist(), variable, day.tolist(), value.tolist(), repeat(source)))
             except pg_errors.UniqueViolation as e:  # the batch is rolled back
-                raise Conflict("a record_id in the batch is already stored"
+                if e.diag.constraint_name != "records_source_record_id_key":
+                    raise  # another constraint: StoreRejected
+                raise Conflict(f"a record_id in the batch is already stored for source {source!r}"
                                f" ({e.diag.message_primary})") from None
-            self._bump(db)
-
-    def active_records(self, citizen_row: int | None = None) -> ActiveRecords:
-        query = ("SELECT record_id, citizen_row, variable, day, value, scenario FROM records"
-                 " WHERE status = 'active'")
-        # Binary results: no number parsing for the millions of rows of a start-up load.
-        with self._read() as db, db.cursor(binary=True) as cur:
-            if citizen_row is None:
-                rows = cur.execute(query + " ORDER BY id").fetchall()
-            else:
-                rows = cur.execute(query + " AND citizen_row = %s ORDER BY id",
-                                   (int(citizen_row),)).fetchall()
-        return ActiveRecords.from_rows(rows)
+            db.execute(self._q(_FIRST_VERSIONS), (tx.at, sent_by, tx.position, after))
 
     # Bookkeeping ------------------------------------------------------------------------
 
@@ -474,10 +519,6 @@ class PostgresStore(SQLStore):
         with self._read() as db:
             values = db.execute(sql).fetchone()
         return dict(zip(queries, values))
-
-    def high_water_mark(self) -> int:
-        with self._read() as db:
-            return db.execute("SELECT n FROM changes WHERE id = 1").fetchone()[0]
 
     def close(self) -> None:
         with self._lock:

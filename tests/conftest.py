@@ -83,6 +83,59 @@ class Served:
         self.node.drain(0)
 
 
+def dev_token(identity: str) -> str:
+    """The bearer token of ``identity`` on a :class:`SecureServer`."""
+    return f"dev-token-{identity}-0123456789"
+
+
+#: Authenticated, but unknown to the policy.
+STRANGER = "stranger"
+
+
+class SecureServer:
+    """A real server in token mode with a client for every caller identity of
+    config/policy.toml and one the policy does not name (``STRANGER``)."""
+
+    def __init__(self, data_dir, n_citizens: int = 1500):
+        import numpy as np
+        from prometheus_client import CollectorRegistry
+
+        from clients.client import QianjiangClient
+        from server.app import Node, Runtime, ServerConfig
+        from server.auth import load_policy
+        from server.metrics import Metrics
+
+        self.identities = sorted(load_policy().callers) + [STRANGER]
+        tokens = data_dir / "tokens.toml"
+        tokens.write_text("".join(f'"{dev_token(i)}" = "{i}"\n' for i in self.identities))
+        self.config = ServerConfig(
+            data_dir=data_dir, seed_citizens=n_citizens, metrics_port=0, port=0, security="token", tokens_path=tokens,
+        )
+        self.runtime = Runtime.prepare(self.config)
+        self.node = Node(self.runtime, port=0, metrics=Metrics(CollectorRegistry())).start()
+        self.runtime.load()
+        self.service = self.node.attach()
+        self.target = f"127.0.0.1:{self.node.port}"
+        self.clients = {i: QianjiangClient(self.target, timeout=5, token=dev_token(i)) for i in self.identities}
+        s = self.runtime.state
+        n = s.n_citizens
+        ok = np.flatnonzero((s.consent[:n] == 1) & (s.adult[:n] == 1) & (s.columns.flags[:n] == 0))
+        self.rows = iter(ok.tolist())
+        self.disclosed: list[str] = []  # every disclosure id a caller received
+
+    def fresh_row(self) -> int:
+        """A consenting adult with no hard rule that no other test has used."""
+        return next(self.rows)
+
+    def token(self, row: int) -> bytes:
+        return self.runtime.synthetic_card_token(row)
+
+    def close(self):
+        for c in self.clients.values():
+            c.close()
+        self.node.drain(0)
+
+
 @pytest.fixture(scope="session")
 def served(tmp_path_factory):
     """One real server for the session (3,000 synthetic citizens). Tests that change a
@@ -166,6 +219,21 @@ def store(store_url):
     s = open_store(store_url)
     yield s
     s.close()
+
+
+def rec(record_id, citizen_id="c-0", variable="traffic_violations", day=19_000, value=1.0,
+        source="police", scenario=None):
+    """A RecordIn for the store tests, with defaults for what a test does not care about."""
+    from server.store import RecordIn
+
+    return RecordIn(record_id, citizen_id, variable, day, value, source, scenario)
+
+
+def with_citizens(store, n=3):
+    """``store`` with citizens c-0 .. c-<n-1> (rows 0 .. n-1)."""
+    for i in range(n):
+        store.upsert_citizen(f"c-{i}", 7_000 + i)
+    return store
 
 
 def run_sql(url: str, query: str, params: tuple = ()) -> list[tuple]:

@@ -2,7 +2,8 @@
 
 Tests taking ``store`` or ``store_url`` (tests/conftest.py) run twice: ``[sqlite]`` on a new
 file, ``[postgres]`` on a new database (QJ_TEST_PG_DSN; see ``pg_server``). The rest are about
-SQLite itself; tests/test_store_pg.py has PostgreSQL's own."""
+SQLite itself; tests/test_store_pg.py has PostgreSQL's own, tests/test_store_history.py record
+identity, versions, the change log and the schema migration."""
 
 from __future__ import annotations
 
@@ -12,14 +13,17 @@ import sqlite3
 import subprocess
 import sys
 import textwrap
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from conftest import rec, with_citizens
 from server.store import (
-    SCHEMA_VERSION, Conflict, NotFound, RecordIn, SQLiteStore, Store, StoreError, WrongState, open_store,
+    ACCEPTED, DUPLICATE, SCHEMA_VERSION, Conflict, NotFound, RecordConflict, SQLiteStore, StoreError, WrongState,
+    open_store,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -37,17 +41,6 @@ def sqlite_store(db_path):
     s = SQLiteStore(db_path)
     yield s
     s.close()
-
-
-def rec(record_id, citizen_id="c-0", variable="traffic_violations", day=19_000, value=1.0,
-        source="police", scenario=None) -> RecordIn:
-    return RecordIn(record_id, citizen_id, variable, day, value, source, scenario)
-
-
-def with_citizens(store, n=3) -> Store:
-    for i in range(n):
-        store.upsert_citizen(f"c-{i}", 7_000 + i)
-    return store
 
 
 # Schema and connection ---------------------------------------------------------------------
@@ -118,7 +111,7 @@ def test_consent_grant_and_revoke(store):
     assert [e.granted for e in store.consent_history("c-1")] == [True, False]
     assert store.consent_history("c-0") == []
     history = store.consent_history("c-1")
-    assert history[0].at <= history[1].at
+    assert history[0].at <= history[1].at and history[0].position < history[1].position
     with pytest.raises(NotFound):
         store.set_consent("nobody", True)
 
@@ -148,18 +141,22 @@ def test_register_card_created_same_conflict_and_bad_length(store):
 # Records -------------------------------------------------------------------------------------
 
 
-def test_add_records_is_idempotent_by_record_id(store):
+def test_add_records_resend_is_a_duplicate_other_content_a_conflict(store):
     with_citizens(store)
-    assert store.add_records([rec("r-1"), rec("r-2", "c-1")]) == [True, True]
+    assert store.add_records([rec("r-1"), rec("r-2", "c-1")], "police") == [ACCEPTED, ACCEPTED]
     mark = store.high_water_mark()
-    # A resend, even with other fields changed, is a duplicate and changes nothing.
-    assert store.add_records([rec("r-1", "c-2", value=9.0, day=1)]) == [False]
+    # A resend of the same content is a duplicate and changes nothing.
+    assert store.add_records([rec("r-1")], "police") == [DUPLICATE]
     assert store.high_water_mark() == mark
-    got = store.get_record("r-1")
+    # The same id with other content is refused; the rest of the batch is not written.
+    with pytest.raises(RecordConflict, match="record 'r-1' from source 'police' is already stored with another"
+                                             " citizen_id"):
+        store.add_records([rec("r-9"), rec("r-1", "c-2", value=9.0, day=1)], "police")
+    assert store.high_water_mark() == mark and store.counts()["records"] == 2
+    got = store.get_record("police", "r-1")
     assert (got.citizen_id, got.citizen_row, got.day, got.value, got.status) == ("c-0", 0, 19_000, 1.0, "active")
     # A duplicate inside one batch, too.
-    assert store.add_records([rec("r-3"), rec("r-3", value=5.0)]) == [True, False]
-    assert store.get_record("r-3").value == 1.0
+    assert store.add_records([rec("r-3"), rec("r-3")], "police") == [ACCEPTED, DUPLICATE]
     assert store.counts()["records"] == 3
 
 
@@ -167,46 +164,55 @@ def test_unknown_citizen_rolls_back_the_whole_batch(store):
     with_citizens(store)
     mark = store.high_water_mark()
     with pytest.raises(NotFound, match="citizen 'ghost' not found"):
-        store.add_records([rec("r-1"), rec("r-2", "ghost"), rec("r-3")])
-    with pytest.raises(NotFound, match="record 'r-1' not found"):
-        store.get_record("r-1")
+        store.add_records([rec("r-1"), rec("r-2", "ghost"), rec("r-3")], "police")
+    with pytest.raises(NotFound, match="no record 'r-1' from source 'police'"):
+        store.get_record("police", "r-1")
     assert store.counts()["records"] == 0
     assert store.high_water_mark() == mark
 
 
 def test_get_record_round_trips_every_field(store):
     with_citizens(store)
-    store.add_records([rec("r-1", "c-2", "bike_unpaid", 19_001, 2.5, "metro", "bike")])
-    got = store.get_record("r-1")
+    before = time.time()
+    store.add_records([rec("r-1", "c-2", "bike_unpaid", 19_001, 2.5, "metro", "bike")], "metro_gateway")
+    got = store.get_record("metro", "r-1")
     assert got.record_id == "r-1" and got.citizen_row == 2 and got.citizen_id == "c-2"
     assert (got.variable, got.day, got.value, got.source, got.scenario, got.status) == (
         "bike_unpaid", 19_001, 2.5, "metro", "bike", "active")
+    assert (got.version, got.sent_by, got.position) == (1, "metro_gateway", store.high_water_mark())
+    assert before <= got.received_at <= time.time()
 
 
 def test_correct_withdraw_and_repair_change_active_records(store):
     with_citizens(store)
-    store.add_records([rec("r-1"), rec("r-2"), rec("r-3")])
-    fixed = store.correct_record("r-1", day=18_500, value=3.0)
-    assert (fixed.day, fixed.value, fixed.status) == (18_500, 3.0, "active")
+    store.add_records([rec("r-1"), rec("r-2"), rec("r-3")], "police")
+    fixed = store.correct_record("police", "r-1", day=18_500, value=3.0, sent_by="police")
+    assert (fixed.day, fixed.value, fixed.status, fixed.version) == (18_500, 3.0, "active", 2)
+    assert store.get_record("police", "r-1") == fixed
     active = store.active_records()
     assert active.day[active.record_id == "r-1"].tolist() == [18_500]
     assert active.value[active.record_id == "r-1"].tolist() == [3.0]
 
-    assert store.set_record_status("r-2", "withdrawn").status == "withdrawn"
-    assert store.set_record_status("r-3", "repaired").status == "repaired"
+    assert store.set_record_status("police", "r-2", "withdrawn", "police").status == "withdrawn"
+    assert store.set_record_status("police", "r-3", "repaired", "police").status == "repaired"
     assert store.active_records().record_id.tolist() == ["r-1"]
     assert store.counts()["active_records"] == 1 and store.counts()["records"] == 3
-    assert store.get_record("r-2").status == "withdrawn"  # still stored, just not counted
+    assert store.get_record("police", "r-2").status == "withdrawn"  # still stored, just not counted
 
-    with pytest.raises(WrongState, match="record 'r-2' is withdrawn"):
-        store.correct_record("r-2", day=1, value=1.0)
-    assert store.get_record("r-2").day == 19_000
+    with pytest.raises(WrongState, match="record 'r-2' from source 'police' is withdrawn"):
+        store.correct_record("police", "r-2", day=1, value=1.0, sent_by="police")
+    assert store.get_record("police", "r-2").day == 19_000
     with pytest.raises(ValueError, match="status"):
-        store.set_record_status("r-1", "active")
-    for call in (lambda: store.correct_record("nope", 1, 1.0),
-                 lambda: store.set_record_status("nope", "withdrawn"),
-                 lambda: store.get_record("nope")):
-        with pytest.raises(NotFound, match="record 'nope' not found"):
+        store.set_record_status("police", "r-1", "active", "police")
+    for call in (lambda: store.correct_record("police", "nope", 1, 1.0, "police"),
+                 lambda: store.set_record_status("police", "nope", "withdrawn", "police"),
+                 lambda: store.get_record("police", "nope"),
+                 lambda: store.record_history("police", "nope"),
+                 # Another source's record is, to this source, not there: the same message.
+                 lambda: store.correct_record("court", "r-1", 1, 1.0, "court"),
+                 lambda: store.set_record_status("court", "r-1", "withdrawn", "court"),
+                 lambda: store.get_record("court", "r-1")):
+        with pytest.raises(NotFound, match=r"^no record '(nope|r-1)' from source '(police|court)'$"):
             call()
 
 
@@ -215,7 +221,7 @@ def test_active_records_columns_and_per_citizen(store):
     store.add_records([
         rec("r-1", "c-0"), rec("r-2", "c-1", "volunteer_hours", 19_002, 4.0, scenario="library"),
         rec("r-3", "c-0", day=19_003), rec("r-4", "c-2"),
-    ])
+    ], "police")
     everything = store.active_records()
     assert everything.record_id.tolist() == ["r-1", "r-2", "r-3", "r-4"]  # insertion order
     assert everything.citizen_row.dtype == np.int64 and everything.citizen_row.tolist() == [0, 1, 0, 2]
@@ -269,7 +275,7 @@ def test_bulk_paths(store):
     assert len(active) == m and active.citizen_row.tolist() == rows.tolist()
     assert active.value.tolist() == (np.arange(m) / 4).astype(np.float32).tolist()
     assert active.variable[:3].tolist() == ["traffic_violations", "volunteer_hours", "traffic_violations"]
-    assert store.get_record("s-3").source == "seed"
+    assert store.get_record("seed", "s-3").source == "seed" and store.get_record("seed", "s-3").sent_by == "seed"
     assert store.counts() == dict(citizens=n, cards=n, records=m, active_records=m,
                                   consents_granted=n // 2)
 
@@ -285,9 +291,11 @@ def test_bulk_errors_write_nothing(store):
         store.register_cards_bulk(np.zeros((2, 16), np.uint8), np.array([0, 1]))
     with pytest.raises(ValueError):
         store.register_cards_bulk(np.zeros((1, 15), np.uint8), np.array([0]))
-    with pytest.raises(Conflict):
+    with pytest.raises(Conflict, match="already stored for source 'seed'"):
         store.add_records_bulk(np.array([0, 1]), ["v", "v"], np.array([1, 2]), np.array([1.0, 1.0]),
                                "seed", ["dup", "dup"])
+    with pytest.raises(ValueError, match="finite"):
+        store.add_records_bulk(np.array([0]), ["v"], np.array([1]), np.array([np.nan]), "seed", ["x"])
     with pytest.raises(NotFound):
         store.add_records_bulk(np.array([0, 3]), ["v", "v"], np.array([1, 2]), np.array([1.0, 1.0]),
                                "seed", ["x", "y"])
@@ -308,22 +316,25 @@ def test_high_water_mark_increases_on_every_write_kind(store):
         lambda: store.set_consents_bulk(np.array([1, 2]), True),
         lambda: store.register_card(TOKEN_A, "c-0"),
         lambda: store.register_cards_bulk(np.ones((1, 16), np.uint8), np.array([1])),
-        lambda: store.add_records([rec("r-1")]),
+        lambda: store.add_records([rec("r-1")], "police"),
         lambda: store.add_records_bulk(np.array([1]), ["v"], np.array([1]), np.array([1.0]), "s", ["r-2"]),
-        lambda: store.correct_record("r-1", 18_000, 2.0),
-        lambda: store.set_record_status("r-1", "withdrawn"),
-        lambda: store.set_record_status("r-1", "repaired"),
+        lambda: store.correct_record("police", "r-1", 18_000, 2.0, "police"),
+        lambda: store.set_record_status("police", "r-1", "withdrawn", "police"),
+        lambda: store.set_record_status("police", "r-1", "repaired", "police"),
     ]
     marks = [store.high_water_mark()]
     for write in writes:
         write()
         marks.append(store.high_water_mark())
-    assert all(b > a for a, b in zip(marks, marks[1:])), marks
+        assert store.last_position() == marks[-1]  # the write this object just made
+    # One change log entry per write: positions 1, 2, 3 … without gaps.
+    assert marks == list(range(marks[0], marks[0] + len(writes) + 1)), marks
     # Calls that change nothing leave it alone (a snapshot stays current).
     for no_op in (lambda: store.upsert_citizen("c-0", 7_001), lambda: store.register_card(TOKEN_A, "c-0"),
-                  lambda: store.add_records([rec("r-1")]), lambda: store.set_record_status("r-1", "repaired")):
+                  lambda: store.add_records([rec("r-1")], "police"),
+                  lambda: store.set_record_status("police", "r-1", "repaired", "police")):
         no_op()
-        assert store.high_water_mark() == marks[-1]
+        assert store.high_water_mark() == marks[-1] == store.last_position()
 
 
 # Durability and sharing between connections --------------------------------------------------
@@ -334,15 +345,17 @@ def test_everything_survives_close_and_reopen(store_url):
         with_citizens(s)
         s.set_consent("c-1", True)
         s.register_card(TOKEN_A, "c-2")
-        s.add_records([rec("r-1"), rec("r-2", "c-1")])
-        s.set_record_status("r-2", "repaired")
+        s.add_records([rec("r-1"), rec("r-2", "c-1")], "police")
+        s.set_record_status("police", "r-2", "repaired", "police")
         counts, mark = s.counts(), s.high_water_mark()
     with open_store(store_url) as again:
         assert again.counts() == counts and again.high_water_mark() == mark
         assert again.citizens().consent.tolist() == [0, 1, 0]
         assert bytes(again.cards().tokens[0]) == TOKEN_A
         assert again.active_records().record_id.tolist() == ["r-1"]
-        assert again.get_record("r-2").status == "repaired"
+        assert again.get_record("police", "r-2").status == "repaired"
+        assert [v.status for v in again.record_history("police", "r-2")] == ["active", "repaired"]
+        assert again.last_position() == 0  # no write through this object yet
 
 
 def test_a_write_through_one_store_is_seen_by_another_open_one(store_url):
@@ -350,12 +363,13 @@ def test_a_write_through_one_store_is_seen_by_another_open_one(store_url):
         assert b.counts()["citizens"] == 0  # b has read before a writes
         mark = b.high_water_mark()
         a.upsert_citizen("c-0", 7_000)
-        a.add_records([rec("r-1")])
+        a.add_records([rec("r-1")], "police")
         assert b.citizen_row("c-0") == 0
         assert b.active_records(0).record_id.tolist() == ["r-1"]
         assert b.high_water_mark() > mark
-        assert b.add_records([rec("r-1")]) == [False]  # b's writes see a's too
-        b.set_record_status("r-1", "withdrawn")
+        assert b.add_records([rec("r-1")], "police") == [DUPLICATE]  # b's writes see a's too
+        b.set_record_status("police", "r-1", "withdrawn", "police")
+        assert b.last_position() == b.high_water_mark() == a.last_position() + 1
         assert len(a.active_records()) == 0
 
 
@@ -368,12 +382,14 @@ def test_concurrent_writers_wait_for_each_other(store_url):
 
         def ingest(args):
             s, k = args
-            return s.add_records([rec(f"r-{k}-{j}") for j in range(5)])
+            return s.add_records([rec(f"r-{k}-{j}") for j in range(5)], "police")
 
         with ThreadPoolExecutor(8) as pool:
             results = list(pool.map(ingest, [((a, b)[k % 2], k) for k in range(80)]))
-        assert all(r == [True] * 5 for r in results)
+        assert all(r == [ACCEPTED] * 5 for r in results)
         assert a.counts()["records"] == b.counts()["records"] == 400
+        # One change per write, in commit order, without gaps or repeats across both writers.
+        assert a.high_water_mark() == 1 + 1 + 80  # the migration, the citizen, the batches
 
 
 _INGEST_AND_DIE = textwrap.dedent("""
@@ -381,7 +397,8 @@ _INGEST_AND_DIE = textwrap.dedent("""
     from server.store import RecordIn, open_store
     store = open_store(sys.argv[1])
     store.upsert_citizen("c-0", 7000)
-    assert store.add_records([RecordIn("r-acked", "c-0", "traffic_violations", 19000, 1.0, "police", None)]) == [True]
+    assert store.add_records([RecordIn("r-acked", "c-0", "traffic_violations", 19000, 1.0, "police", None)],
+                             "police") == ["accepted"]
     print("acked", flush=True)
     if sys.argv[2] == "exit":
         os._exit(0)  # no close, no checkpoint, no atexit
@@ -405,7 +422,7 @@ def test_an_acknowledged_record_survives_the_process_dying(store_url, death):
         proc.kill()
         proc.stdout.close()
     with open_store(store_url) as reopened:
-        assert reopened.get_record("r-acked").citizen_id == "c-0"
+        assert reopened.get_record("police", "r-acked").citizen_id == "c-0"
         assert reopened.active_records().record_id.tolist() == ["r-acked"]
 
 
@@ -429,7 +446,7 @@ def test_a_store_is_not_usable_across_fork(store, store_url):
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
-    assert store.add_records([rec("r-1")]) == [True]  # the parent's store still works
+    assert store.add_records([rec("r-1")], "police") == [ACCEPTED]  # the parent's store still works
 
 
 # Metrics hook and URLs -----------------------------------------------------------------------
@@ -447,9 +464,9 @@ def test_on_write_is_called_after_each_committed_write(store_url):
     with open_store(store_url, on_write=hook) as s:
         calls.clear(), seen_by_other.clear()  # the migration at open was a write too
         s.upsert_citizen("c-0", 7_000)
-        s.add_records([rec("r-1")])
+        s.add_records([rec("r-1")], "police")
         with pytest.raises(NotFound):
-            s.add_records([rec("r-2", "ghost")])  # rolled back: no call
+            s.add_records([rec("r-2", "ghost")], "police")  # rolled back: no call
     assert [op for op, _ in calls] == ["upsert_citizen", "add_records"]
     assert all(isinstance(t, float) and 0 <= t < 5 for _, t in calls)
     assert seen_by_other == [0, 1]
@@ -487,7 +504,7 @@ def test_threads_share_one_store(store):
     with_citizens(store, 4)
 
     def work(k):
-        store.add_records([rec(f"t-{k}", f"c-{k % 4}")])
+        store.add_records([rec(f"t-{k}", f"c-{k % 4}")], "police")
         store.set_consent(f"c-{k % 4}", k % 2 == 0)
         return len(store.active_records(k % 4))
 

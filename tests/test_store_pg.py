@@ -14,9 +14,11 @@ from urllib.parse import urlsplit
 
 import pytest
 
+from conftest import rec, with_citizens
 from server import store as store_mod
 from server.store import (
-    SCHEMA_VERSION, Conflict, NotFound, RecordIn, SQLiteStore, StoreError, WrongState, open_store,
+    SCHEMA_VERSION, Conflict, NotFound, SQLiteStore, StoreError, StoreRejected, StoreUnavailable, WrongState,
+    open_store,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,17 +30,6 @@ def raw(url: str, query: str, params: tuple = ()) -> list[tuple]:
     with psycopg.connect(url, autocommit=True) as db:
         cur = db.execute(query, params)
         return cur.fetchall() if cur.description else []
-
-
-def rec(record_id, citizen_id="c-0", variable="traffic_violations", day=19_000, value=1.0,
-        source="police", scenario=None) -> RecordIn:
-    return RecordIn(record_id, citizen_id, variable, day, value, source, scenario)
-
-
-def with_citizens(store, n=3):
-    for i in range(n):
-        store.upsert_citizen(f"c-{i}", 7_000 + i)
-    return store
 
 
 def run_python(code: str, *args: str, **kw) -> subprocess.Popen:
@@ -168,10 +159,10 @@ def test_a_writer_waits_for_another_then_gives_up_with_store_error(pg_url, monke
         other.execute("SELECT pg_advisory_xact_lock(%s)", (store_pg._WRITERS_LOCK,))
         start = time.perf_counter()
         with pytest.raises(StoreError, match="lock timeout"):
-            s.add_records([rec("r-1")])
+            s.add_records([rec("r-1")], "police")
         assert time.perf_counter() - start >= 0.25
         other.rollback()
-        assert s.add_records([rec("r-1")]) == [True]  # the same store goes on
+        assert s.add_records([rec("r-1")], "police") == ["accepted"]  # the same store goes on
         assert s.citizen_row("c-0") == 0
 
 
@@ -180,13 +171,26 @@ def test_a_lost_connection_is_a_store_error_and_the_next_call_reconnects(pg_url,
         with_citizens(s)
         pid = s._db.info.backend_pid
         assert raw(pg_url, "SELECT pg_terminate_backend(%s)", (pid,)) == [(True,)]
-        with pytest.raises(StoreError) as e:
-            s.add_records([rec("r-1")])
-        assert not isinstance(e.value, (NotFound, Conflict, WrongState))  # UNAVAILABLE, retryable
-        assert s.add_records([rec("r-1")]) == [True]  # a new connection
+        with pytest.raises(StoreUnavailable) as e:  # retryable, unlike the errors below
+            s.add_records([rec("r-1")], "police")
+        assert not isinstance(e.value, (NotFound, Conflict, WrongState, StoreRejected))
+        assert s.add_records([rec("r-1")], "police") == ["accepted"]  # a new connection
         assert s._db.info.backend_pid != pid
         assert s.counts()["records"] == 1
     assert "reconnecting" in caplog.text
+
+
+def test_a_value_postgresql_cannot_hold_is_store_rejected(pg_url):
+    # SQLite keeps a NUL inside a text; PostgreSQL refuses it (a DataError): for good, so
+    # StoreRejected (a client must not retry it as it would a lost connection).
+    with open_store(pg_url) as s:
+        with_citizens(s)
+        mark = s.high_water_mark()
+        with pytest.raises(StoreRejected, match="add_records: the store refused the write .*NUL") as e:
+            s.add_records([rec("r-1"), rec("r-\x002")], "police")
+        assert not isinstance(e.value, StoreUnavailable)
+        assert s.high_water_mark() == mark and s.counts()["records"] == 0
+        assert s.add_records([rec("r-1")], "police") == ["accepted"]  # the same connection goes on
 
 
 def test_messages_never_carry_the_password(pg_server):
