@@ -34,9 +34,9 @@ def test_round_trip_unary_and_batch(tmp_path):
 
     got = log.entries()
     assert [e.decision_id for e in got] == [
-        f"d-{log.writer_prefix}-1f",
-        *(f"d-{log.writer_prefix}-20-{i}" for i in range(4)),
-        f"d-{log.writer_prefix}-21",
+        log.ids.id_of(0x1F),
+        *(f"{log.ids.id_of(0x20)}-{i}" for i in range(4)),
+        log.ids.id_of(0x21),
     ]
     assert got[0].decision_id == log.decision_id(0x1F) and got[3].decision_id == log.decision_id(0x20, 2)
     first = got[0]
@@ -105,6 +105,18 @@ def test_each_entry_keeps_its_strings_past_the_remembered_codes(tmp_path, monkey
         AuditLog(tmp_path, KEY).record(1, 7, "Check", "s", 1, 1, "m")
 
 
+def _until_accepted(append) -> int:
+    """Call ``append`` until the log takes it (a refusal queues nothing); the refusals."""
+    refused = 0
+    while True:
+        try:
+            append()
+            return refused
+        except audit.AuditUnavailable:
+            refused += 1
+            time.sleep(0.001)
+
+
 def test_concurrent_appends_each_appear_exactly_once(tmp_path):
     # Small segments and a small pending limit also exercise rollover and back-pressure.
     log = AuditLog(tmp_path, KEY, flush_interval=0.005, max_pending=3_000, segment_bytes=64 << 10).start()
@@ -115,10 +127,11 @@ def test_concurrent_appends_each_appear_exactly_once(tmp_path):
         try:
             for r in range(rounds):
                 seq = t * 1_000_000 + r * 10
-                log.record(seq, f"caller-{t}", "Check", f"scenario-{r % 7}", seq + 1, r % 256, "m1")
+                _until_accepted(lambda: log.record(seq, f"caller-{t}", "Check", f"scenario-{r % 7}", seq + 1, r % 256, "m1"))
                 n = 1 + (r * 37 % 200)
                 subjects = np.arange(n, dtype=np.uint64) + seq
-                log.record_batch(seq + 1, f"caller-{t}", "CheckBatch", "metro", subjects, np.zeros(n, np.uint8), "m1")
+                _until_accepted(lambda: log.record_batch(seq + 1, f"caller-{t}", "CheckBatch", "metro", subjects,
+                                                         np.zeros(n, np.uint8), "m1"))
                 if r % 20 == 0:
                     log.flush()
         except Exception as e:  # pragma: no cover - reported below
@@ -150,7 +163,7 @@ def test_concurrent_appends_each_appear_exactly_once(tmp_path):
 
 def test_two_writers_share_a_directory(tmp_path):
     a, b = AuditLog(tmp_path, KEY), AuditLog(tmp_path, KEY)  # as two worker processes would
-    assert a.writer_prefix != b.writer_prefix
+    assert a.writer != b.writer
     s = a.subject_of("c00000007")
     a.record(1, "gate-a", "Check", "metro", s, 0, "m1")
     b.record(1, "gate-b", "Check", "library", s, 1, "m2")
@@ -254,12 +267,21 @@ def test_batch_append_is_much_cheaper_than_unary(tmp_path):
     assert len(log.entries()) == 1 + 5 * 2000
 
 
-def test_back_pressure_commits_instead_of_dropping(tmp_path):
-    # No flusher thread: past max_pending the appending thread performs the commit itself.
+def test_a_full_queue_refuses_at_once_and_accepts_again_after_a_commit(tmp_path):
+    # No flusher thread: nothing is written until flush(); the appending thread never writes.
     log = AuditLog(tmp_path, KEY, max_pending=10)
-    for i in range(25):
-        log.record(i, "gate", "Check", "metro", i + 1, 0, "m1")
-    assert len(AuditLog(tmp_path, KEY).entries()) == 20  # on disk before any flush()
+    for i in range(10):
+        log.record(i + 1, "gate", "Check", "metro", i + 1, 0, "m1")
+    with pytest.raises(audit.AuditUnavailable, match="10 disclosures are waiting"):
+        log.record(11, "gate", "Check", "metro", 11, 0, "m1")
+    with pytest.raises(audit.AuditUnavailable):
+        log.record_batch(12, "gate", "CheckBatch", "metro", np.arange(1, 3, dtype=np.uint64), np.zeros(2, np.uint8), "m1")
+    assert AuditLog(tmp_path, KEY).entries() == []  # refused, and still nothing written by appending
+    log.flush()
+    assert len(AuditLog(tmp_path, KEY).entries()) == 10
+    # A batch larger than the bound goes only into an empty queue (else it could never go).
     log.record_batch(100, "gate", "CheckBatch", "metro", np.arange(1, 51, dtype=np.uint64), np.zeros(50, np.uint8), "m1")
-    assert len(AuditLog(tmp_path, KEY).entries()) == 75
+    with pytest.raises(audit.AuditUnavailable):
+        log.record(101, "gate", "Check", "metro", 1, 0, "m1")
     log.close()
+    assert len(AuditLog(tmp_path, KEY).entries()) == 60

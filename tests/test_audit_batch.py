@@ -1,4 +1,4 @@
-"""The audit log's compact batches (format 2, server/audit.py): one 48-byte header entry per
+"""The audit log's compact batches (formats 2 and 3, server/audit.py): one header entry per
 batch in ``.bin`` plus 9-byte items in ``.items``. Real files in tmp_path, no mocks."""
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from conftest import kill_after_flushes
-from server.audit import ENTRY, FORMAT, ITEM, UNARY, VERSION, AuditLog
+from server.audit import ENTRY, ENTRY_V2, FORMAT, ITEM, UNARY, VERSION, AuditLog
 
 KEY = b"k" * 32
 MAIN = Path(__file__).resolve().parents[1]
@@ -53,8 +53,8 @@ def test_a_batch_is_one_header_and_nine_bytes_per_item(tmp_path):
     assert bin_path.stat().st_size == 3 * ENTRY.itemsize and ITEM.itemsize == 9
     assert items_path.stat().st_size == 1003 * ITEM.itemsize
     header = json.loads(bin_path.with_suffix(".dict").read_text().splitlines()[0])
-    assert (header["format"], header["version"], header["itemsize"], header["items"]["itemsize"]) == (FORMAT, 2, 48, 9)
-    assert VERSION == 2
+    assert (header["format"], header["version"], header["itemsize"], header["items"]["itemsize"]) == (FORMAT, 3, 56, 9)
+    assert VERSION == 3 and header["writer"] == log.writer
     # The headers: batch_index = item count, subject = first item's position in the file.
     raw = np.fromfile(bin_path, ENTRY)
     assert raw["batch_index"].tolist() == [1000, UNARY, 3]
@@ -224,12 +224,12 @@ def _write_format1_segment(directory: Path, ns: int, pid: int, alice: int, bob: 
     """A segment exactly as format 1 wrote it: every batch item its own 48-byte entry."""
     stem = directory / f"audit-{ns}-{pid}"
     header = {"format": FORMAT, "version": 1, "itemsize": 48, "pid": pid,
-              "fields": [[n, ENTRY.fields[n][0].str, ENTRY.fields[n][1]] for n in ENTRY.names]}
+              "fields": [[n, ENTRY_V2.fields[n][0].str, ENTRY_V2.fields[n][1]] for n in ENTRY_V2.names]}
     codes = [("writer", 0, "0ld0ld01"), ("caller", 0, "gate-old"), ("method", 0, "Check"),
              ("method", 1, "CheckBatch"), ("scenario", 0, "metro"), ("model", 0, "0+old")]
     lines = [json.dumps(header)] + [json.dumps({"kind": k, "code": c, "value": v}) for k, c, v in codes]
     stem.with_suffix(".dict").write_text("".join(line + "\n" for line in lines))
-    rows = np.zeros(4, ENTRY)
+    rows = np.zeros(4, ENTRY_V2)
     t = ns + 1000
     rows[0] = (t, 0x10, alice, 0, UNARY, 0, 0, 0, 0, 3)
     for i, (subject, result) in enumerate([(bob, 1), (alice, 2), (0, 5)]):
@@ -265,7 +265,7 @@ def test_an_unknown_format_version_is_refused(tmp_path):
     dict_path = next(tmp_path.glob("audit-*.dict"))
     lines = dict_path.read_text().splitlines()
     header = json.loads(lines[0])
-    dict_path.write_text("\n".join([json.dumps({**header, "version": 3})] + lines[1:]) + "\n")
+    dict_path.write_text("\n".join([json.dumps({**header, "version": 4})] + lines[1:]) + "\n")
     with pytest.raises(ValueError, match="unsupported audit format"):
         AuditLog(tmp_path, KEY).entries()
 
@@ -287,7 +287,7 @@ FAILING_DISK = textwrap.dedent(
     (bin_path,) = __import__("pathlib").Path(sys.argv[1]).glob("audit-*.bin")
     items_path = bin_path.with_suffix(".items")
     sizes = lambda: (bin_path.stat().st_size, items_path.stat().st_size)
-    assert sizes() == (48, 900), sizes()
+    assert sizes() == (ENTRY.itemsize, 900), sizes()
     soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
 
     def flush_must_fail():
@@ -303,18 +303,18 @@ FAILING_DISK = textwrap.dedent(
         log.record(10 + i, "gate", "Check", "metro", 5, 0, "m1")
     batch(2, 10)
     flush_must_fail()
-    assert sizes() == (48, 900), sizes()
+    assert sizes() == (ENTRY.itemsize, 900), sizes()
     assert len(AuditLog(sys.argv[1], b"k" * 32).entries()) == 100
 
     # 2. The items do not fit (and the first failure is carried along): no header is written.
     batch(3, 1000)
     flush_must_fail()
-    assert sizes() == (48, 900), sizes()
+    assert sizes() == (ENTRY.itemsize, 900), sizes()
 
     # 3. The disk has room again: everything is written once, in order.
     resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
     log.close()
-    assert sizes() == (48 * (2 + 100 + 1), 9 * (100 + 10 + 1000)), sizes()
+    assert sizes() == (ENTRY.itemsize * (2 + 100 + 1), 9 * (100 + 10 + 1000)), sizes()
     entries = AuditLog(sys.argv[1], b"k" * 32).entries()
     got = [e.decision_id for e in entries]
     assert len(got) == len(set(got)) == 100 + 100 + 10 + 1000, len(got)
@@ -367,8 +367,9 @@ def test_sigkill_loses_at_most_the_last_flush_interval_of_batches(tmp_path):
     assert len(list(tmp_path.glob("audit-*.bin"))) == 2
     by_seq = defaultdict(list)
     for e in got:
-        assert e.decision_id.count("-") == 3, e.decision_id
-        by_seq[int(e.decision_id.split("-")[2], 16)].append(e)
+        _, seq, item = reader.ids.parse(e.decision_id)  # the child's writer, the same key
+        assert item is not None, e.decision_id
+        by_seq[seq].append(e)
     for acked, killed_ns, base in runs:
         seqs = sorted(s - base for s in by_seq if base <= s < base + 1_000_000)
         assert seqs == list(range(len(seqs)))  # a prefix of the batches, nothing twice
