@@ -163,9 +163,47 @@ def cmd_consent(args) -> int:
 
 def cmd_withdraw(args) -> int:
     with _client(args) as qj:
-        ack = qj.withdraw_record(args.record_id, repaired=args.repaired)
-    emit(args, as_dict(ack), f"{ack.record_id}: {'repaired' if args.repaired else 'withdrawn'}; the citizen was re-scored")
+        ack = qj.withdraw_record(args.record_id, repaired=args.repaired, source=args.source)
+    emit(args, as_dict(ack), f"{ack.record_id} ({ack.source}): {'repaired' if args.repaired else 'withdrawn'} as version "
+                             f"{ack.version}; the citizen was re-scored")
     return 0
+
+
+def cmd_correct(args) -> int:
+    with _client(args) as qj:
+        ack = qj.correct_record(args.record_id, args.date, args.value, source=args.source)
+    emit(args, as_dict(ack), f"{ack.record_id} ({ack.source}): corrected as version {ack.version}; the citizen was re-scored")
+    return 0
+
+
+def cmd_history(args) -> int:
+    """Every version of one of the caller's records."""
+    with _client(args) as qj:
+        h = qj.record_history(args.record_id, source=args.source)
+    rows = [(v.version, v.date, f"{v.value:g}", v.status, v.received_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+             v.sent_by, v.position) for v in h.versions]
+    emit(args, as_dict(h), f"record {h.record_id} from {h.source}\n\n"
+         + table(rows, ("version", "date", "value", "status", "received (UTC)", "sent by", "position")))
+    return 0
+
+
+def cmd_replay(args) -> int:
+    """An appeal: a past decision or score disclosure recomputed from the record history."""
+    with _client(args) as qj:
+        r = qj.replay_decision(args.decision_id)
+    o = r.original
+    text = table([
+        ("decision id", o.decision_id),
+        ("made", f"{o.time.ToDatetime().strftime('%Y-%m-%d %H:%M:%S UTC')} for {o.caller} ({o.method}, {o.scenario})"),
+        ("with", f"model {o.model_version}, calibration {o.calibration_version}, rule {o.rules_version or '-'}"),
+        ("records", f"as at position {o.records_position}, aged to {o.as_of_date}"),
+        ("answer then", o.result),
+        ("replayed", f"{r.replayed_result}  ({'matches' if r.matches else 'DIFFERS'})"),
+        ("score", f"{r.score} ({r.level})" if r.level else "-"),
+        ("reasons", ", ".join(r.reason_codes) or "-"),
+    ])
+    emit(args, as_dict(r), text)
+    return 0 if r.matches else 1
 
 
 def cmd_checks(args) -> int:
@@ -205,6 +243,9 @@ def serve_config(args):
         data_dir=Path(args.data_dir), store_url=args.store, host=args.host, port=args.port,
         metrics_port=args.metrics_port, workers=args.workers, threads=args.threads,
         max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_calls=args.max_pending_calls,
+        max_streams=args.max_streams, keepalive_seconds=args.keepalive, keepalive_timeout_seconds=args.keepalive_timeout,
+        max_connection_age_seconds=args.max_connection_age, max_connection_age_grace_seconds=args.max_connection_age_grace,
+        max_connection_idle_seconds=args.max_connection_idle, min_client_ping_seconds=args.min_client_ping_interval,
         seed_citizens=args.seed_citizens, seed=args.seed,
         security=args.security, tokens_path=args.tokens, cert_dir=args.certs, policy_path=args.policy,
         audit=not args.no_audit, event_loop=args.event_loop,
@@ -222,6 +263,16 @@ def _at_least(low: int):
         return n
 
     return parse
+
+
+def _seconds(value: str) -> float:
+    try:
+        s = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number of seconds") from None
+    if not s >= 0 or s == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds >= 0, got {value}")
+    return s
 
 
 def cmd_serve(args) -> int:
@@ -446,14 +497,25 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--variable")
     p.add_argument("--date", help="YYYY-MM-DD")
     p.add_argument("--value", type=float, default=1.0)
-    p.add_argument("--source", default="cli")
+    p.add_argument("--source", default="", help="the record's source (default: the caller's own identity)")
     p.add_argument("--scenario", help="pay-later scenario of an unpaid default")
     p = client_cmd("consent", cmd_consent, "grant or revoke a citizen's authorisation")
     p.add_argument("action", choices=("grant", "revoke"))
     p.add_argument("citizen")
     p = client_cmd("withdraw", cmd_withdraw, "withdraw a record, or mark it repaired (--repaired)")
     p.add_argument("record_id")
-    p.add_argument("--repaired", action="store_true")
+    p.add_argument("--repaired", action="store_true", help="credit repair: the citizen remedied it (default: withdrawn as an error)")
+    p.add_argument("--source", default="", help="the record's source (default: the caller's own identity)")
+    p = client_cmd("correct", cmd_correct, "correct a record's date and value (a new version)")
+    p.add_argument("record_id")
+    p.add_argument("--date", required=True, help="YYYY-MM-DD")
+    p.add_argument("--value", type=float, required=True)
+    p.add_argument("--source", default="", help="the record's source (default: the caller's own identity)")
+    p = client_cmd("history", cmd_history, "every version of a record: when received, who sent it")
+    p.add_argument("record_id")
+    p.add_argument("--source", default="", help="the record's source (default: the caller's own identity)")
+    p = client_cmd("replay", cmd_replay, "an appeal: recompute a past decision from the record history (exit 1 if it differs)")
+    p.add_argument("decision_id")
     p = client_cmd("checks", cmd_checks, "who checked a citizen: the audit log's disclosures about them")
     p.add_argument("citizen")
     p.add_argument("--limit", type=int, default=100)
@@ -471,6 +533,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-concurrent-rpcs", type=_at_least(0), default=128, help="calls in flight per worker; beyond this, RESOURCE_EXHAUSTED (0: no limit)")
     p.add_argument("--max-pending-calls", type=_at_least(1), default=128,
                    help="calls waiting for a busy worker in grpc core; beyond this grpc refuses them (CANCELLED) at once")
+    p.add_argument("--max-streams", type=_at_least(0), default=None, metavar="N",
+                   help="StreamCheck/IngestRecords streams open at once per worker; beyond this a new one gets "
+                        "RESOURCE_EXHAUSTED (reason STREAM_LIMIT) at once (default: half of --max-concurrent-rpcs; 0: no limit)")
+    p.add_argument("--keepalive", type=_seconds, default=60.0, metavar="SECONDS",
+                   help="ping a connection idle this long, to find dead peers (0: never)")
+    p.add_argument("--keepalive-timeout", type=_seconds, default=20.0, metavar="SECONDS",
+                   help="drop a connection whose keepalive ping is unanswered this long")
+    p.add_argument("--max-connection-age", type=_seconds, default=300.0, metavar="SECONDS",
+                   help="close every connection after about this long (+-10%% jitter) so clients reconnect and "
+                        "spread over the workers; open streams must be reopened (0: never)")
+    p.add_argument("--max-connection-age-grace", type=_seconds, default=30.0, metavar="SECONDS",
+                   help="how long calls in flight may finish on an aged connection before it is cut (0: no limit)")
+    p.add_argument("--max-connection-idle", type=_seconds, default=120.0, metavar="SECONDS",
+                   help="close a connection with no call for this long (0: never)")
+    p.add_argument("--min-client-ping-interval", type=_seconds, default=20.0, metavar="SECONDS",
+                   help="the most often a client may send keepalive pings without calls (the client library: every 30 s)")
     p.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOPS[0],
                    help="the loop each worker serves grpc on (uvloop: more calls a second)")
     p.add_argument("--seed-citizens", type=int, default=100_000, help="size of the synthetic city for an empty store")
@@ -541,7 +619,9 @@ def main(argv=None) -> int:
     try:
         return args.fn(args)
     except grpc.RpcError as exc:
-        print(f"error: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        from clients.client import QianjiangError
+
+        print(f"error: {QianjiangError.of(exc)}", file=sys.stderr)  # CODE [REASON]: message
         return 2
 
 

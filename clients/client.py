@@ -7,18 +7,31 @@
 Every call carries a deadline (``timeout`` seconds, default 2 s; set per client or per
 call). Calls are retried only on UNAVAILABLE (the server is starting, draining or
 restarting), with exponential backoff, by grpc's own retry policy: retrying anything else
-could repeat a write or hide a real answer. Errors surface as ``grpc.RpcError`` with the
-server's status code and message.
+could repeat a write or hide a real answer.
+
+Errors surface as :class:`QianjiangError`, a ``grpc.RpcError`` with the server's status code
+and message (``code()``, ``details()``) and its structured details: ``reason`` (a stable
+name such as NOT_AUTHORISED, UNDER_18, UNKNOWN_SCENARIO, STREAM_LIMIT; server/errors.py lists
+them), ``domain`` (``qianjiang.v1``), ``metadata`` (e.g. ``field``) and ``field_violations``.
+Branch on ``reason``, never on the message. A status grpc itself made (a dropped
+connection, an overloaded worker) has no details: ``reason`` is None.
+
+The channel sends keepalive pings (every 30 s, also without calls; the server permits
+them) and follows the server's connection ageing: it reconnects by itself, and a stream
+that the server ends with UNAVAILABLE must be reopened.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 from dataclasses import dataclass
 from typing import Iterable, Iterator
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
@@ -52,6 +65,117 @@ RETRY_POLICY = {
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
+#: Keepalive pings: a dead server or a silently dropped connection (NAT, firewall) is found
+#: in at most 40 s, not after the OS's TCP timeout. The server permits pings without calls
+#: down to every 20 s (ServerConfig.min_client_ping_seconds); more often, it would GOAWAY.
+KEEPALIVE_SECONDS = 30
+KEEPALIVE_TIMEOUT_SECONDS = 10
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", KEEPALIVE_SECONDS * 1000),
+    ("grpc.keepalive_timeout_ms", KEEPALIVE_TIMEOUT_SECONDS * 1000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection
+]
+
+
+class QianjiangError(grpc.RpcError, grpc.Call):
+    """A failed call: the grpc error (``code()``, ``details()``, metadata) plus the server's
+    google.rpc details, parsed with ``grpc_status.rpc_status.from_call``.
+
+    ``reason``/``domain``: the ErrorInfo's (None when the status has none); ``metadata``:
+    its metadata (a dict, empty when absent); ``field_violations``: the BadRequest's
+    ``(field, description)`` pairs (empty when absent)."""
+
+    def __init__(self, error: grpc.RpcError):
+        super().__init__(str(error))
+        self.error = error
+        self.reason: str | None = None
+        self.domain: str | None = None
+        self.metadata: dict[str, str] = {}
+        self.field_violations: list[tuple[str, str]] = []
+        try:
+            status = rpc_status.from_call(error) if isinstance(error, grpc.Call) else None
+        except ValueError:  # details that contradict the status: not the server's
+            status = None
+        for detail in status.details if status is not None else ():
+            if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                self.reason, self.domain, self.metadata = info.reason, info.domain, dict(info.metadata)
+            elif detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                self.field_violations = [(v.field, v.description) for v in bad.field_violations]
+
+    @classmethod
+    def of(cls, error: grpc.RpcError) -> "QianjiangError":
+        """``error`` typed (for errors from the raw stubs, e.g. ``client.eligibility``)."""
+        return error if isinstance(error, cls) else cls(error)
+
+    def code(self) -> grpc.StatusCode:
+        return self.error.code()
+
+    def details(self) -> str:
+        return self.error.details()
+
+    def initial_metadata(self):
+        return self.error.initial_metadata()
+
+    def trailing_metadata(self):
+        return self.error.trailing_metadata()
+
+    def is_active(self) -> bool:
+        return False
+
+    def time_remaining(self):
+        return None
+
+    def cancel(self) -> bool:
+        return False
+
+    def add_callback(self, callback) -> bool:
+        return False
+
+    def __str__(self) -> str:
+        reason = f" [{self.reason}]" if self.reason else ""
+        return f"{self.code().name}{reason}: {self.details()}"
+
+    def __repr__(self) -> str:
+        return f"QianjiangError({self.code().name}, reason={self.reason!r}, details={self.details()!r})"
+
+
+def _typed(method):
+    """Raise the call's grpc.RpcError as a QianjiangError."""
+
+    @functools.wraps(method)
+    def call(*args, **kwargs):
+        try:
+            return method(*args, **kwargs)
+        except grpc.RpcError as exc:
+            raise QianjiangError.of(exc) from exc
+
+    return call
+
+
+class _TypedStream:
+    """A response stream whose error is a QianjiangError; otherwise the grpc call itself
+    (``cancel()``, ``code()``, ...)."""
+
+    def __init__(self, call):
+        self._call = call
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        try:
+            return next(self._call)
+        except grpc.RpcError as exc:
+            raise QianjiangError.of(exc) from exc
+
+    def __getattr__(self, name):
+        return getattr(self._call, name)
+
 
 @dataclass(frozen=True)
 class BatchResult:
@@ -61,6 +185,7 @@ class BatchResult:
     batch_id: str
     model_version: str
     allowed: int
+    response: eligibility_pb2.BatchCheckResponse  # the whole answer (versions, records position, ...)
 
     def decision_id(self, i: int) -> str:
         return f"{self.batch_id}-{i}"
@@ -85,6 +210,7 @@ class QianjiangClient:
             ("grpc.service_config", json.dumps(RETRY_POLICY)),
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            *KEEPALIVE_OPTIONS,
         ]
         if channel is None:
             if cert_dir:
@@ -121,71 +247,103 @@ class QianjiangClient:
 
     # --- scores -------------------------------------------------------------------------
 
+    @_typed
     def get_score(self, citizen_id: str, purpose: str = "", timeout: float | None = None) -> score_pb2.Score:
         return self.scores.GetScore(score_pb2.GetScoreRequest(citizen_id=citizen_id, purpose=purpose), timeout=self._t(timeout))
 
+    @_typed
     def explain(self, citizen_id: str, purpose: str = "", timeout: float | None = None) -> score_pb2.Explanation:
         return self.scores.ExplainScore(score_pb2.GetScoreRequest(citizen_id=citizen_id, purpose=purpose), timeout=self._t(timeout))
 
+    @_typed
     def batch_scores(self, citizen_ids: Iterable[str], purpose: str = "", timeout: float | None = None) -> list[score_pb2.ScoreResult]:
         req = score_pb2.BatchGetScoresRequest(citizen_ids=list(citizen_ids), purpose=purpose)
         return list(self.scores.BatchGetScores(req, timeout=self._t(timeout)).results)
 
     # --- eligibility --------------------------------------------------------------------
 
+    @_typed
     def check(self, scenario: str, card_token: bytes, timeout: float | None = None) -> eligibility_pb2.Decision:
         return self.eligibility.Check(eligibility_pb2.CheckRequest(scenario=scenario, card_token=card_token), timeout=self._t(timeout))
 
+    @_typed
     def check_batch(self, scenario: str, card_tokens: bytes | Iterable[bytes], timeout: float | None = None) -> BatchResult:
         """``card_tokens``: packed 16-byte tokens, or an iterable of tokens to pack."""
         packed = card_tokens if isinstance(card_tokens, (bytes, bytearray)) else b"".join(card_tokens)
         resp = self.eligibility.BatchCheck(eligibility_pb2.BatchCheckRequest(scenario=scenario, card_tokens=bytes(packed)), timeout=self._t(timeout))
-        return BatchResult(resp.outcomes, resp.batch_id, resp.model_version, resp.allowed)
+        return BatchResult(resp.outcomes, resp.batch_id, resp.model_version, resp.allowed, resp)
 
     def check_stream(self, requests: Iterable[tuple[str, bytes]], timeout: float | None = None) -> Iterator[eligibility_pb2.Decision]:
         """A gateway's long-lived stream: (scenario, token) in, one Decision each out, in order.
         ``timeout`` bounds the whole stream (None: the client's default times 100)."""
         msgs = (eligibility_pb2.CheckRequest(scenario=s, card_token=t, request_id=i) for i, (s, t) in enumerate(requests, 1))
-        return self.eligibility.StreamCheck(msgs, timeout=self.timeout * 100 if timeout is None else timeout)
+        return _TypedStream(self.eligibility.StreamCheck(msgs, timeout=self.timeout * 100 if timeout is None else timeout))
 
+    @_typed
     def scenarios(self, timeout: float | None = None) -> list[eligibility_pb2.Scenario]:
         return list(self.eligibility.ListScenarios(eligibility_pb2.ListScenariosRequest(), timeout=self._t(timeout)).scenarios)
 
     # --- records and consent --------------------------------------------------------------
 
+    @_typed
     def ingest(self, records: Iterable[records_pb2.Record], timeout: float | None = None) -> list[records_pb2.RecordAck]:
         """Stream records; returns the acknowledgements (each one durable on the server)."""
         return list(self.records.IngestRecords(iter(records), timeout=self.timeout * 100 if timeout is None else timeout))
 
-    def correct_record(self, record_id: str, date: str, value: float, timeout: float | None = None) -> records_pb2.RecordAck:
-        return self.records.CorrectRecord(records_pb2.CorrectRecordRequest(record_id=record_id, date=date, value=value), timeout=self._t(timeout))
+    @_typed
+    def correct_record(self, record_id: str, date: str, value: float, source: str = "",
+                       timeout: float | None = None) -> records_pb2.RecordAck:
+        """A new version of one of the caller's records (``source``: empty is the caller's own)."""
+        req = records_pb2.CorrectRecordRequest(record_id=record_id, date=date, value=value, source=source)
+        return self.records.CorrectRecord(req, timeout=self._t(timeout))
 
-    def withdraw_record(self, record_id: str, repaired: bool = False, timeout: float | None = None) -> records_pb2.RecordAck:
+    @_typed
+    def withdraw_record(self, record_id: str, repaired: bool = False, source: str = "",
+                        timeout: float | None = None) -> records_pb2.RecordAck:
         why = Why.REPAIRED if repaired else Why.WITHDRAWN
-        return self.records.WithdrawRecord(records_pb2.WithdrawRecordRequest(record_id=record_id, why=why), timeout=self._t(timeout))
+        req = records_pb2.WithdrawRecordRequest(record_id=record_id, why=why, source=source)
+        return self.records.WithdrawRecord(req, timeout=self._t(timeout))
 
+    @_typed
+    def record_history(self, record_id: str, source: str = "", timeout: float | None = None) -> records_pb2.RecordHistory:
+        """Every version of one of the caller's records, oldest first."""
+        req = records_pb2.RecordHistoryRequest(record_id=record_id, source=source)
+        return self.records.GetRecordHistory(req, timeout=self._t(timeout))
+
+    @_typed
     def grant_consent(self, citizen_id: str, timeout: float | None = None) -> records_pb2.ConsentState:
         return self.records.GrantConsent(records_pb2.ConsentRequest(citizen_id=citizen_id), timeout=self._t(timeout))
 
+    @_typed
     def revoke_consent(self, citizen_id: str, timeout: float | None = None) -> records_pb2.ConsentState:
         return self.records.RevokeConsent(records_pb2.ConsentRequest(citizen_id=citizen_id), timeout=self._t(timeout))
 
+    @_typed
     def upsert_citizen(self, citizen_id: str, birth_date: str, timeout: float | None = None) -> records_pb2.CitizenAck:
         return self.records.UpsertCitizen(records_pb2.Citizen(citizen_id=citizen_id, birth_date=birth_date), timeout=self._t(timeout))
 
+    @_typed
     def register_card(self, citizen_id: str, card_token: bytes, timeout: float | None = None) -> records_pb2.RegisterCardResponse:
         req = records_pb2.RegisterCardRequest(citizen_id=citizen_id, card_token=card_token)
         return self.records.RegisterCard(req, timeout=self._t(timeout))
 
     # --- audit --------------------------------------------------------------------------------
 
+    @_typed
     def list_checks(self, citizen_id: str, limit: int = 100, timeout: float | None = None) -> list[audit_pb2.CheckEntry]:
         """Who checked this citizen, newest first."""
         req = audit_pb2.ListChecksRequest(citizen_id=citizen_id, limit=limit)
         return list(self.audit.ListChecks(req, timeout=self._t(timeout)).entries)
 
+    @_typed
+    def replay_decision(self, decision_id: str, timeout: float | None = None) -> audit_pb2.Replay:
+        """An appeal: the decision (or score disclosure) recomputed from the record history."""
+        req = audit_pb2.ReplayDecisionRequest(decision_id=decision_id)
+        return self.audit.ReplayDecision(req, timeout=self._t(timeout))
+
     # --- health -------------------------------------------------------------------------------
 
+    @_typed
     def health(self, service: str = "", timeout: float | None = None) -> str:
         """SERVING, NOT_SERVING, ... for the whole server ("") or one service."""
         resp = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self._t(timeout))

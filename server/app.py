@@ -33,7 +33,6 @@ from pathlib import Path
 import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from kernel.calibration import CalibrationTable, RawHistogram
 from kernel.score import Scorer
@@ -49,6 +48,7 @@ from server.keys import Keys, load_keys, synthetic_card_number
 from server.keys import card_token as keyed_card_token
 from server.metrics import Metrics
 from server.models import ModelRegistry, remove_pid_file, write_pid_file
+from server.reflection import enable_reflection
 from server.rollout import roll_out
 from server.scenarios import Outcome, load_scenarios
 from server.service import CreditService
@@ -87,12 +87,39 @@ class ServerConfig:
     threads: int = 16  # handler threads per worker
     # Beyond this many calls in flight per worker, RESOURCE_EXHAUSTED instead of a queue: at
     # about 1,000 checks/s per worker, 128 waiting calls bound the wait near 130 ms, well
-    # inside a gate's few hundred milliseconds (design section 7).
+    # inside a gate's few hundred milliseconds (docs/product.md §7).
     max_concurrent_rpcs: int = 128
     # Calls waiting for a busy worker before any Python sees them (grpc core's pending
     # queue), likewise bounded: beyond it grpc refuses them at once, as CANCELLED. 128 is
     # about 40-50 ms of work at saturation; a longer stall of the machine overflows it.
     max_pending_calls: int = 128
+    # Client- or bidi-streaming calls (StreamCheck, IngestRecords) open at once per worker;
+    # beyond it a new one is refused at once (RESOURCE_EXHAUSTED, reason STREAM_LIMIT). grpc's
+    # max_concurrent_rpcs counts a stream as one call for its whole life, so without a
+    # limit of their own a gateway's streams could take every slot from the unary checks.
+    # None: half of max_concurrent_rpcs (none when that is 0); 0: no limit of their own.
+    max_streams: int | None = None
+    # Connections. The server pings a connection idle this long and drops it when the ping
+    # is not answered within the timeout: a gateway that vanished (power, NAT) frees its
+    # streams in about 80 s instead of grpc's default two hours.
+    keepalive_seconds: float = 60.0
+    keepalive_timeout_seconds: float = 20.0
+    # Every connection is closed (GOAWAY) after about this long (grpc adds +-10 % jitter, so
+    # a fleet's connections do not all reconnect at once), 0: never. Clients reconnect
+    # transparently, maybe to another SO_REUSEPORT worker or another server behind the load
+    # balancer: without it a long-lived channel stays on the worker it first reached.
+    max_connection_age_seconds: float = 300.0
+    # After GOAWAY, calls in flight have this long to finish before the connection is cut.
+    # Unary calls take milliseconds and an IngestRecords batch seconds; a StreamCheck or
+    # IngestRecords stream still open then ends (UNAVAILABLE) and the client reopens it.
+    # 0: no limit (a stream then keeps its old connection open until it ends).
+    max_connection_age_grace_seconds: float = 30.0
+    # A connection with no call for this long is closed (GOAWAY), 0: never.
+    max_connection_idle_seconds: float = 120.0
+    # The shortest interval between a client's keepalive pings on a connection without
+    # calls that the server tolerates (more often: GOAWAY too_many_pings). Below the client
+    # library's 30 s (clients/client.py KEEPALIVE_SECONDS), so its pings are always welcome.
+    min_client_ping_seconds: float = 20.0
     seed_citizens: int = 100_000  # synthetic city written to an empty store
     seed: int = 2018
     grace_seconds: float = 5.0
@@ -102,11 +129,42 @@ class ServerConfig:
     policy_path: Path | None = None  # default config/policy.toml
     audit: bool = True  # the audit log of disclosures, under <data_dir>/audit
     audit_flush_seconds: float = 0.05  # what a crash can lose at most (server/audit.py)
+    # Disclosures accepted but not yet on disk, per worker: past it (a disk that cannot keep
+    # up) disclosures are refused with UNAVAILABLE, never answered unaudited.
+    audit_max_pending: int = 1_000_000
     event_loop: str = "uvloop"  # or "asyncio" (server/event_loop.py)
+
+    @property
+    def stream_limit(self) -> int:
+        """max_streams resolved: open streams allowed per worker, 0 for no limit."""
+        if self.max_streams is not None:
+            return max(self.max_streams, 0)
+        return max(self.max_concurrent_rpcs // 2, 1) if self.max_concurrent_rpcs else 0
 
     @property
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{Path(self.data_dir).resolve()}/qianjiang.db"
+
+
+def _ms(seconds: float) -> int:
+    return max(int(round(seconds * 1000)), 0)
+
+
+#: grpc's "never" for the connection age and idle options (INT_MAX milliseconds).
+_NEVER_MS = 2**31 - 1
+
+
+def connection_options(cfg: ServerConfig) -> list[tuple[str, int]]:
+    """grpc server options for keepalive, connection ageing and the client pings allowed."""
+    return [
+        ("grpc.keepalive_time_ms", _ms(cfg.keepalive_seconds) or _NEVER_MS),
+        ("grpc.keepalive_timeout_ms", _ms(cfg.keepalive_timeout_seconds)),
+        ("grpc.max_connection_age_ms", _ms(cfg.max_connection_age_seconds) or _NEVER_MS),
+        ("grpc.max_connection_age_grace_ms", _ms(cfg.max_connection_age_grace_seconds) or _NEVER_MS),
+        ("grpc.max_connection_idle_ms", _ms(cfg.max_connection_idle_seconds) or _NEVER_MS),
+        ("grpc.http2.min_ping_interval_without_data_ms", _ms(cfg.min_client_ping_seconds)),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
 
 
 # --- the shared part ----------------------------------------------------------------------
@@ -152,6 +210,11 @@ class Runtime:
 
     def synthetic_card_token(self, row: int) -> bytes:
         return keyed_card_token(self.keys.card, synthetic_card_number(row))
+
+    def release_of(self, model_version: str, calibration_version: str) -> tuple[ModelSpec, CalibrationTable]:
+        """An earlier release's spec and calibration, from the registry (an appeal replays a
+        decision with the release that made it). RegistryError if it is not there."""
+        return self.registry.release(f"{model_version}~{calibration_version}")
 
     @classmethod
     def prepare(cls, config: ServerConfig) -> "Runtime":
@@ -315,10 +378,12 @@ class Node:
         cfg = self.runtime.config
         self.health = health.aio.HealthServicer()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.interceptor = ServiceInterceptor(self.metrics, ready=self._ready, authenticator=self.runtime.authenticator,
+                                              max_streams=cfg.stream_limit)
         self.server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.metrics, ready=self._ready, authenticator=self.runtime.authenticator)],
+            interceptors=[self.interceptor],
             maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,  # 0: no limit
-            options=[
+            options=connection_options(cfg) + [
                 ("grpc.so_reuseport", 1 if reuseport else 0),
                 # Overload: calls the worker has not taken up yet queue in grpc's core, before
                 # any Python sees them; past this many the core itself refuses them at once
@@ -335,7 +400,7 @@ class Node:
         eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(self.eligibility, self.server)
         records_pb2_grpc.add_RecordsServiceServicer_to_server(self.records, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
-        reflection.enable_server_reflection(SERVICE_NAMES + (health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        enable_reflection(self.server, SERVICE_NAMES + (health.SERVICE_NAME,))  # v1 and v1alpha
         addr = f"{host}:{port}"
         if cfg.cert_dir:
             from server.tls import server_credentials
@@ -378,7 +443,8 @@ class Node:
         if rt.config.audit:
             from server.audit import AuditLog
 
-            self.audit = AuditLog(Path(rt.config.data_dir) / "audit", rt.keys.audit, flush_interval=rt.config.audit_flush_seconds)
+            self.audit = AuditLog(Path(rt.config.data_dir) / "audit", rt.keys.audit, flush_interval=rt.config.audit_flush_seconds,
+                                  max_pending=rt.config.audit_max_pending)
             self.audit.start()
         service = self._service_on(rt.state, rt.spec, rt.calibration(), rt.control.generation)
         self._serve(service)
@@ -420,6 +486,7 @@ class Node:
             on_rescore=m.observe_rescore, on_decisions=on_decisions, on_decision=on_decision, audit=self.audit,
             control=self.runtime.control, generation=generation,
             ids=previous.ids if previous else None, store_watch=self.store_watch,
+            releases=self.runtime.release_of,
         )
 
     def _store_changed(self, up: bool) -> None:

@@ -1,24 +1,69 @@
-"""Domain errors and the one table that maps them to gRPC status codes.
+"""Domain errors and the one table that maps them to gRPC statuses.
 
 Servicers never set a status code: domain code raises one of these (or a store error), and
-the interceptor in server/interceptors.py looks the class up in :data:`STATUS_CODES`.
+the interceptor in server/interceptors.py turns it into a status with :func:`status_of`.
 Messages name the problem (the field, the scenario, the record) and never a person's
 identifier beyond what the caller sent.
+
+Every error status carries ``google.rpc.Status`` details (``grpc-status-details-bin``, read
+with ``grpc_status.rpc_status.from_call``): an ``ErrorInfo`` whose ``reason`` is stable and
+whose ``domain`` is ``qianjiang.v1``, so that callers branch on data, not on English text.
+INVALID_ARGUMENT also carries a ``BadRequest`` with one ``FieldViolation``. The reasons
+(code: reason, metadata):
+
+* INVALID_ARGUMENT: ``INVALID_ARGUMENT`` (``field``: the offending field, e.g. ``card_token``,
+  ``citizen_ids[1]``, ``record.date``; ``request`` for a message that does not parse)
+* UNAUTHENTICATED: ``UNAUTHENTICATED``; PERMISSION_DENIED: ``PERMISSION_DENIED``
+* NOT_FOUND: ``UNKNOWN_SCENARIO`` (``scenario``), ``UNKNOWN_CITIZEN``, ``RECORD_NOT_FOUND``
+  (also another source's record: "not yours" and "not there" are one answer),
+  ``UNKNOWN_DECISION`` (ReplayDecision)
+* FAILED_PRECONDITION: ``NOT_AUTHORISED`` (no consent, or revoked), ``UNDER_18`` (no score),
+  ``RECORD_NOT_ACTIVE`` (the record is withdrawn or repaired), ``STORE_REJECTED`` (the store
+  refused the write for good: resending it fails again), ``NOTHING_TO_REPLAY`` (a decision
+  about an unknown card, or one whose release is gone)
+* ALREADY_EXISTS: ``RECORD_CONFLICT`` (``field`` where the store names it: a record id
+  resent with other content), ``CONFLICT`` (a card token bound to another citizen)
+* RESOURCE_EXHAUSTED: ``STREAM_LIMIT`` (``limit``: too many open streams on this worker;
+  retry with backoff), ``CAPACITY_EXHAUSTED`` (the serving state or token index is full),
+  ``AUDIT_FULL``
+* UNAVAILABLE (retry with backoff; clients/client.py does): ``STORE_UNAVAILABLE``,
+  ``AUDIT_UNAVAILABLE``, ``NOT_READY`` (loading, draining, switching models)
+* DEADLINE_EXCEEDED: ``DEADLINE_EXCEEDED`` (the deadline passed before the call started)
+* UNKNOWN: ``STORE_ERROR`` (the store failed in a way it did not classify: whether a retry
+  helps is not known, so it is not UNAVAILABLE, which clients retry blindly)
+* INTERNAL: ``INTERNAL`` (a bug: the message is "internal error" and nothing else is said)
+
+A status grpc itself sends (RESOURCE_EXHAUSTED past ``--max-concurrent-rpcs``, CANCELLED past
+``--max-pending-calls``, UNAVAILABLE when a connection drops) has no details.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import grpc
 from google.protobuf.message import DecodeError
+from google.rpc import error_details_pb2, status_pb2
 
+from server import store
 from server.audit import AuditFull, AuditUnavailable
-from server.store import Conflict, NotFound, StoreError, WrongState
+from server.store import Conflict, NotFound, StoreError, StoreRejected, StoreUnavailable, WrongState
 from server.token_index import TokenIndexFull
 
 #: Longest message a status carries. Messages quote what the caller sent (a scenario, a
 #: variable), and a status's message travels percent-encoded in a header: grpc clients drop
 #: a response whose headers exceed 8-16 KiB, and would see RESOURCE_EXHAUSTED instead of it.
 MAX_MESSAGE_CHARS = 400
+
+#: ErrorInfo.domain of every error this service sends.
+DOMAIN = "qianjiang.v1"
+
+#: The trailing metadata key of the google.rpc.Status details (grpc_status.rpc_status).
+DETAILS_KEY = "grpc-status-details-bin"
+
+#: Longest value quoted from the request into ErrorInfo metadata (the details travel in a
+#: trailer too, beside the message).
+MAX_METADATA_CHARS = 128
 
 
 class ServiceError(Exception):
@@ -40,6 +85,7 @@ class InvalidArgument(ServiceError):
 class UnknownScenario(ServiceError):
     def __init__(self, name: str):
         super().__init__(f"scenario {name!r} is not configured (ListScenarios gives the names)")
+        self.scenario = name
 
 
 class UnknownCitizen(ServiceError):
@@ -79,6 +125,14 @@ class CapacityExhausted(ServiceError):
     pass
 
 
+class StreamLimit(ServiceError):
+    """This worker has ``limit`` client- or bidi-streaming calls open already."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"this worker has {limit} streams open, its limit; retry with backoff")
+        self.limit = limit
+
+
 class DeadlineExceeded(ServiceError):
     def __init__(self):
         super().__init__("deadline exceeded before the call started")
@@ -89,34 +143,127 @@ class NotReady(ServiceError):
         super().__init__("the service is loading or draining; retry shortly")
 
 
-#: Every domain error class and its status code. Subclasses resolve through the MRO.
-STATUS_CODES: dict[type[BaseException], grpc.StatusCode] = {
-    InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    UnknownScenario: grpc.StatusCode.NOT_FOUND,
-    UnknownCitizen: grpc.StatusCode.NOT_FOUND,
-    NotFound: grpc.StatusCode.NOT_FOUND,
-    NotAuthorised: grpc.StatusCode.FAILED_PRECONDITION,
-    NoScore: grpc.StatusCode.FAILED_PRECONDITION,
-    Conflict: grpc.StatusCode.ALREADY_EXISTS,
-    WrongState: grpc.StatusCode.FAILED_PRECONDITION,
-    CapacityExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    TokenIndexFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    AuditFull: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    AuditUnavailable: grpc.StatusCode.UNAVAILABLE,
-    NotReady: grpc.StatusCode.UNAVAILABLE,
-    DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
-    StoreError: grpc.StatusCode.UNAVAILABLE,
+class UnknownDecision(ServiceError):
+    """No disclosure has this decision id (or it was made under another audit key)."""
+
+    def __init__(self):
+        super().__init__("no decision or disclosure has this id")
+
+
+class NothingToReplay(ServiceError):
+    """An appeal's replay cannot be made: the disclosure concerns nobody (an unknown card),
+    or what made it is gone (the audit log is off, the release left the registry)."""
+
+
+@dataclass(frozen=True)
+class Kind:
+    """What a class of error becomes: its status code and its stable ErrorInfo reason."""
+
+    code: grpc.StatusCode
+    reason: str
+
+
+_S = grpc.StatusCode
+
+#: Every domain error class, its status code and reason. Subclasses resolve through the MRO.
+ERRORS: dict[type[BaseException], Kind] = {
+    InvalidArgument: Kind(_S.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
     # A client stream's message that is not valid protobuf: grpc.aio deserialises stream
     # messages as the handler reads them, so the error reaches the interceptor.
-    DecodeError: grpc.StatusCode.INVALID_ARGUMENT,
+    DecodeError: Kind(_S.INVALID_ARGUMENT, "INVALID_ARGUMENT"),
+    Unauthenticated: Kind(_S.UNAUTHENTICATED, "UNAUTHENTICATED"),
+    PermissionDenied: Kind(_S.PERMISSION_DENIED, "PERMISSION_DENIED"),
+    UnknownScenario: Kind(_S.NOT_FOUND, "UNKNOWN_SCENARIO"),
+    UnknownCitizen: Kind(_S.NOT_FOUND, "UNKNOWN_CITIZEN"),
+    NotFound: Kind(_S.NOT_FOUND, "RECORD_NOT_FOUND"),  # or UNKNOWN_CITIZEN: _reason()
+    NotAuthorised: Kind(_S.FAILED_PRECONDITION, "NOT_AUTHORISED"),
+    NoScore: Kind(_S.FAILED_PRECONDITION, "UNDER_18"),
+    Conflict: Kind(_S.ALREADY_EXISTS, "CONFLICT"),
+    WrongState: Kind(_S.FAILED_PRECONDITION, "RECORD_NOT_ACTIVE"),
+    CapacityExhausted: Kind(_S.RESOURCE_EXHAUSTED, "CAPACITY_EXHAUSTED"),
+    TokenIndexFull: Kind(_S.RESOURCE_EXHAUSTED, "CAPACITY_EXHAUSTED"),
+    StreamLimit: Kind(_S.RESOURCE_EXHAUSTED, "STREAM_LIMIT"),
+    AuditFull: Kind(_S.RESOURCE_EXHAUSTED, "AUDIT_FULL"),
+    AuditUnavailable: Kind(_S.UNAVAILABLE, "AUDIT_UNAVAILABLE"),
+    NotReady: Kind(_S.UNAVAILABLE, "NOT_READY"),
+    UnknownDecision: Kind(_S.NOT_FOUND, "UNKNOWN_DECISION"),
+    NothingToReplay: Kind(_S.FAILED_PRECONDITION, "NOTHING_TO_REPLAY"),
+    DeadlineExceeded: Kind(_S.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
+    # Clients retry UNAVAILABLE, and only it: only what may succeed on a retry maps to it.
+    StoreUnavailable: Kind(_S.UNAVAILABLE, "STORE_UNAVAILABLE"),
+    StoreRejected: Kind(_S.FAILED_PRECONDITION, "STORE_REJECTED"),
+    # Unclassified: a retry may or may not help (a closed store, a lock timeout, a schema
+    # newer than the code), so not UNAVAILABLE, and not INTERNAL, which hides the message.
+    StoreError: Kind(_S.UNKNOWN, "STORE_ERROR"),
 }
+
+# A record id resent with other content (server/store.py, where it is defined): the store
+# names the differing field in ``.field``.
+_RecordConflict = getattr(store, "RecordConflict", None)
+if _RecordConflict is not None:
+    ERRORS[_RecordConflict] = Kind(_S.ALREADY_EXISTS, "RECORD_CONFLICT")
+
+#: What a bug becomes: nothing about it leaves the server.
+INTERNAL = Kind(_S.INTERNAL, "INTERNAL")
+INTERNAL_MESSAGE = "internal error"
+
+
+def kind_of(exc: BaseException) -> Kind | None:
+    """The table's entry for exc's class, or None for a bug (which becomes INTERNAL)."""
+    for cls in type(exc).__mro__:
+        kind = ERRORS.get(cls)
+        if kind is not None:
+            return kind
+    return None
 
 
 def status_for(exc: BaseException) -> grpc.StatusCode | None:
     """The status code for a domain error, or None for a bug (which becomes INTERNAL)."""
-    for cls in type(exc).__mro__:
-        if cls in STATUS_CODES:
-            return STATUS_CODES[cls]
-    return None
+    kind = kind_of(exc)
+    return kind.code if kind is not None else None
+
+
+def _quoted(value) -> str:
+    text = str(value)
+    return text if len(text) <= MAX_METADATA_CHARS else text[: MAX_METADATA_CHARS - 3] + "..."
+
+
+def _reason(exc: BaseException, kind: Kind) -> str:
+    if kind.reason == "RECORD_NOT_FOUND" and str(exc).startswith("citizen"):
+        # The store's NotFound covers both of its ids; which one it is, its message says
+        # first ("citizen 'x' not found", "record 'y' not found", server/store.py).
+        return "UNKNOWN_CITIZEN"
+    return kind.reason
+
+
+def _metadata(exc: BaseException, kind: Kind) -> dict[str, str]:
+    if isinstance(exc, DecodeError):
+        return {"field": "request"}
+    meta = {}
+    field = getattr(exc, "field", None)
+    if field:
+        meta["field"] = _quoted(field)
+    if isinstance(exc, UnknownScenario):
+        meta["scenario"] = _quoted(exc.scenario)
+    elif isinstance(exc, StreamLimit):
+        meta["limit"] = str(exc.limit)
+    return meta
+
+
+def status_of(exc: BaseException) -> tuple[grpc.StatusCode, str, tuple[tuple[str, bytes], ...]]:
+    """(code, message, trailing metadata with the google.rpc.Status details) for an error
+    that reaches a caller; a bug (not in the table) is INTERNAL, "internal error"."""
+    kind = kind_of(exc)
+    if kind is None:
+        kind, message, meta = INTERNAL, INTERNAL_MESSAGE, {}
+    else:
+        message, meta = str(exc), _metadata(exc, kind)
+    # valid UTF-8 (a protobuf string), and the same text in the status and in its details
+    message = message.encode("utf-8", "replace").decode("utf-8")
+    status = status_pb2.Status(code=kind.code.value[0], message=message)
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=_reason(exc, kind), domain=DOMAIN, metadata=meta))
+    if kind.code is _S.INVALID_ARGUMENT:
+        field = meta.get("field", "")
+        status.details.add().Pack(error_details_pb2.BadRequest(
+            field_violations=[error_details_pb2.BadRequest.FieldViolation(field=field, description=message)]))
+    return kind.code, message, ((DETAILS_KEY, status.SerializeToString()),)

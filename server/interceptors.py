@@ -1,10 +1,17 @@
 """The server interceptor: Prometheus metrics for every call, the readiness gate, deadlines,
-and the mapping of domain errors to status codes (server/errors.py), in one place.
+the limit on open streams, and the mapping of domain errors to statuses with their
+google.rpc details (server/errors.py), in one place.
 
 A handler body runs inside try/finally so that every call is counted once with the status
 it ended with, whatever it raised. The server is grpc.aio: handlers are coroutines or async
 generators, and a call the client gives up on is cancelled (asyncio.CancelledError, or
 GeneratorExit in a response stream) and counted CANCELLED or DEADLINE_EXCEEDED.
+
+Streams get their own limit: grpc's ``maximum_concurrent_rpcs`` counts a long-lived stream as
+one call for its whole life, so a gateway's thousand StreamCheck streams would take every
+slot and leave none for unary checks. A client- or bidi-streaming call beyond ``max_streams``
+open ones (per worker process) is refused at once with RESOURCE_EXHAUSTED, reason
+STREAM_LIMIT, which frees its slot at once.
 
 Health and reflection pass through untouched: they answer without an identity and disclose
 nothing about a person (server/auth.py OPEN_SERVICES).
@@ -20,7 +27,7 @@ from typing import Callable
 import grpc
 
 from server.auth import OPEN_SERVICES, Authenticator, PermissionDenied, set_current_caller
-from server.errors import DeadlineExceeded, InvalidArgument, NotReady, status_for
+from server.errors import DeadlineExceeded, InvalidArgument, NotReady, StreamLimit, status_of
 from server.metrics import Metrics
 
 log = logging.getLogger("qianjiang.server")
@@ -30,8 +37,9 @@ GATED_PREFIX = "/qianjiang.v1."
 
 COUNTED = object()  # the call has been counted already
 
-_OK, _CANCELLED, _DEADLINE, _INTERNAL = (
+_OK, _CANCELLED, _DEADLINE, _INTERNAL, _UNKNOWN = (
     grpc.StatusCode.OK, grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
 )
 
 
@@ -96,10 +104,16 @@ def _ended(context) -> grpc.StatusCode:
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, metrics: Metrics, ready: Callable[[], bool], authenticator: Authenticator):
+    """``max_streams``: client- or bidi-streaming calls open at once in this process (0: no
+    limit of their own)."""
+
+    def __init__(self, metrics: Metrics, ready: Callable[[], bool], authenticator: Authenticator, max_streams: int = 0):
         self.metrics = metrics
         self.ready = ready
         self.auth = authenticator
+        self.max_streams = max_streams
+        # Only the server's event loop thread touches it (every handler runs there).
+        self.open_streams = 0
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def intercept_service(self, continuation, details):
@@ -141,20 +155,30 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 raise DeadlineExceeded()
 
         async def fail(exc: Exception, context, t0: float) -> None:
-            """Count the call with the table's code for exc, then abort it with that code
-            (raises AbortError). Counted first: abort sends the status at once, and whoever
-            sees it may flush and read the metrics."""
-            code = status_for(exc)
-            if code is None:
+            """Count the call with the table's code for exc, then abort it with that code,
+            message and google.rpc details (raises AbortError). Counted first: abort sends
+            the status at once, and whoever sees it may flush and read the metrics."""
+            code, message, details = status_of(exc)
+            if code is _INTERNAL:
                 log.error("internal error in %s", full_method, exc_info=exc)
-                code, message = _INTERNAL, "internal error"
-            else:
-                message = str(exc)
+            elif code is _UNKNOWN:  # the store should have said whether a retry helps
+                log.warning("unclassified store error in %s: %s", full_method, exc, exc_info=exc)
             if context.done():  # nobody to answer
                 finish(_gone(context), t0)
                 return
             finish(code, t0)
-            await context.abort(code, message)
+            # grpc.aio sends trailing metadata given to abort with the status; the details
+            # travel as grpc-status-details-bin (grpc_status.rpc_status.from_call reads them).
+            await context.abort(code, message, details)
+
+        limit = self.max_streams if handler.request_streaming else 0
+
+        def open_stream() -> bool:
+            """Take a stream's place (True), or raise StreamLimit."""
+            if self.open_streams >= limit:
+                raise StreamLimit(limit)
+            self.open_streams += 1
+            return True
 
         def aborted_code(context) -> grpc.StatusCode:
             code = context.code()
@@ -170,8 +194,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 count(started)
                 t0 = time.perf_counter()
                 code = None
+                held = False
                 try:
                     precheck(context)
+                    held = open_stream() if limit else False
                     request = _valid_stream(request_or_iterator) if request_streaming else _valid(request_or_iterator)
                     response = await behaviour(request, context)
                     code = _ended(context)
@@ -186,6 +212,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     code = COUNTED
                     await fail(exc, context, t0)
                 finally:
+                    if held:
+                        self.open_streams -= 1
                     if code is not COUNTED:
                         finish(code or _INTERNAL, t0)
 
@@ -198,8 +226,10 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             count(started)
             t0 = time.perf_counter()
             code = None
+            held = False
             try:
                 precheck(context)
+                held = open_stream() if limit else False
                 request = _valid_stream(request_or_iterator) if request_streaming else _valid(request_or_iterator)
                 async for response in behaviour(request, context):
                     yield response
@@ -214,6 +244,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 code = COUNTED
                 await fail(exc, context, t0)
             finally:
+                if held:
+                    self.open_streams -= 1
                 if code is not COUNTED:
                     finish(code or _INTERNAL, t0)
 
