@@ -134,20 +134,23 @@ FIELD_KINDS: dict[str, dict[str, str]] = {
     "EligibilityService/ListScenarios": {},
     "RecordsService/IngestRecords": {
         "record_id": "new_record_id", "citizen_id": "citizen_id", "variable": "variable", "date": "date",
-        "value": "value", "source": "text", "scenario": "record_scenario",
+        "value": "value", "source": "source", "scenario": "record_scenario",
     },
-    "RecordsService/CorrectRecord": {"record_id": "record_id", "date": "date", "value": "value"},
-    "RecordsService/WithdrawRecord": {"record_id": "record_id", "why": "enum"},
+    "RecordsService/CorrectRecord": {"record_id": "record_id", "date": "date", "value": "value", "source": "source"},
+    "RecordsService/WithdrawRecord": {"record_id": "record_id", "why": "enum", "source": "source"},
+    "RecordsService/GetRecordHistory": {"record_id": "record_id", "source": "source"},
     "RecordsService/GrantConsent": {"citizen_id": "citizen_id"},
     "RecordsService/RevokeConsent": {"citizen_id": "citizen_id"},
     "RecordsService/UpsertCitizen": {"citizen_id": "new_citizen_id", "birth_date": "date"},
     "RecordsService/RegisterCard": {"citizen_id": "citizen_id", "card_token": "token"},
     "AuditService/ListChecks": {"citizen_id": "citizen_id", "limit": "uint32"},
+    "AuditService/ReplayDecision": {"decision_id": "decision_id"},
 }
 
 KINDS = frozenset({
     "citizen_id", "new_citizen_id", "citizen_ids", "record_id", "new_record_id", "text", "scenario",
     "record_scenario", "variable", "date", "value", "token", "tokens", "uint64", "uint32", "enum", "purpose",
+    "source", "decision_id",
 })
 
 
@@ -283,6 +286,7 @@ class Vocab:
     created_citizens: list[str] = field(default_factory=list)
     poisoned: set[str] = field(default_factory=set)  # citizens a B2 value was sent for
     purposes: set[str] = field(default_factory=set)  # distinct purposes sent to score rpcs (B3)
+    decision_ids: list[str] = field(default_factory=list)  # ids of decisions answered in this run
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def fresh(self, prefix: str, c) -> str:
@@ -294,7 +298,7 @@ class Vocab:
         next example's draws look like."""
         return Vocab(list(self.citizens), list(self.tokens), list(self.scenarios), list(self.pay_later),
                      list(self.variables), dict(self.records), self.as_of_day, self.run_tag,
-                     list(self.created_citizens), set(self.poisoned), set(self.purposes))
+                     list(self.created_citizens), set(self.poisoned), set(self.purposes), list(self.decision_ids))
 
 
 def gen_text(c, max_size: int = 300) -> str:
@@ -456,6 +460,29 @@ def gen_purpose(c, v: Vocab) -> str:
     return gen_text(c)
 
 
+def gen_source(c, v: Vocab) -> str:
+    """A record's source namespace: mostly empty (the caller's own), else a name or junk."""
+    branch = c.weighted((60, 20, 20))
+    if branch == 0:
+        return ""
+    if branch == 1:
+        return c.choice(("unspecified", "court", "police", "itest"))
+    return gen_text(c)
+
+
+def gen_decision_id(c, v: Vocab) -> str:
+    """A decision id to replay: one this run received, a well-formed one nobody issued (a
+    forgery), a batch item's, or junk."""
+    branch = c.weighted((35, 25, 15, 25))
+    if branch == 0 and v.decision_ids:
+        return c.choice(v.decision_ids)
+    if branch <= 1:
+        return "d-" + c.raw_bytes(16).hex()
+    if branch == 2:
+        return f"d-{c.raw_bytes(16).hex()}-{c.integer(0, 2**40)}"
+    return gen_text(c)
+
+
 def gen_uint64(c, v: Vocab) -> int:
     return c.choice(EDGE_UINT64) if c.index(2) else c.integer(0, 2**64 - 1)
 
@@ -473,7 +500,8 @@ GENERATORS = {
     "record_id": gen_record_id, "new_record_id": gen_new_record_id, "text": lambda c, v: gen_text(c),
     "scenario": gen_scenario, "record_scenario": gen_record_scenario, "variable": gen_variable,
     "date": gen_date, "value": gen_value, "token": gen_token, "tokens": gen_tokens, "uint64": gen_uint64,
-    "uint32": gen_uint32, "enum": gen_enum, "purpose": gen_purpose,
+    "uint32": gen_uint32, "enum": gen_enum, "purpose": gen_purpose, "source": gen_source,
+    "decision_id": gen_decision_id,
 }
 assert set(GENERATORS) == KINDS
 
@@ -646,8 +674,21 @@ def note_sent(inp: Input, v: Vocab) -> None:
                     v.poisoned.add(v.records[m.record_id])
 
 
+#: How many decision ids a run remembers for ReplayDecision.
+_DECISION_IDS = 256
+
+
 def note_answer(inp: Input, out: Outcome, v: Vocab) -> None:
-    """Bookkeeping after the call: records that now exist."""
+    """Bookkeeping after the call: records that now exist, decisions that can be replayed."""
+    if inp.rpc.name == "EligibilityService/Check" and out.responses and len(v.decision_ids) < _DECISION_IDS:
+        try:
+            decision_id = eligibility_pb2.Decision.FromString(out.responses[0]).decision_id
+        except DecodeError:
+            return
+        if decision_id:
+            with v.lock:
+                v.decision_ids.append(decision_id)
+        return
     if inp.rpc.name != "RecordsService/IngestRecords" or not out.responses:
         return
     sent = {m.record_id: m.citizen_id for m in _messages(inp)}

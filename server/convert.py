@@ -6,6 +6,7 @@ Parsing validates every field and raises InvalidArgument naming it.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import re
 
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -13,10 +14,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from kernel.spec import ModelSpec
 from qianjiang.v1 import audit_pb2, common_pb2, eligibility_pb2, records_pb2, score_pb2
 from server.errors import InvalidArgument
-from server.scenarios import Outcome, Scenario
-from server.service import BatchDecision, Contribution, DecisionView, ScoreView
-from server.state import day_of
-from server.store import RecordIn
+from server.scenarios import RESULT_NAMES, Outcome, Scenario
+from server.service import BatchDecision, Contribution, DecisionView, RecordAck, ScoreView
+from server.state import day_of, iso_of
+from server.store import RecordIn, RecordRow, RecordVersion
 
 #: Level index in the spec -> proto enum (the spec's five levels, in order).
 LEVELS = (common_pb2.NEEDS_IMPROVEMENT, common_pb2.FAIR, common_pb2.GOOD, common_pb2.EXCELLENT, common_pb2.OUTSTANDING)
@@ -37,6 +38,16 @@ def parse_date(value: str, field: str) -> int:
         raise InvalidArgument(field, f"{shown!r} is not a date (YYYY-MM-DD)") from None
 
 
+#: A day's YYYY-MM-DD, remembered: every decision carries the serving state's day.
+date_of = functools.lru_cache(maxsize=64)(iso_of)
+
+
+def _timestamp(seconds: float) -> Timestamp:
+    ts = Timestamp()
+    ts.FromDatetime(_dt.datetime.fromtimestamp(seconds, _dt.timezone.utc))
+    return ts
+
+
 def record_in(msg: records_pb2.Record, index: int | None = None) -> RecordIn:
     field = "record"
     return RecordIn(
@@ -45,14 +56,37 @@ def record_in(msg: records_pb2.Record, index: int | None = None) -> RecordIn:
         variable=msg.variable,
         day=parse_date(msg.date, f"{field}.date"),
         value=msg.value,
-        source=msg.source or "unspecified",
+        source=msg.source,  # empty: the caller's own (server/service.py _source)
         scenario=msg.scenario or None,
     )
 
 
+_ACK = {"accepted": records_pb2.RecordAck.ACCEPTED, "duplicate": records_pb2.RecordAck.DUPLICATE}
+
+
+def record_ack(record_id: str, ack: RecordAck) -> records_pb2.RecordAck:
+    return records_pb2.RecordAck(record_id=record_id, status=_ACK[ack.status], source=ack.source,
+                                 version=ack.version, position=ack.position)
+
+
+def updated_ack(row: RecordRow) -> records_pb2.RecordAck:
+    return records_pb2.RecordAck(record_id=row.record_id, status=records_pb2.RecordAck.UPDATED, source=row.source,
+                                 version=row.version, position=row.position)
+
+
+def record_history(record: RecordRow, versions: list[RecordVersion]) -> records_pb2.RecordHistory:
+    # a version changes the day, value or status; what the record is about stays (record)
+    return records_pb2.RecordHistory(record_id=record.record_id, source=record.source, versions=[
+        records_pb2.RecordVersion(
+            version=v.version, date=iso_of(v.day), value=v.value, status=v.status, variable=record.variable,
+            scenario=record.scenario or "", received_at=_timestamp(v.received_at), sent_by=v.sent_by,
+            position=v.position,
+        )
+        for v in versions
+    ])
+
+
 def score_message(view: ScoreView, spec: ModelSpec) -> score_pb2.Score:
-    ts = Timestamp()
-    ts.FromDatetime(_dt.datetime.fromtimestamp(view.computed_at, _dt.timezone.utc))
     level = spec.levels[view.level]
     return score_pb2.Score(
         citizen_id=view.citizen_id,
@@ -69,8 +103,10 @@ def score_message(view: ScoreView, spec: ModelSpec) -> score_pb2.Score:
         hard_rule_applied=view.hard_rule_applied,
         model_version=view.model_version,
         calibration_version=view.calibration_version,
-        computed_at=ts,
+        computed_at=_timestamp(view.computed_at),
         disclosure_id=view.disclosure_id,
+        records_position=view.records_position,
+        as_of_date=date_of(view.as_of_day),
     )
 
 
@@ -106,26 +142,33 @@ _ALLOW = Outcome.ALLOW
 def decision_message(d: DecisionView, request_id: int = 0) -> eligibility_pb2.Decision:
     # Every gate scan builds one: fields at their defaults are not set (an ALLOW has no reason
     # codes, a unary check no request id): 1.6 instead of 2.7 µs for an ALLOW.
+    r = d.release
     msg = eligibility_pb2.Decision(
         outcome=d.outcome, allowed=d.outcome == _ALLOW, decision_id=d.decision_id,
-        model_version=d.model_version, scenario=d.scenario,
+        model_version=r.model_version, scenario=d.scenario, calibration_version=r.calibration_version,
+        rules_version=r.rules_version, records_position=d.records_position, as_of_date=date_of(d.as_of_day),
     )
     if d.reason_codes:
         msg.reason_codes.extend(d.reason_codes)
     if request_id:
         msg.request_id = request_id
+    if d.detail:
+        msg.detail = d.detail
     return msg
 
 
 def batch_message(b: BatchDecision) -> eligibility_pb2.BatchCheckResponse:
+    r = b.release
     return eligibility_pb2.BatchCheckResponse(
-        outcomes=b.outcomes, batch_id=b.batch_id, model_version=b.model_version, scenario=b.scenario,
-        count=len(b.outcomes), allowed=b.allowed,
+        outcomes=b.outcomes, batch_id=b.batch_id, model_version=r.model_version, scenario=b.scenario,
+        count=len(b.outcomes), allowed=b.allowed, calibration_version=r.calibration_version,
+        rules_version=r.rules_version, records_position=b.records_position, as_of_date=date_of(b.as_of_day),
     )
 
 
 def scenario_message(s: Scenario) -> eligibility_pb2.Scenario:
-    return eligibility_pb2.Scenario(name=s.name, name_zh=s.zh, name_en=s.en, min_score=s.min_score, pay_later=s.pay_later)
+    return eligibility_pb2.Scenario(name=s.name, name_zh=s.zh, name_en=s.en, min_score=s.min_score,
+                                    pay_later=s.pay_later, rules_version=s.rules_version)
 
 
 WITHDRAW_STATUS = {
@@ -141,15 +184,22 @@ def withdraw_status(why: int) -> str:
         raise InvalidArgument("why", f"{why} is not WITHDRAWN (1) or REPAIRED (2)") from None
 
 
-#: Audit result codes -> names shown to the citizen.
-RESULT_NAMES = {1: "ALLOW", 2: "DENY_BELOW_THRESHOLD", 3: "DENY_HARD_RULE", 4: "DENY_UNPAID_DEFAULT",
-                5: "UNKNOWN_CARD", 6: "NOT_AUTHORISED", 7: "UNDER_18", 100: "SCORE_VIEWED", 101: "SCORE_EXPLAINED"}
-
-
 def check_entry(e) -> audit_pb2.CheckEntry:
     ts = Timestamp()
     ts.FromDatetime(e.time)
     return audit_pb2.CheckEntry(
         decision_id=e.decision_id, time=ts, caller=e.caller, method=e.method, scenario=e.scenario,
         result=RESULT_NAMES.get(e.result, str(e.result)), model_version=e.model_version,
+        calibration_version=e.calibration_version, rules_version=e.rules_version,
+        records_position=e.position, as_of_date=date_of(e.as_of_day) if e.as_of_day else "",
+    )
+
+
+def replay_message(entry, replayed, spec: ModelSpec) -> audit_pb2.Replay:
+    result = RESULT_NAMES.get(replayed.result, str(replayed.result))
+    original = check_entry(entry)
+    return audit_pb2.Replay(
+        original=original, replayed_result=result, matches=result == original.result, score=replayed.score,
+        level=spec.levels[replayed.level].code if replayed.level >= 0 else "",
+        hard_rule_applied=replayed.hard_rule_applied, reason_codes=replayed.reason_codes,
     )

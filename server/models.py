@@ -150,9 +150,13 @@ class StoreSnapshot:
     :class:`server.store.Store` that :meth:`ServingState.load` uses."""
 
     def __init__(self, store):
+        self._position = store.high_water_mark()  # first: what is read below is at least this new
         self._citizens = store.citizens()
         self._cards = store.cards()
         self._active = store.active_records()
+
+    def high_water_mark(self) -> int:
+        return self._position
 
     def citizens(self):
         return self._citizens

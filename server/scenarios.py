@@ -1,4 +1,4 @@
-"""Eligibility scenarios and the decision rules (design section 4).
+"""Eligibility scenarios and the decision rules (docs/product.md §4).
 
     >>> from server.scenarios import load_scenarios
     >>> scenarios = load_scenarios()
@@ -35,7 +35,15 @@ class Outcome(enum.IntEnum):
     UNKNOWN_CARD = 5
     NOT_AUTHORISED = 6
     UNDER_18 = 7
+    # StreamCheck's answers to a message that is not a question about anyone (Check and
+    # BatchCheck raise the matching error instead): never audited, no decision id.
+    INVALID_REQUEST = 8
+    UNKNOWN_SCENARIO = 9
+    SCENARIO_NOT_PERMITTED = 10
 
+
+#: Outcomes the compiled check decides (values 1-7: one byte each in a batch's answer).
+DECIDED = tuple(o for o in Outcome if o <= Outcome.UNDER_18)
 
 #: The decision reason code a partner sees for each outcome (never the score or records).
 REASON_CODES = {
@@ -46,7 +54,17 @@ REASON_CODES = {
     Outcome.UNKNOWN_CARD: ("UNKNOWN_CARD",),
     Outcome.NOT_AUTHORISED: ("NOT_AUTHORISED",),
     Outcome.UNDER_18: ("UNDER_18",),
+    Outcome.INVALID_REQUEST: ("INVALID_REQUEST",),
+    Outcome.UNKNOWN_SCENARIO: ("UNKNOWN_SCENARIO",),
+    Outcome.SCENARIO_NOT_PERMITTED: ("SCENARIO_NOT_PERMITTED",),
 }
+
+
+#: Audit result codes of score disclosures (a decision's is its Outcome value).
+SCORE_VIEWED, SCORE_EXPLAINED = 100, 101
+
+#: Every audit result code -> the name a citizen sees in "who checked me".
+RESULT_NAMES = {**{o.value: o.name for o in Outcome}, SCORE_VIEWED: "SCORE_VIEWED", SCORE_EXPLAINED: "SCORE_EXPLAINED"}
 
 
 class ScenarioConfigError(ValueError):
@@ -63,10 +81,28 @@ class Scenario:
     default_bit: int  # bit in the citizen's unpaid-default mask (pay-later only), else -1
 
     @property
+    def rules_version(self) -> str:
+        """The rule as decisions carry it, self-describing so that an appeal can re-apply it
+        after the configuration has changed: "min581", "min550+pay_later"."""
+        return f"min{self.min_score}+pay_later" if self.pay_later else f"min{self.min_score}"
+
+    @property
     def rule(self) -> tuple[int, bool, int]:
         """(min_score, pay_later, default bit) as the compiled check takes them
         (server/token_index.pyx; the bit is ignored unless pay-later)."""
         return self.min_score, self.pay_later, max(self.default_bit, 0)
+
+
+def parse_rules_version(version: str) -> tuple[int, bool]:
+    """(min_score, pay_later) of a :attr:`Scenario.rules_version`.
+
+        >>> parse_rules_version("min550+pay_later")
+        (550, True)
+    """
+    body, plus, flag = version.partition("+")
+    if not body.startswith("min") or not body[3:].isdigit() or (plus and flag != "pay_later"):
+        raise ValueError(f"{version!r} is not a rules version (e.g. 'min581' or 'min550+pay_later')")
+    return int(body[3:]), bool(plus)
 
 
 def load_scenarios(path: str | Path | None = None) -> dict[str, Scenario]:

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import itertools
 import math
-import os
 import re
 import secrets
 import time
@@ -28,11 +26,16 @@ from kernel.columns import FLAG_HARD_RULE, NO_REASON
 from kernel.reference import variable_points
 from kernel.score import Scorer
 from server.auth import Caller
-from server.errors import CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, UnknownCitizen, UnknownScenario
-from server.scenarios import REASON_CODES, Outcome, Scenario
+from server.decision_ids import DecisionIds
+from server.errors import (
+    CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, NothingToReplay, PermissionDenied, UnknownCitizen,
+    UnknownDecision, UnknownScenario,
+)
+from server.replay import replay
+from server.scenarios import REASON_CODES, SCORE_EXPLAINED, SCORE_VIEWED, Outcome, Scenario
 from server.token_index import Checker
 from server.state import N_CITIZENS, Control, ServingState, citizen_key
-from server.store import RecordIn, RecordRow, Store
+from server.store import RecordIn, RecordRow, RecordVersion, Store
 from server.store_watch import StoreWatch
 
 #: Limits (documented in proto/): bigger requests are INVALID_ARGUMENT, not slow answers.
@@ -61,6 +64,21 @@ def check_token(token: bytes, field: str = "card_token") -> bytes:
     return token
 
 
+class Release(NamedTuple):
+    """What made a decision or a score, besides the records: the model, its calibration and
+    the scenario's rule ("-" for a score). ``audit`` is the three as the audit log keeps them."""
+
+    model_version: str
+    calibration_version: str
+    rules_version: str
+    audit: str
+
+    @classmethod
+    def of(cls, model_version: str, calibration_version: str, rules_version: str = "-") -> Release:
+        return cls(model_version, calibration_version, rules_version,
+                   f"{model_version} {calibration_version} {rules_version}")
+
+
 @dataclass(frozen=True)
 class ScoreView:
     citizen_id: str
@@ -74,7 +92,23 @@ class ScoreView:
     model_version: str
     calibration_version: str
     computed_at: float
+    records_position: int = 0
+    as_of_day: int = 0
     disclosure_id: str = ""
+
+
+#: A record store's answer to an ingested record (server/store.py add_records).
+ACCEPTED_STATUS, DUPLICATE_STATUS = "accepted", "duplicate"
+
+
+@dataclass(frozen=True)
+class RecordAck:
+    """What a data source is told about one ingested record."""
+
+    status: str  # ACCEPTED_STATUS or DUPLICATE_STATUS
+    source: str
+    version: int
+    position: int
 
 
 @dataclass(frozen=True)
@@ -91,17 +125,22 @@ class DecisionView(NamedTuple):
     outcome: Outcome
     reason_codes: tuple[str, ...]
     decision_id: str
-    model_version: str
+    release: Release
     scenario: str
+    records_position: int
+    as_of_day: int
+    detail: str = ""
 
 
 @dataclass(frozen=True)
 class BatchDecision:
     outcomes: bytes
     batch_id: str
-    model_version: str
+    release: Release
     scenario: str
     allowed: int
+    records_position: int
+    as_of_day: int
 
 
 #: Outcome members by value, and the one the check looks at: an index and a global on the
@@ -109,27 +148,14 @@ class BatchDecision:
 _OUTCOME = {o.value: o for o in Outcome}
 _DENY_HARD_RULE = Outcome.DENY_HARD_RULE
 
-#: Audit result codes of score disclosures (decisions use their Outcome value, 1-7).
-SCORE_VIEWED, SCORE_EXPLAINED = 100, 101
-
-
-class DecisionIds:
-    """Unique decision ids without coordination: a per-process prefix (the audit writer's,
-    so the audit log can rebuild every id) and a counter."""
-
-    def __init__(self, prefix: str | None = None):
-        self.prefix = prefix or f"{secrets.token_hex(4)}{os.getpid():x}"
-        self._counter = itertools.count(1)
-
-    def next(self) -> tuple[int, str]:
-        seq = next(self._counter)
-        return seq, f"d-{self.prefix}-{seq:x}"
+#: How much of a caller's scenario name a StreamCheck refusal echoes back.
+_ECHO_CHARS = 64
 
 
 class _NoAudit:
     """Stands in when the audit log is off (benchmarks of its cost, unit tests)."""
 
-    writer_prefix = None
+    ids = None
 
     def record(self, *args) -> None:
         pass
@@ -148,14 +174,16 @@ class CreditService:
         self, state: ServingState, store: Store, scorer: Scorer, scenarios: dict[str, Scenario],
         on_rescore=None, on_decisions=None, on_decision=None, audit=None,
         control: Control | None = None, generation: int = 0, ids: DecisionIds | None = None,
-        store_watch: StoreWatch | None = None,
+        store_watch: StoreWatch | None = None, releases=None,
     ):
         """``on_rescore(seconds)``, ``on_decisions(scenario, counts)`` (counts: how many
         decisions had each outcome value, 8 entries) and
         ``on_decision(scenario, outcome)`` feed metrics. With a rollout's ``control`` block,
         the service serves model ``generation``; a new generation's service shares the old
         one's decision ``ids`` (ids stay unique). ``store_watch`` fails writes fast while
-        the store is unreachable (server/store_watch.py)."""
+        the store is unreachable (server/store_watch.py). ``releases(model_version,
+        calibration_version)`` gives the (spec, calibration) of another release, for replaying
+        a decision an earlier release made (server/replay.py)."""
         self.state = state
         self.control = control
         self.generation = generation
@@ -167,7 +195,12 @@ class CreditService:
         self.calibration_version = scorer.calibration.calibration_version
         self.rows = scorer.bind(state.features, state.adult, state.columns)
         self.audit = audit if audit is not None else _NoAudit()
-        self.ids = ids if ids is not None else DecisionIds(self.audit.writer_prefix)
+        # the audit log's ids (it finds a past decision by its id); without it, any key will do
+        self.ids = ids or self.audit.ids or DecisionIds(secrets.token_bytes(16))
+        self.releases = releases
+        self.score_release = Release.of(self.model_version, self.calibration_version)
+        self._release = {name: Release.of(self.model_version, self.calibration_version, sc.rules_version)
+                         for name, sc in scenarios.items()}
         self.store_watch = store_watch if store_watch is not None else StoreWatch(store)
         self._variables = {v.name: i for i, v in enumerate(self.spec.variables)}
         self._on_rescore = on_rescore or (lambda seconds: None)
@@ -204,16 +237,18 @@ class CreditService:
 
     def _disclose(self, view: ScoreView, row: int, caller: Caller, purpose: str, method: str, result: int) -> ScoreView:
         seq, disclosure_id = self.ids.next()
-        self.audit.record(seq, caller.identity, method, purpose, int(self.state.subject[row]), result, self.model_version)
+        self.audit.record(seq, caller.identity, method, purpose, int(self.state.subject[row]), result,
+                          self.score_release.audit, view.records_position, view.as_of_day)
         return dataclasses.replace(view, disclosure_id=disclosure_id)
 
     def _view(self, citizen_id: str, row: int) -> ScoreView:
         s = self.state
+        cols = s.columns
+        # the one precedence of every API (proto/qianjiang/v1/eligibility.proto)
         if not s.consent[row]:
             raise NotAuthorised()
         if not s.adult[row]:
             raise NoScore()
-        cols = s.columns
         pts = self._row_points(row)
         reasons = tuple(
             (int(v), float((self._best[v] - pts[v]) * self._loss_weight[v]))
@@ -231,6 +266,10 @@ class CreditService:
             model_version=self.model_version,
             calibration_version=self.calibration_version,
             computed_at=float(s.computed_at[row]),
+            # read after the row's values (arguments are evaluated in order): a write sets the
+            # position before it touches a row (server/state.py POSITION)
+            records_position=s.position,
+            as_of_day=s.as_of_day,
         )
 
     def _row_points(self, row: int) -> np.ndarray:
@@ -248,9 +287,10 @@ class CreditService:
     def batch_scores(self, citizen_ids: list[str], caller: Caller, purpose: str = "") -> list[tuple[str, ScoreView | None]]:
         if len(citizen_ids) > MAX_BATCH_SCORES:
             raise InvalidArgument("citizen_ids", f"{len(citizen_ids)} ids exceed the limit of {MAX_BATCH_SCORES}")
-        out = []
-        for i, cid in enumerate(citizen_ids):
+        for i, cid in enumerate(citizen_ids):  # all before any disclosure: none is audited for a refused batch
             check_id(cid, f"citizen_ids[{i}]")
+        out = []
+        for cid in citizen_ids:
             try:
                 out.append(("OK", self.get_score(cid, caller, purpose, "ScoreService/BatchGetScores")))
             except UnknownCitizen:
@@ -269,26 +309,50 @@ class CreditService:
         return self._checker.check(tokens, *scenario.rule, counts)
 
     def check(self, scenario_name: str, token: bytes, caller: Caller, method: str = "EligibilityService/Check") -> DecisionView:
-        caller.check_scenario(scenario_name)
+        # the request first (proto/qianjiang/v1/eligibility.proto): the scenario exists (the
+        # names are public: ListScenarios), the caller may decide it, the token is well formed
         scenario = self.scenario(scenario_name)
+        caller.check_scenario(scenario_name)
         check_token(token)
+        state = self.state
         value, subject = self._checker.check_one(token, *scenario.rule)
+        position = state.position  # after the row was read (server/state.py POSITION)
         outcome = _OUTCOME[value]
         self._on_decision(scenario.name, outcome)
         codes = REASON_CODES[outcome]
         if outcome is _DENY_HARD_RULE:
-            codes = tuple(f"HARD_RULE:{self.spec.variables[v].reason.code}" for v in self._hard_rules(self.state.tokens.get(token)))
+            codes = tuple(f"HARD_RULE:{self.spec.variables[v].reason.code}" for v in self._hard_rules(state.tokens.get(token)))
+        release = self._release[scenario.name]
+        day = state.as_of_day
         seq, decision_id = self.ids.next()
-        self.audit.record(seq, caller.identity, method, scenario.name, subject, value, self.model_version)
-        return DecisionView(outcome, codes, decision_id, self.model_version, scenario.name)
+        self.audit.record(seq, caller.identity, method, scenario.name, subject, value, release.audit, position, day)
+        return DecisionView(outcome, codes, decision_id, release, scenario.name, position, day)
+
+    def check_in_stream(self, scenario_name: str, token: bytes, caller: Caller) -> DecisionView:
+        """One message of a gateway's stream: a check, or — for a message that asks nothing
+        answerable (a scenario the caller may not decide or that does not exist, a malformed
+        token) — a refusal outcome for that message alone, so one bad scan never ends the
+        stream. Refusals disclose nothing and are not audited. Precedence as in check()."""
+        try:
+            return self.check(scenario_name, token, caller, "EligibilityService/StreamCheck")
+        except PermissionDenied as exc:
+            return self._refusal(Outcome.SCENARIO_NOT_PERMITTED, scenario_name, exc)
+        except UnknownScenario as exc:
+            return self._refusal(Outcome.UNKNOWN_SCENARIO, scenario_name, exc)
+        except InvalidArgument as exc:
+            return self._refusal(Outcome.INVALID_REQUEST, scenario_name, exc)
+
+    def _refusal(self, outcome: Outcome, scenario_name: str, exc: Exception) -> DecisionView:
+        release = self._release.get(scenario_name) or self.score_release
+        return DecisionView(outcome, REASON_CODES[outcome], "", release, scenario_name[:_ECHO_CHARS], 0, 0, str(exc))
 
     def _hard_rules(self, row: int) -> list[int]:
         c = self.spec.compiled
         return [v for v in np.flatnonzero(c.hard_rule) if self.state.features[row, v] > 0]
 
     def check_batch(self, scenario_name: str, tokens: bytes, caller: Caller) -> BatchDecision:
-        caller.check_scenario(scenario_name)
         scenario = self.scenario(scenario_name)
+        caller.check_scenario(scenario_name)
         if len(tokens) % TOKEN_BYTES:
             raise InvalidArgument("card_tokens", f"{len(tokens)} bytes is not a whole number of {TOKEN_BYTES}-byte tokens")
         n = len(tokens) // TOKEN_BYTES
@@ -296,27 +360,42 @@ class CreditService:
             raise InvalidArgument("card_tokens", f"{n} tokens exceed the limit of {MAX_BATCH_TOKENS}")
         counts = np.empty(8, np.int64)
         outcomes, subjects, allowed = self._check_tokens(scenario, tokens, counts)
+        position, day = self.state.position, self.state.as_of_day
         self._on_decisions(scenario.name, counts)
+        release = self._release[scenario.name]
         seq, batch_id = self.ids.next()
-        self.audit.record_batch(seq, caller.identity, "EligibilityService/BatchCheck", scenario.name, subjects, outcomes, self.model_version)
-        return BatchDecision(outcomes.tobytes(), batch_id, self.model_version, scenario.name, allowed)
+        self.audit.record_batch(seq, caller.identity, "EligibilityService/BatchCheck", scenario.name, subjects, outcomes,
+                                release.audit, position, day)
+        return BatchDecision(outcomes.tobytes(), batch_id, release, scenario.name, allowed, position, day)
 
     # --- writes: store first, then state, under the shared lock ------------------------
 
-    def ingest(self, record: RecordIn, caller: Caller) -> bool:
-        """Store one record durably and re-score its citizen. False: a duplicate id. The
-        record's source is the authenticated caller."""
+    def ingest(self, record: RecordIn, caller: Caller) -> RecordAck:
+        """Store one record durably and re-score its citizen. A record is identified by
+        (source, record_id); the source is the authenticated caller's own namespace. The
+        same record again is a DUPLICATE; the same id with other content is a RecordConflict
+        (ALREADY_EXISTS naming the field): never a silent drop."""
+        record = dataclasses.replace(record, source=self._source(caller, record.source, "record.source"))
         if record.variable in self._variables:
             caller.check_variable(record.variable)
-        if not caller.unrestricted:
-            record = dataclasses.replace(record, source=caller.identity)
         self._check_record(record)
         row = self.row_of(record.citizen_id)
         with self._writing():
-            (inserted,) = self.store.add_records([record])
-            if inserted:
+            (status,) = self.store.add_records([record], sent_by=caller.identity)
+            if status == ACCEPTED_STATUS:
                 self._rescore(row)
-        return inserted
+                return RecordAck(status, record.source, 1, self.store.last_position())
+        stored = self._get_record(record.source, record.record_id)
+        return RecordAck(status, stored.source, stored.version, stored.position)
+
+    def _source(self, caller: Caller, given: str, field: str) -> str:
+        """The namespace of the records a caller writes or reads: its own identity (a data
+        source names only itself). The development mode's unrestricted caller names any."""
+        if caller.unrestricted:
+            return check_id(given, field) if given else "unspecified"
+        if given and given != caller.identity:
+            raise PermissionDenied(f"{caller.identity} writes only as source {caller.identity!r}, not {given[:_ECHO_CHARS]!r}")
+        return caller.identity
 
     def _check_record(self, r: RecordIn) -> None:
         check_id(r.record_id, "record.record_id")
@@ -335,29 +414,46 @@ class CreditService:
             if self.spec.variables[self._variables[r.variable]].direction != "negative":
                 raise InvalidArgument("record.scenario", "only a negative record can be an unpaid default")
 
-    def correct_record(self, record_id: str, day: int, value: float, caller: Caller) -> RecordRow:
+    def correct_record(self, record_id: str, day: int, value: float, caller: Caller, source: str = "") -> RecordRow:
+        """A new version of one of the caller's records, with another day and value."""
         check_id(record_id, "record_id")
         check_value(value, "value")
-        caller.check_variable(self._get_record(record_id).variable)
+        source = self._source(caller, source, "source")
+        # looked up in the caller's own namespace only: another source's id is "not found"
+        caller.check_variable(self._get_record(source, record_id).variable)
         if day > self.state.as_of_day:
             raise InvalidArgument("date", "is in the future")
         with self._writing():
-            row = self.store.correct_record(record_id, day, value)
+            row = self.store.correct_record(source, record_id, day, value, sent_by=caller.identity)
             self._rescore(row.citizen_row)
         return row
 
-    def withdraw_record(self, record_id: str, status: str, caller: Caller) -> RecordRow:
+    def withdraw_record(self, record_id: str, status: str, caller: Caller, source: str = "") -> RecordRow:
+        """A new version of one of the caller's records that stops counting (withdrawn by the
+        source, or repaired)."""
         check_id(record_id, "record_id")
-        caller.check_variable(self._get_record(record_id).variable)
+        source = self._source(caller, source, "source")
+        caller.check_variable(self._get_record(source, record_id).variable)
         with self._writing():
-            row = self.store.set_record_status(record_id, status)
+            row = self.store.set_record_status(source, record_id, status, sent_by=caller.identity)
             self._rescore(row.citizen_row)
         return row
+
+    def record_history(self, record_id: str, caller: Caller, source: str = "") -> tuple[RecordRow, list[RecordVersion]]:
+        """Every version of one of the caller's records, oldest first: (the record now, versions)."""
+        check_id(record_id, "record_id")
+        source = self._source(caller, source, "source")
+        record = self._get_record(source, record_id)
+        caller.check_variable(record.variable)
+        self.store_watch.check()
+        with self.store_watch.watching():
+            return record, self.store.record_history(source, record_id)
 
     def set_consent(self, citizen_id: str, granted: bool) -> None:
         row = self.row_of(citizen_id)
         with self._writing():
             self.store.set_consent(citizen_id, granted)
+            self._advance()
             self.state.set_consent(row, granted)
 
     def upsert_citizen(self, citizen_id: str, birth_day: int) -> bool:
@@ -371,6 +467,7 @@ class CreditService:
             if s.citizens.get(key) < 0 and n >= s.capacity:
                 raise CapacityExhausted(f"the serving state holds {s.capacity} citizens; restart to grow it")
             row, created = self.store.upsert_citizen(citizen_id, birth_day)
+            self._advance()
             s.citizens.insert(key, row)
             s.birth_day[row] = birth_day
             s.subject[row] = self.audit_subject(citizen_id)
@@ -392,11 +489,52 @@ class CreditService:
             return []
         return self.audit.checks_of(citizen_id, limit or 100)
 
+    def replay(self, decision_id: str, caller: Caller):
+        """An appeal: the audited disclosure ``decision_id`` and its recomputation from the
+        record and consent history (server/replay.py): (AuditEntry, Replayed, the spec that
+        made it). The replay is itself a disclosure to the caller, and audited as one."""
+        if not decision_id:
+            raise InvalidArgument("decision_id", "must not be empty")
+        if isinstance(self.audit, _NoAudit):
+            raise NothingToReplay("the audit log is off: there is no decision to replay")
+        try:
+            entry = self.audit.find(decision_id)
+        except ValueError:
+            raise UnknownDecision() from None
+        if entry is None:
+            raise UnknownDecision()
+        if entry.subject == 0:
+            raise NothingToReplay("the decision was about an unknown card: it concerns nobody")
+        rows = np.flatnonzero(self.state.subject[: self.state.n_citizens] == np.uint64(entry.subject))
+        if not len(rows):
+            raise NothingToReplay("the decision's citizen is no longer held")
+        row = int(rows[0])
+        spec, calibration = self._release_of(entry.model_version, entry.calibration_version)
+        self.store_watch.check()
+        with self.store_watch.watching():
+            replayed = replay(entry, row, int(self.state.birth_day[row]), self.store, spec, calibration)
+        seq, _ = self.ids.next()
+        self.audit.record(seq, caller.identity, "AuditService/ReplayDecision", entry.scenario, entry.subject,
+                          replayed.result, " ".join((entry.model_version or "-", entry.calibration_version or "-", entry.rules_version or "-")),
+                          replayed.position, entry.as_of_day)
+        return entry, replayed, spec
+
+    def _release_of(self, model_version: str, calibration_version: str):
+        if (model_version, calibration_version) == (self.model_version, self.calibration_version):
+            return self.spec, self.scorer.calibration
+        try:
+            if self.releases is not None:
+                return self.releases(model_version, calibration_version)
+        except (KeyError, ValueError, OSError):
+            pass
+        raise NothingToReplay(f"release {model_version}~{calibration_version} is not in the model registry")
+
     def register_card(self, citizen_id: str, token: bytes) -> bool:
         check_token(token)
         self.row_of(citizen_id)
         with self._writing():
             row, created = self.store.register_card(token, citizen_id)
+            self._advance()
             self.state.tokens.insert(token, row)
         return created
 
@@ -413,14 +551,20 @@ class CreditService:
             with self.store_watch.watching():
                 yield
 
-    def _get_record(self, record_id: str) -> RecordRow:
+    def _get_record(self, source: str, record_id: str) -> RecordRow:
         self.store_watch.check()
         with self.store_watch.watching():
-            return self.store.get_record(record_id)
+            return self.store.get_record(source, record_id)
+
+    def _advance(self) -> None:
+        """The state now reflects the store's last write: its position first, then the rows
+        (server/state.py POSITION). Caller holds the state lock, after the store write."""
+        self.state.advance(self.store.last_position())
 
     def _rescore(self, row: int) -> None:
         """Re-derive one citizen's features from the store and re-score the row in place.
-        Caller holds the state lock."""
+        Caller holds the state lock, after the store write."""
+        self._advance()
         t0 = time.perf_counter()
         self.state.rederive(row, self.store, self.scenarios, self.rows)
         if self.control is not None:

@@ -25,7 +25,6 @@ from server.errors import NotReady
 from server.service import CreditService, StaleGeneration
 
 ScoreStatus = score_pb2.ScoreResult.Status
-AckStatus = records_pb2.RecordAck.Status
 
 
 class Offload:
@@ -85,7 +84,8 @@ class EligibilityServicer(Offload, eligibility_pb2_grpc.EligibilityServiceServic
     async def StreamCheck(self, request_iterator, context):
         caller = current_caller()
         async for request in request_iterator:
-            decision = self.service.check(request.scenario, request.card_token, caller, "EligibilityService/StreamCheck")
+            # a bad message is answered for itself; the stream goes on (check_in_stream)
+            decision = self.service.check_in_stream(request.scenario, request.card_token, caller)
             yield convert.decision_message(decision, request.request_id)
 
     async def ListScenarios(self, request, context):
@@ -101,19 +101,23 @@ class RecordsServicer(Offload, records_pb2_grpc.RecordsServiceServicer):
         caller = current_caller()
         i = 0
         async for msg in request_iterator:
-            inserted = await self.run("ingest", convert.record_in(msg, i), caller)
+            ack = await self.run("ingest", convert.record_in(msg, i), caller)
             i += 1
-            yield records_pb2.RecordAck(record_id=msg.record_id, status=AckStatus.ACCEPTED if inserted else AckStatus.DUPLICATE)
+            yield convert.record_ack(msg.record_id, ack)
 
     async def CorrectRecord(self, request, context):
         day = convert.parse_date(request.date, "date")
-        await self.run("correct_record", request.record_id, day, request.value, current_caller())
-        return records_pb2.RecordAck(record_id=request.record_id, status=AckStatus.UPDATED)
+        row = await self.run("correct_record", request.record_id, day, request.value, current_caller(), request.source)
+        return convert.updated_ack(row)
 
     async def WithdrawRecord(self, request, context):
         why = convert.withdraw_status(request.why)
-        await self.run("withdraw_record", request.record_id, why, current_caller())
-        return records_pb2.RecordAck(record_id=request.record_id, status=AckStatus.UPDATED)
+        row = await self.run("withdraw_record", request.record_id, why, current_caller(), request.source)
+        return convert.updated_ack(row)
+
+    async def GetRecordHistory(self, request, context):
+        record, versions = await self.run("record_history", request.record_id, current_caller(), request.source)
+        return convert.record_history(record, versions)
 
     async def GrantConsent(self, request, context):
         await self.run("set_consent", request.citizen_id, True)
@@ -137,3 +141,7 @@ class AuditServicer(Offload, audit_pb2_grpc.AuditServiceServicer):
     async def ListChecks(self, request, context):
         entries = await self.run("checks_of", request.citizen_id, request.limit)
         return audit_pb2.ListChecksResponse(entries=[convert.check_entry(e) for e in entries])
+
+    async def ReplayDecision(self, request, context):
+        entry, replayed, spec = await self.run("replay", request.decision_id, current_caller())
+        return convert.replay_message(entry, replayed, spec)

@@ -43,8 +43,10 @@ from server.token_index import TokenIndex, pack_gate
 
 EPOCH = _dt.date(1970, 1, 1)
 
-# meta slots
-N_CITIZENS, AS_OF_DAY, READY, GENERATION = range(4)
+# meta slots. POSITION: the store's change sequence the state reflects (every write up to it
+# is applied); a writer sets it before it touches the rows, so a reader that saw a row's new
+# values reads a position at least as new (the appeal replay relies on it: server/replay.py).
+N_CITIZENS, AS_OF_DAY, READY, GENERATION, POSITION = range(5)
 
 
 def citizen_key(citizen_id: str) -> bytes:
@@ -166,7 +168,7 @@ class ServingState:
 
     spec: ModelSpec
     capacity: int
-    meta: np.ndarray  # int64: N_CITIZENS, AS_OF_DAY, READY, GENERATION (re-scores)
+    meta: np.ndarray  # int64: N_CITIZENS, AS_OF_DAY, READY, GENERATION (re-scores), POSITION
     features: np.ndarray  # float32 (capacity, V)
     adult: np.ndarray  # uint8
     consent: np.ndarray  # uint8: 1 while the citizen's authorisation stands
@@ -265,6 +267,15 @@ class ServingState:
     def ready(self) -> bool:
         return bool(self.meta[READY])
 
+    @property
+    def position(self) -> int:
+        return int(self.meta[POSITION])
+
+    def advance(self, position: int) -> None:
+        """A write at ``position`` is about to be applied (caller holds the lock)."""
+        if position > self.meta[POSITION]:
+            self.meta[POSITION] = position
+
     # --- loading (one process, before or while the workers wait) ----------------------
 
     def load(self, store: Store, scorer: Scorer, scenarios: dict[str, Scenario], as_of_day: int,
@@ -281,6 +292,8 @@ class ServingState:
         if n > self.capacity:
             raise ValueError(f"{n} citizens do not fit the state's capacity of {self.capacity}")
         self.meta[READY] = 0
+        # Writers wait for the lock this runs under, so nothing is written while it reads.
+        self.meta[POSITION] = store.high_water_mark()
         self.birth_day[:n] = citizens.birth_day
         self.consent[:n] = citizens.consent
         self.subject[:n] = [subject_of(self.audit_key, cid) for cid in citizens.ids]
@@ -300,6 +313,7 @@ class ServingState:
         lock): consents, birthdays, pseudonyms, card tokens, citizen ids and the count. Rows the
         old state gained or re-scored since this one was filled are re-derived separately."""
         n = old.n_citizens
+        self.advance(old.position)
         self.consent[:n] = old.consent[:n]
         self.birth_day[:n] = old.birth_day[:n]
         self.subject[:n] = old.subject[:n]
@@ -371,25 +385,33 @@ class ServingState:
     # --- helpers shared with single-citizen updates ------------------------------------
 
     def to_records(self, active: ActiveRecords, scenarios: dict[str, Scenario]) -> tuple[Records, np.ndarray]:
-        """Store records -> kernel Records (variables the spec does not score are dropped)
-        and each record's pay-later default bit (-1: none)."""
-        index = {v.name: i for i, v in enumerate(self.spec.variables)}
-        var = np.array([index.get(v, -1) for v in active.variable], np.int16)
-        bits = np.array(
-            [scenarios[s].default_bit if s in scenarios else -1 for s in active.scenario], np.int64
-        ) if len(active) else np.zeros(0, np.int64)
-        keep = var >= 0
-        records = Records.from_arrays(active.citizen_row[keep], var[keep], active.day[keep], active.value[keep])
-        return records, bits[keep]
+        return to_records(self.spec, active, {name: s.default_bit for name, s in scenarios.items()})
 
     def default_masks(self, records: Records, bits: np.ndarray, n: int, as_of_day: int) -> np.ndarray:
-        """Unpaid-default bit mask per citizen: an alive negative record tagged with a
-        pay-later scenario is an unpaid default there until it is repaired or withdrawn."""
-        masks = np.zeros(n, np.uint32)
-        if not len(records):
-            return masks
-        negative = np.array([v.direction == "negative" for v in self.spec.variables])
-        alive = record_weights(self.spec, records, as_of_day) > 0
-        sel = (bits >= 0) & alive & negative[records.variable.astype(np.intp)]
-        np.bitwise_or.at(masks, records.citizen[sel], np.uint32(1) << bits[sel].astype(np.uint32))
+        return default_masks(self.spec, records, bits, n, as_of_day)
+
+
+def to_records(spec: ModelSpec, active: ActiveRecords, default_bits: dict[str, int]) -> tuple[Records, np.ndarray]:
+    """Store records -> kernel Records (variables the spec does not score are dropped) and
+    each record's pay-later default bit (``default_bits[scenario]``; -1: none)."""
+    index = {v.name: i for i, v in enumerate(spec.variables)}
+    var = np.array([index.get(v, -1) for v in active.variable], np.int16)
+    bits = np.array(
+        [default_bits.get(s, -1) if s is not None else -1 for s in active.scenario], np.int64
+    ) if len(active) else np.zeros(0, np.int64)
+    keep = var >= 0
+    records = Records.from_arrays(active.citizen_row[keep], var[keep], active.day[keep], active.value[keep])
+    return records, bits[keep]
+
+
+def default_masks(spec: ModelSpec, records: Records, bits: np.ndarray, n: int, as_of_day: int) -> np.ndarray:
+    """Unpaid-default bit mask per citizen: an alive negative record tagged with a pay-later
+    scenario is an unpaid default there until it is repaired or withdrawn."""
+    masks = np.zeros(n, np.uint32)
+    if not len(records):
         return masks
+    negative = np.array([v.direction == "negative" for v in spec.variables])
+    alive = record_weights(spec, records, as_of_day) > 0
+    sel = (bits >= 0) & alive & negative[records.variable.astype(np.intp)]
+    np.bitwise_or.at(masks, records.citizen[sel], np.uint32(1) << bits[sel].astype(np.uint32))
+    return masks

@@ -316,12 +316,13 @@ cdef Py_ssize_t check_many(
             else:
                 subjects_out[base + i] = subject[row]
                 g = gate[row]  # one load: the row as one writer left it
-                # precedence: under 18, not authorised, (pay-later) serious record, unpaid
-                # default, then the threshold — the order of design section 4
-                if not (g >> ADULT_BIT) & 1:
-                    o = UNDER_18
-                elif not (g >> CONSENT_BIT) & 1:
+                # precedence (proto/qianjiang/v1/eligibility.proto, the same in every API):
+                # not authorised (before the age: without consent nothing about the person is
+                # disclosed), under 18, (pay-later) serious record, unpaid default, threshold
+                if not (g >> CONSENT_BIT) & 1:
                     o = NOT_AUTHORISED
+                elif not (g >> ADULT_BIT) & 1:
+                    o = UNDER_18
                 elif pay_later and (g >> HARD_RULE_BIT) & 1:
                     o = DENY_HARD_RULE
                 elif pay_later and (g >> (DEFAULTS_SHIFT + default_bit)) & 1:

@@ -8,51 +8,18 @@ import logging
 import os
 
 import grpc
-import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from clients.client import QianjiangClient, Record
+from conftest import STRANGER, SecureServer
 from qianjiang.v1 import audit_pb2, eligibility_pb2, records_pb2, score_pb2
 from server.app import Node, Runtime, ServerConfig, citizen_id
 from server.auth import load_policy
 from server.metrics import Metrics
 
 POLICY = load_policy()
-STRANGER = "stranger"  # authenticated, but unknown to the policy
 IDENTITIES = sorted(POLICY.callers) + [STRANGER]
-
-
-def _token(identity: str) -> str:
-    return f"dev-token-{identity}-0123456789"
-
-
-class SecureServer:
-    def __init__(self, data_dir):
-        tokens = data_dir / "tokens.toml"
-        tokens.write_text("".join(f'"{_token(i)}" = "{i}"\n' for i in IDENTITIES))
-        self.config = ServerConfig(
-            data_dir=data_dir, seed_citizens=1500, metrics_port=0, port=0, security="token", tokens_path=tokens,
-        )
-        self.runtime = Runtime.prepare(self.config)
-        self.node = Node(self.runtime, port=0, metrics=Metrics(CollectorRegistry())).start()
-        self.runtime.load()
-        self.service = self.node.attach()
-        self.target = f"127.0.0.1:{self.node.port}"
-        self.clients = {i: QianjiangClient(self.target, timeout=5, token=_token(i)) for i in IDENTITIES}
-        s = self.runtime.state
-        n = s.n_citizens
-        ok = np.flatnonzero((s.consent[:n] == 1) & (s.adult[:n] == 1) & (s.columns.flags[:n] == 0))
-        self.rows = iter(ok.tolist())
-        self.disclosed: list[str] = []  # every disclosure id a caller received
-
-    def fresh_row(self) -> int:
-        return next(self.rows)
-
-    def close(self):
-        for c in self.clients.values():
-            c.close()
-        self.node.drain(0)
 
 
 @pytest.fixture(scope="module")
@@ -169,7 +136,8 @@ def test_policy_matrix_of_record_types(secure, identity):
         if allowed:
             (ack,) = client.ingest([record])
             assert ack.status == records_pb2.RecordAck.ACCEPTED
-            assert secure.service.store.get_record(rid).source == identity, "the source is the authenticated caller"
+            assert ack.source == identity, "the source is the authenticated caller"
+            assert secure.service.store.get_record(identity, rid).sent_by == identity
             client.correct_record(rid, "2026-01-06", 2.0)
             client.withdraw_record(rid, repaired=True)
         else:
@@ -179,12 +147,20 @@ def test_policy_matrix_of_record_types(secure, identity):
 
 
 def test_a_source_cannot_touch_another_sources_records(secure):
+    """A source's record ids are its own namespace: another source's id is not found, in the
+    same words as an id never used (tests/test_contracts.py checks the words)."""
     cid = citizen_id(secure.fresh_row())
     (ack,) = secure.clients["court"].ingest([Record(record_id="court-1", citizen_id=cid, variable="court_listed_dishonest_debtor", date="2026-02-01", value=1)])
-    for call in (lambda: secure.clients["tax_bureau"].withdraw_record("court-1"), lambda: secure.clients["tax_bureau"].correct_record("court-1", "2026-02-01", 0)):
+    tax = secure.clients["tax_bureau"]
+    for call in (lambda: tax.withdraw_record("court-1"), lambda: tax.correct_record("court-1", "2026-02-01", 0)):
+        with pytest.raises(grpc.RpcError) as err:
+            call()
+        assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    for call in (lambda: tax.withdraw_record("court-1", source="court"), lambda: tax.correct_record("court-1", "2026-02-01", 0, source="court")):
         with pytest.raises(grpc.RpcError) as err:
             call()
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert secure.clients["citizen_app"].get_score(cid).hard_rule_applied  # the court's record still counts
 
 
 def test_every_disclosure_is_in_the_audit_log_exactly_once(secure):

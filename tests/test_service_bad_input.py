@@ -69,7 +69,7 @@ def today(served) -> str:
 
 def rec(served, record_id: str, row: int, **kw) -> Record:
     fields = dict(record_id=record_id, citizen_id=served.citizen(row), variable="traffic_violations",
-                  date=today(served), value=1.0, source="itest-bad")
+                  date=today(served), value=1.0)  # the source: the caller's own namespace
     fields.update(kw)
     return Record(**fields)
 

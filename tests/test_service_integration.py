@@ -37,7 +37,7 @@ SEED_LEVELS = (
     (0, common_pb2.NEEDS_IMPROVEMENT, "信用待提高"),
 )
 
-#: The design's scenarios and thresholds (config/scenarios.toml, design section 4).
+#: The design's scenarios and thresholds (config/scenarios.toml, docs/product.md §4).
 DESIGN_SCENARIOS = {
     "campus_fitness": (581, False),
     "bus_pay_later": (550, True),
@@ -108,7 +108,7 @@ def record(served, record_id: str, row_or_id, variable: str, value: float = 1.0,
     cid = served.citizen(row_or_id) if isinstance(row_or_id, int) else row_or_id
     CHANGED.add(cid)
     return Record(record_id=record_id, citizen_id=cid, variable=variable, date=date or today(served),
-                  value=value, source="itest", scenario=scenario)
+                  value=value, scenario=scenario)  # the source: the caller's own namespace
 
 
 def outcome_of(served, scenario: str, row: int) -> int:
@@ -234,9 +234,11 @@ def test_check_under_18_for_a_consenting_minor(served):
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
-def test_check_under_18_comes_before_not_authorised(served):
+def test_check_not_authorised_comes_before_under_18(served):
+    """Without consent nothing about the person is disclosed, not even that they are a minor
+    (the one precedence: tests/test_contracts.py checks it in every API)."""
     row = ROWS.one(served, adult=0, consent=0, hard_rule=None)
-    assert outcome_of(served, "library_deposit_free", row) == Outcome.UNDER_18
+    assert outcome_of(served, "library_deposit_free", row) == Outcome.NOT_AUTHORISED
 
 
 def test_check_unknown_scenario_is_not_found(served):
@@ -248,7 +250,8 @@ def test_check_unknown_scenario_is_not_found(served):
 
 def test_decision_never_carries_the_score(served):
     fields = {f.name for f in eligibility_pb2.Decision.DESCRIPTOR.fields}
-    assert fields == {"outcome", "allowed", "reason_codes", "decision_id", "model_version", "scenario", "request_id"}
+    assert fields == {"outcome", "allowed", "reason_codes", "decision_id", "model_version", "scenario", "request_id",
+                      "calibration_version", "rules_version", "records_position", "as_of_date", "detail"}
     assert not any(word in f for f in fields for word in ("score", "points", "level", "percentile", "citizen"))
     for row in ROWS.take(served, 3, min_score=0):
         score = served.client.get_score(served.citizen(row)).score
@@ -276,8 +279,8 @@ def test_campus_fitness_allows_from_581_for_everyone_in_the_city(served):
     got = np.frombuffer(result.outcomes, np.uint8)
     score, adult, consent = st.columns.score[:n], st.adult[:n], st.consent[:n]
     want = np.where(score >= 581, Outcome.ALLOW, Outcome.DENY_BELOW_THRESHOLD)
-    want = np.where(consent == 0, Outcome.NOT_AUTHORISED, want)
     want = np.where(adult == 0, Outcome.UNDER_18, want)
+    want = np.where(consent == 0, Outcome.NOT_AUTHORISED, want)  # before the age
     assert got.tolist() == want.tolist()
     scored = (adult == 1) & (consent == 1)
     # The boundary itself is exercised: the city has consenting adults on both sides of it.
@@ -331,12 +334,15 @@ def test_ingested_record_changes_score_and_decision_and_duplicate_changes_nothin
     assert "SC02" in [r.code for r in after.reasons]
     assert served.client.check("public_rental_deposit_free", token).outcome == Outcome.DENY_BELOW_THRESHOLD
 
-    # The same record_id again, even with other content: DUPLICATE, and nothing changes.
+    # The same record again: DUPLICATE; the same id with other content: a conflict naming the
+    # field (never a silent drop). Neither changes anything.
     again = record(served, "it-rec-1", row, "welfare_fraud", value=5.0)
     rescores = served.metric("qianjiang_rescores_total")
-    acks = served.client.ingest([rec, again])
+    (dup_ack,) = served.client.ingest([rec])
+    err = rpc_error(served.client.ingest, [again])
     assert served.metric("qianjiang_rescores_total") == rescores
-    assert [a.status for a in acks] == [Ack.DUPLICATE, Ack.DUPLICATE]
+    assert dup_ack.status == Ack.DUPLICATE
+    assert err.code() == grpc.StatusCode.ALREADY_EXISTS and err.metadata["field"] == "value"
     dup = served.client.get_score(cid)
     assert (dup.score, dup.raw_points, list(dup.reasons)) == (after.score, after.raw_points, list(after.reasons))
     assert dup.computed_at == after.computed_at
@@ -532,15 +538,13 @@ def test_stream_check_answers_in_order_with_request_ids(served):
     assert len({d.decision_id for d in decisions}) == 50
 
 
-def test_stream_check_unknown_scenario_ends_the_stream_with_not_found(served):
+def test_stream_check_answers_an_unknown_scenario_and_goes_on(served):
     row = ROWS.one(served)
-    stream = served.client.check_stream([("campus_fitness", served.token(row)), ("nowhere", served.token(row))], timeout=10)
-    got = []
-    with pytest.raises(grpc.RpcError) as info:
-        for d in stream:
-            got.append(d)
-    assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    assert len(got) == 1 and got[0].request_id == 1
+    requests = [("campus_fitness", served.token(row)), ("nowhere", served.token(row)), ("campus_fitness", served.token(row))]
+    got = list(served.client.check_stream(requests, timeout=10))
+    assert [d.request_id for d in got] == [1, 2, 3]
+    assert [d.outcome for d in got] == [Outcome.ALLOW, Outcome.UNKNOWN_SCENARIO, Outcome.ALLOW]
+    assert "nowhere" in got[1].detail and got[1].scenario == "nowhere"
 
 
 def test_list_scenarios_has_the_design_scenarios(served):

@@ -52,9 +52,12 @@ def own_pg():
         _pg("stop", where)
 
 
+SOURCE = "itest"  # the development mode's caller writes under the source it names
+
+
 def _record(k: int, row: int) -> Record:
     return Record(record_id=f"outage-{k}", citizen_id=citizen_id(row), variable="volunteer_hours",
-                  date=dt.date.today().isoformat(), value=10.0, source="itest")
+                  date=dt.date.today().isoformat(), value=10.0, source=SOURCE)
 
 
 def _until(predicate, seconds: float = 20.0):
@@ -97,7 +100,7 @@ def test_reads_go_on_writes_fail_fast_and_it_recovers_by_itself(own_pg, tmp_path
             lambda: qj.ingest([_record(2, consenting)]),
             lambda: qj.revoke_consent(citizen_id(consenting)),
             lambda: qj.register_card(citizen_id(consenting), bytes(range(16))),
-            lambda: qj.withdraw_record("outage-0"),
+            lambda: qj.withdraw_record("outage-0", source=SOURCE),
         )):
             with pytest.raises(grpc.RpcError) as err:
                 call()
@@ -134,7 +137,7 @@ def _exists(store, record_id: str) -> bool:
     from server.store import NotFound
 
     try:
-        store.get_record(record_id)
+        store.get_record(SOURCE, record_id)
         return True
     except NotFound:
         return False

@@ -1,5 +1,5 @@
 """The compiled card-token index and eligibility rule (server/token_index.pyx) against a
-plain-Python statement of the rule (design section 4's precedence), one token at a time and
+plain-Python statement of the rule (the precedence of docs/product.md §4), one token at a time and
 in a batch; and the module's doctests."""
 
 from __future__ import annotations
@@ -39,10 +39,10 @@ def test_checker_follows_the_rule(seed, min_score, pay_later, bit, n):
         row = rows.get(token)
         if row is None:
             return 5, 0  # UNKNOWN_CARD, no person
-        if not adult[row]:
+        if not consent[row]:
+            o = 6  # NOT_AUTHORISED: before the age (nothing about a person without consent)
+        elif not adult[row]:
             o = 7  # UNDER_18
-        elif not consent[row]:
-            o = 6  # NOT_AUTHORISED
         elif pay_later and flags[row] & 1:
             o = 3  # DENY_HARD_RULE
         elif pay_later and (int(defaults[row]) >> bit) & 1:

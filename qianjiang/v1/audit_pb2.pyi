@@ -9,6 +9,30 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ReplayDecisionRequest(_message.Message):
+    __slots__ = ("decision_id",)
+    DECISION_ID_FIELD_NUMBER: _ClassVar[int]
+    decision_id: str
+    def __init__(self, decision_id: _Optional[str] = ...) -> None: ...
+
+class Replay(_message.Message):
+    __slots__ = ("original", "replayed_result", "matches", "score", "level", "hard_rule_applied", "reason_codes")
+    ORIGINAL_FIELD_NUMBER: _ClassVar[int]
+    REPLAYED_RESULT_FIELD_NUMBER: _ClassVar[int]
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    HARD_RULE_APPLIED_FIELD_NUMBER: _ClassVar[int]
+    REASON_CODES_FIELD_NUMBER: _ClassVar[int]
+    original: CheckEntry
+    replayed_result: str
+    matches: bool
+    score: int
+    level: str
+    hard_rule_applied: bool
+    reason_codes: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, original: _Optional[_Union[CheckEntry, _Mapping]] = ..., replayed_result: _Optional[str] = ..., matches: _Optional[bool] = ..., score: _Optional[int] = ..., level: _Optional[str] = ..., hard_rule_applied: _Optional[bool] = ..., reason_codes: _Optional[_Iterable[str]] = ...) -> None: ...
+
 class ListChecksRequest(_message.Message):
     __slots__ = ("citizen_id", "limit")
     CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
@@ -18,7 +42,7 @@ class ListChecksRequest(_message.Message):
     def __init__(self, citizen_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class CheckEntry(_message.Message):
-    __slots__ = ("decision_id", "time", "caller", "method", "scenario", "result", "model_version")
+    __slots__ = ("decision_id", "time", "caller", "method", "scenario", "result", "model_version", "calibration_version", "rules_version", "records_position", "as_of_date")
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
@@ -26,6 +50,10 @@ class CheckEntry(_message.Message):
     SCENARIO_FIELD_NUMBER: _ClassVar[int]
     RESULT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    CALIBRATION_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_POSITION_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_DATE_FIELD_NUMBER: _ClassVar[int]
     decision_id: str
     time: _timestamp_pb2.Timestamp
     caller: str
@@ -33,7 +61,11 @@ class CheckEntry(_message.Message):
     scenario: str
     result: str
     model_version: str
-    def __init__(self, decision_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., caller: _Optional[str] = ..., method: _Optional[str] = ..., scenario: _Optional[str] = ..., result: _Optional[str] = ..., model_version: _Optional[str] = ...) -> None: ...
+    calibration_version: str
+    rules_version: str
+    records_position: int
+    as_of_date: str
+    def __init__(self, decision_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., caller: _Optional[str] = ..., method: _Optional[str] = ..., scenario: _Optional[str] = ..., result: _Optional[str] = ..., model_version: _Optional[str] = ..., calibration_version: _Optional[str] = ..., rules_version: _Optional[str] = ..., records_position: _Optional[int] = ..., as_of_date: _Optional[str] = ...) -> None: ...
 
 class ListChecksResponse(_message.Message):
     __slots__ = ("entries",)

@@ -39,6 +39,11 @@ class AuditServiceStub:
                 request_serializer=qianjiang_dot_v1_dot_audit__pb2.ListChecksRequest.SerializeToString,
                 response_deserializer=qianjiang_dot_v1_dot_audit__pb2.ListChecksResponse.FromString,
                 _registered_method=True)
+        self.ReplayDecision = channel.unary_unary(
+                '/qianjiang.v1.AuditService/ReplayDecision',
+                request_serializer=qianjiang_dot_v1_dot_audit__pb2.ReplayDecisionRequest.SerializeToString,
+                response_deserializer=qianjiang_dot_v1_dot_audit__pb2.Replay.FromString,
+                _registered_method=True)
 
 
 class AuditServiceServicer:
@@ -52,6 +57,15 @@ class AuditServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReplayDecision(self, request, context):
+        """An appeal: recompute a past decision or score disclosure from the record history, the
+        consent history, the model release, calibration and rule it was made with, as the store
+        stood at its records_position and on its as_of_date. NOT_FOUND: no such decision id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +73,11 @@ def add_AuditServiceServicer_to_server(servicer, server):
                     servicer.ListChecks,
                     request_deserializer=qianjiang_dot_v1_dot_audit__pb2.ListChecksRequest.FromString,
                     response_serializer=qianjiang_dot_v1_dot_audit__pb2.ListChecksResponse.SerializeToString,
+            ),
+            'ReplayDecision': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReplayDecision,
+                    request_deserializer=qianjiang_dot_v1_dot_audit__pb2.ReplayDecisionRequest.FromString,
+                    response_serializer=qianjiang_dot_v1_dot_audit__pb2.Replay.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +107,33 @@ class AuditService:
             '/qianjiang.v1.AuditService/ListChecks',
             qianjiang_dot_v1_dot_audit__pb2.ListChecksRequest.SerializeToString,
             qianjiang_dot_v1_dot_audit__pb2.ListChecksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReplayDecision(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qianjiang.v1.AuditService/ReplayDecision',
+            qianjiang_dot_v1_dot_audit__pb2.ReplayDecisionRequest.SerializeToString,
+            qianjiang_dot_v1_dot_audit__pb2.Replay.FromString,
             options,
             channel_credentials,
             insecure,

@@ -24,29 +24,29 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eqianjiang/v1/eligibility.proto\x12\x0cqianjiang.v1\"H\n\x0c\x43heckRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x12\n\ncard_token\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\x04\"\xab\x01\n\x08\x44\x65\x63ision\x12&\n\x07outcome\x18\x01 \x01(\x0e\x32\x15.qianjiang.v1.Outcome\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x14\n\x0creason_codes\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x10\n\x08scenario\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\x04\":\n\x11\x42\x61tchCheckRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_tokens\x18\x02 \x01(\x0c\"\x81\x01\n\x12\x42\x61tchCheckResponse\x12\x10\n\x08outcomes\x18\x01 \x01(\x0c\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08scenario\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\r\x12\x0f\n\x07\x61llowed\x18\x06 \x01(\r\"\x16\n\x14ListScenariosRequest\"`\n\x08Scenario\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07name_zh\x18\x02 \x01(\t\x12\x0f\n\x07name_en\x18\x03 \x01(\t\x12\x11\n\tmin_score\x18\x04 \x01(\x05\x12\x11\n\tpay_later\x18\x05 \x01(\x08\"B\n\x15ListScenariosResponse\x12)\n\tscenarios\x18\x01 \x03(\x0b\x32\x16.qianjiang.v1.Scenario*\xa8\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\x18\n\x14\x44\x45NY_BELOW_THRESHOLD\x10\x02\x12\x12\n\x0e\x44\x45NY_HARD_RULE\x10\x03\x12\x17\n\x13\x44\x45NY_UNPAID_DEFAULT\x10\x04\x12\x10\n\x0cUNKNOWN_CARD\x10\x05\x12\x12\n\x0eNOT_AUTHORISED\x10\x06\x12\x0c\n\x08UNDER_18\x10\x07\x32\xc3\x02\n\x12\x45ligibilityService\x12;\n\x05\x43heck\x12\x1a.qianjiang.v1.CheckRequest\x1a\x16.qianjiang.v1.Decision\x12O\n\nBatchCheck\x12\x1f.qianjiang.v1.BatchCheckRequest\x1a .qianjiang.v1.BatchCheckResponse\x12\x45\n\x0bStreamCheck\x12\x1a.qianjiang.v1.CheckRequest\x1a\x16.qianjiang.v1.Decision(\x01\x30\x01\x12X\n\rListScenarios\x12\".qianjiang.v1.ListScenariosRequest\x1a#.qianjiang.v1.ListScenariosResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1eqianjiang/v1/eligibility.proto\x12\x0cqianjiang.v1\"H\n\x0c\x43heckRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x12\n\ncard_token\x18\x02 \x01(\x0c\x12\x12\n\nrequest_id\x18\x03 \x01(\x04\"\x9d\x02\n\x08\x44\x65\x63ision\x12&\n\x07outcome\x18\x01 \x01(\x0e\x32\x15.qianjiang.v1.Outcome\x12\x0f\n\x07\x61llowed\x18\x02 \x01(\x08\x12\x14\n\x0creason_codes\x18\x03 \x03(\t\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x04 \x01(\t\x12\x15\n\rmodel_version\x18\x05 \x01(\t\x12\x10\n\x08scenario\x18\x06 \x01(\t\x12\x12\n\nrequest_id\x18\x07 \x01(\x04\x12\x1b\n\x13\x63\x61libration_version\x18\x08 \x01(\t\x12\x15\n\rrules_version\x18\t \x01(\t\x12\x18\n\x10records_position\x18\n \x01(\x04\x12\x12\n\nas_of_date\x18\x0b \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x0c \x01(\t\":\n\x11\x42\x61tchCheckRequest\x12\x10\n\x08scenario\x18\x01 \x01(\t\x12\x13\n\x0b\x63\x61rd_tokens\x18\x02 \x01(\x0c\"\xe3\x01\n\x12\x42\x61tchCheckResponse\x12\x10\n\x08outcomes\x18\x01 \x01(\x0c\x12\x10\n\x08\x62\x61tch_id\x18\x02 \x01(\t\x12\x15\n\rmodel_version\x18\x03 \x01(\t\x12\x10\n\x08scenario\x18\x04 \x01(\t\x12\r\n\x05\x63ount\x18\x05 \x01(\r\x12\x0f\n\x07\x61llowed\x18\x06 \x01(\r\x12\x1b\n\x13\x63\x61libration_version\x18\x07 \x01(\t\x12\x15\n\rrules_version\x18\x08 \x01(\t\x12\x18\n\x10records_position\x18\t \x01(\x04\x12\x12\n\nas_of_date\x18\n \x01(\t\"\x16\n\x14ListScenariosRequest\"w\n\x08Scenario\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07name_zh\x18\x02 \x01(\t\x12\x0f\n\x07name_en\x18\x03 \x01(\t\x12\x11\n\tmin_score\x18\x04 \x01(\x05\x12\x11\n\tpay_later\x18\x05 \x01(\x08\x12\x15\n\rrules_version\x18\x06 \x01(\t\"B\n\x15ListScenariosResponse\x12)\n\tscenarios\x18\x01 \x03(\x0b\x32\x16.qianjiang.v1.Scenario*\xef\x01\n\x07Outcome\x12\x17\n\x13OUTCOME_UNSPECIFIED\x10\x00\x12\t\n\x05\x41LLOW\x10\x01\x12\x18\n\x14\x44\x45NY_BELOW_THRESHOLD\x10\x02\x12\x12\n\x0e\x44\x45NY_HARD_RULE\x10\x03\x12\x17\n\x13\x44\x45NY_UNPAID_DEFAULT\x10\x04\x12\x10\n\x0cUNKNOWN_CARD\x10\x05\x12\x12\n\x0eNOT_AUTHORISED\x10\x06\x12\x0c\n\x08UNDER_18\x10\x07\x12\x13\n\x0fINVALID_REQUEST\x10\x08\x12\x14\n\x10UNKNOWN_SCENARIO\x10\t\x12\x1a\n\x16SCENARIO_NOT_PERMITTED\x10\n2\xc3\x02\n\x12\x45ligibilityService\x12;\n\x05\x43heck\x12\x1a.qianjiang.v1.CheckRequest\x1a\x16.qianjiang.v1.Decision\x12O\n\nBatchCheck\x12\x1f.qianjiang.v1.BatchCheckRequest\x1a .qianjiang.v1.BatchCheckResponse\x12\x45\n\x0bStreamCheck\x12\x1a.qianjiang.v1.CheckRequest\x1a\x16.qianjiang.v1.Decision(\x01\x30\x01\x12X\n\rListScenarios\x12\".qianjiang.v1.ListScenariosRequest\x1a#.qianjiang.v1.ListScenariosResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qianjiang.v1.eligibility_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_OUTCOME']._serialized_start=679
-  _globals['_OUTCOME']._serialized_end=847
+  _globals['_OUTCOME']._serialized_start=914
+  _globals['_OUTCOME']._serialized_end=1153
   _globals['_CHECKREQUEST']._serialized_start=48
   _globals['_CHECKREQUEST']._serialized_end=120
   _globals['_DECISION']._serialized_start=123
-  _globals['_DECISION']._serialized_end=294
-  _globals['_BATCHCHECKREQUEST']._serialized_start=296
-  _globals['_BATCHCHECKREQUEST']._serialized_end=354
-  _globals['_BATCHCHECKRESPONSE']._serialized_start=357
-  _globals['_BATCHCHECKRESPONSE']._serialized_end=486
-  _globals['_LISTSCENARIOSREQUEST']._serialized_start=488
-  _globals['_LISTSCENARIOSREQUEST']._serialized_end=510
-  _globals['_SCENARIO']._serialized_start=512
-  _globals['_SCENARIO']._serialized_end=608
-  _globals['_LISTSCENARIOSRESPONSE']._serialized_start=610
-  _globals['_LISTSCENARIOSRESPONSE']._serialized_end=676
-  _globals['_ELIGIBILITYSERVICE']._serialized_start=850
-  _globals['_ELIGIBILITYSERVICE']._serialized_end=1173
+  _globals['_DECISION']._serialized_end=408
+  _globals['_BATCHCHECKREQUEST']._serialized_start=410
+  _globals['_BATCHCHECKREQUEST']._serialized_end=468
+  _globals['_BATCHCHECKRESPONSE']._serialized_start=471
+  _globals['_BATCHCHECKRESPONSE']._serialized_end=698
+  _globals['_LISTSCENARIOSREQUEST']._serialized_start=700
+  _globals['_LISTSCENARIOSREQUEST']._serialized_end=722
+  _globals['_SCENARIO']._serialized_start=724
+  _globals['_SCENARIO']._serialized_end=843
+  _globals['_LISTSCENARIOSRESPONSE']._serialized_start=845
+  _globals['_LISTSCENARIOSRESPONSE']._serialized_end=911
+  _globals['_ELIGIBILITYSERVICE']._serialized_start=1156
+  _globals['_ELIGIBILITYSERVICE']._serialized_end=1479
 # @@protoc_insertion_point(module_scope)

@@ -75,7 +75,10 @@ class EligibilityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def StreamCheck(self, request_iterator, context):
-        """A gateway's long-lived connection: one Decision per CheckRequest, in order.
+        """A gateway's long-lived connection: one Decision per CheckRequest, in order. A bad
+        message does not end the stream: it is answered with INVALID_REQUEST, UNKNOWN_SCENARIO or
+        SCENARIO_NOT_PERMITTED (and `detail`), and the next message is decided as usual. Only a
+        failed authentication (or the server's limits and shutdown) end it with a status.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -22,39 +22,46 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqianjiang/v1/records.proto\x12\x0cqianjiang.v1\"\x80\x01\n\x06Record\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x12\n\ncitizen_id\x18\x02 \x01(\t\x12\x10\n\x08variable\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61te\x18\x04 \x01(\t\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x10\n\x08scenario\x18\x07 \x01(\t\"\x9a\x01\n\tRecordAck\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12.\n\x06status\x18\x02 \x01(\x0e\x32\x1e.qianjiang.v1.RecordAck.Status\"J\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\x12\x0b\n\x07UPDATED\x10\x03\"F\n\x14\x43orrectRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61te\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\"\x99\x01\n\x15WithdrawRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x34\n\x03why\x18\x02 \x01(\x0e\x32\'.qianjiang.v1.WithdrawRecordRequest.Why\"7\n\x03Why\x12\x13\n\x0fWHY_UNSPECIFIED\x10\x00\x12\r\n\tWITHDRAWN\x10\x01\x12\x0c\n\x08REPAIRED\x10\x02\"$\n\x0e\x43onsentRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\"3\n\x0c\x43onsentState\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07granted\x18\x02 \x01(\x08\"1\n\x07\x43itizen\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x12\n\nbirth_date\x18\x02 \x01(\t\"1\n\nCitizenAck\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"=\n\x13RegisterCardRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x12\n\ncard_token\x18\x02 \x01(\x0c\";\n\x14RegisterCardResponse\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x32\xa0\x04\n\x0eRecordsService\x12\x42\n\rIngestRecords\x12\x14.qianjiang.v1.Record\x1a\x17.qianjiang.v1.RecordAck(\x01\x30\x01\x12L\n\rCorrectRecord\x12\".qianjiang.v1.CorrectRecordRequest\x1a\x17.qianjiang.v1.RecordAck\x12N\n\x0eWithdrawRecord\x12#.qianjiang.v1.WithdrawRecordRequest\x1a\x17.qianjiang.v1.RecordAck\x12H\n\x0cGrantConsent\x12\x1c.qianjiang.v1.ConsentRequest\x1a\x1a.qianjiang.v1.ConsentState\x12I\n\rRevokeConsent\x12\x1c.qianjiang.v1.ConsentRequest\x1a\x1a.qianjiang.v1.ConsentState\x12@\n\rUpsertCitizen\x12\x15.qianjiang.v1.Citizen\x1a\x18.qianjiang.v1.CitizenAck\x12U\n\x0cRegisterCard\x12!.qianjiang.v1.RegisterCardRequest\x1a\".qianjiang.v1.RegisterCardResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aqianjiang/v1/records.proto\x12\x0cqianjiang.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x80\x01\n\x06Record\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x12\n\ncitizen_id\x18\x02 \x01(\t\x12\x10\n\x08variable\x18\x03 \x01(\t\x12\x0c\n\x04\x64\x61te\x18\x04 \x01(\t\x12\r\n\x05value\x18\x05 \x01(\x01\x12\x0e\n\x06source\x18\x06 \x01(\t\x12\x10\n\x08scenario\x18\x07 \x01(\t\"\xcd\x01\n\tRecordAck\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12.\n\x06status\x18\x02 \x01(\x0e\x32\x1e.qianjiang.v1.RecordAck.Status\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07version\x18\x04 \x01(\r\x12\x10\n\x08position\x18\x05 \x01(\x04\"J\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x0c\n\x08\x41\x43\x43\x45PTED\x10\x01\x12\r\n\tDUPLICATE\x10\x02\x12\x0b\n\x07UPDATED\x10\x03\"V\n\x14\x43orrectRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0c\n\x04\x64\x61te\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x0e\n\x06source\x18\x04 \x01(\t\"\xa9\x01\n\x15WithdrawRecordRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x34\n\x03why\x18\x02 \x01(\x0e\x32\'.qianjiang.v1.WithdrawRecordRequest.Why\x12\x0e\n\x06source\x18\x03 \x01(\t\"7\n\x03Why\x12\x13\n\x0fWHY_UNSPECIFIED\x10\x00\x12\r\n\tWITHDRAWN\x10\x01\x12\x0c\n\x08REPAIRED\x10\x02\"9\n\x14RecordHistoryRequest\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"\xc5\x01\n\rRecordVersion\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04\x64\x61te\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\x01\x12\x0e\n\x06status\x18\x04 \x01(\t\x12\x10\n\x08variable\x18\x05 \x01(\t\x12\x10\n\x08scenario\x18\x06 \x01(\t\x12/\n\x0breceived_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07sent_by\x18\x08 \x01(\t\x12\x10\n\x08position\x18\t \x01(\x04\"a\n\rRecordHistory\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\x12-\n\x08versions\x18\x03 \x03(\x0b\x32\x1b.qianjiang.v1.RecordVersion\"$\n\x0e\x43onsentRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\"3\n\x0c\x43onsentState\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07granted\x18\x02 \x01(\x08\"1\n\x07\x43itizen\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x12\n\nbirth_date\x18\x02 \x01(\t\"1\n\nCitizenAck\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"=\n\x13RegisterCardRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x12\n\ncard_token\x18\x02 \x01(\x0c\";\n\x14RegisterCardResponse\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\x32\xf5\x04\n\x0eRecordsService\x12\x42\n\rIngestRecords\x12\x14.qianjiang.v1.Record\x1a\x17.qianjiang.v1.RecordAck(\x01\x30\x01\x12L\n\rCorrectRecord\x12\".qianjiang.v1.CorrectRecordRequest\x1a\x17.qianjiang.v1.RecordAck\x12N\n\x0eWithdrawRecord\x12#.qianjiang.v1.WithdrawRecordRequest\x1a\x17.qianjiang.v1.RecordAck\x12S\n\x10GetRecordHistory\x12\".qianjiang.v1.RecordHistoryRequest\x1a\x1b.qianjiang.v1.RecordHistory\x12H\n\x0cGrantConsent\x12\x1c.qianjiang.v1.ConsentRequest\x1a\x1a.qianjiang.v1.ConsentState\x12I\n\rRevokeConsent\x12\x1c.qianjiang.v1.ConsentRequest\x1a\x1a.qianjiang.v1.ConsentState\x12@\n\rUpsertCitizen\x12\x15.qianjiang.v1.Citizen\x1a\x18.qianjiang.v1.CitizenAck\x12U\n\x0cRegisterCard\x12!.qianjiang.v1.RegisterCardRequest\x1a\".qianjiang.v1.RegisterCardResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qianjiang.v1.records_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_RECORD']._serialized_start=45
-  _globals['_RECORD']._serialized_end=173
-  _globals['_RECORDACK']._serialized_start=176
-  _globals['_RECORDACK']._serialized_end=330
-  _globals['_RECORDACK_STATUS']._serialized_start=256
-  _globals['_RECORDACK_STATUS']._serialized_end=330
-  _globals['_CORRECTRECORDREQUEST']._serialized_start=332
-  _globals['_CORRECTRECORDREQUEST']._serialized_end=402
-  _globals['_WITHDRAWRECORDREQUEST']._serialized_start=405
-  _globals['_WITHDRAWRECORDREQUEST']._serialized_end=558
-  _globals['_WITHDRAWRECORDREQUEST_WHY']._serialized_start=503
-  _globals['_WITHDRAWRECORDREQUEST_WHY']._serialized_end=558
-  _globals['_CONSENTREQUEST']._serialized_start=560
-  _globals['_CONSENTREQUEST']._serialized_end=596
-  _globals['_CONSENTSTATE']._serialized_start=598
-  _globals['_CONSENTSTATE']._serialized_end=649
-  _globals['_CITIZEN']._serialized_start=651
-  _globals['_CITIZEN']._serialized_end=700
-  _globals['_CITIZENACK']._serialized_start=702
-  _globals['_CITIZENACK']._serialized_end=751
-  _globals['_REGISTERCARDREQUEST']._serialized_start=753
-  _globals['_REGISTERCARDREQUEST']._serialized_end=814
-  _globals['_REGISTERCARDRESPONSE']._serialized_start=816
-  _globals['_REGISTERCARDRESPONSE']._serialized_end=875
-  _globals['_RECORDSSERVICE']._serialized_start=878
-  _globals['_RECORDSSERVICE']._serialized_end=1422
+  _globals['_RECORD']._serialized_start=78
+  _globals['_RECORD']._serialized_end=206
+  _globals['_RECORDACK']._serialized_start=209
+  _globals['_RECORDACK']._serialized_end=414
+  _globals['_RECORDACK_STATUS']._serialized_start=340
+  _globals['_RECORDACK_STATUS']._serialized_end=414
+  _globals['_CORRECTRECORDREQUEST']._serialized_start=416
+  _globals['_CORRECTRECORDREQUEST']._serialized_end=502
+  _globals['_WITHDRAWRECORDREQUEST']._serialized_start=505
+  _globals['_WITHDRAWRECORDREQUEST']._serialized_end=674
+  _globals['_WITHDRAWRECORDREQUEST_WHY']._serialized_start=619
+  _globals['_WITHDRAWRECORDREQUEST_WHY']._serialized_end=674
+  _globals['_RECORDHISTORYREQUEST']._serialized_start=676
+  _globals['_RECORDHISTORYREQUEST']._serialized_end=733
+  _globals['_RECORDVERSION']._serialized_start=736
+  _globals['_RECORDVERSION']._serialized_end=933
+  _globals['_RECORDHISTORY']._serialized_start=935
+  _globals['_RECORDHISTORY']._serialized_end=1032
+  _globals['_CONSENTREQUEST']._serialized_start=1034
+  _globals['_CONSENTREQUEST']._serialized_end=1070
+  _globals['_CONSENTSTATE']._serialized_start=1072
+  _globals['_CONSENTSTATE']._serialized_end=1123
+  _globals['_CITIZEN']._serialized_start=1125
+  _globals['_CITIZEN']._serialized_end=1174
+  _globals['_CITIZENACK']._serialized_start=1176
+  _globals['_CITIZENACK']._serialized_end=1225
+  _globals['_REGISTERCARDREQUEST']._serialized_start=1227
+  _globals['_REGISTERCARDREQUEST']._serialized_end=1288
+  _globals['_REGISTERCARDRESPONSE']._serialized_start=1290
+  _globals['_REGISTERCARDRESPONSE']._serialized_end=1349
+  _globals['_RECORDSSERVICE']._serialized_start=1352
+  _globals['_RECORDSSERVICE']._serialized_end=1981
 # @@protoc_insertion_point(module_scope)

@@ -1,6 +1,11 @@
+import datetime
+
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
 from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
@@ -24,7 +29,7 @@ class Record(_message.Message):
     def __init__(self, record_id: _Optional[str] = ..., citizen_id: _Optional[str] = ..., variable: _Optional[str] = ..., date: _Optional[str] = ..., value: _Optional[float] = ..., source: _Optional[str] = ..., scenario: _Optional[str] = ...) -> None: ...
 
 class RecordAck(_message.Message):
-    __slots__ = ("record_id", "status")
+    __slots__ = ("record_id", "status", "source", "version", "position")
     class Status(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         STATUS_UNSPECIFIED: _ClassVar[RecordAck.Status]
@@ -37,22 +42,30 @@ class RecordAck(_message.Message):
     UPDATED: RecordAck.Status
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     record_id: str
     status: RecordAck.Status
-    def __init__(self, record_id: _Optional[str] = ..., status: _Optional[_Union[RecordAck.Status, str]] = ...) -> None: ...
+    source: str
+    version: int
+    position: int
+    def __init__(self, record_id: _Optional[str] = ..., status: _Optional[_Union[RecordAck.Status, str]] = ..., source: _Optional[str] = ..., version: _Optional[int] = ..., position: _Optional[int] = ...) -> None: ...
 
 class CorrectRecordRequest(_message.Message):
-    __slots__ = ("record_id", "date", "value")
+    __slots__ = ("record_id", "date", "value", "source")
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     DATE_FIELD_NUMBER: _ClassVar[int]
     VALUE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     record_id: str
     date: str
     value: float
-    def __init__(self, record_id: _Optional[str] = ..., date: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    source: str
+    def __init__(self, record_id: _Optional[str] = ..., date: _Optional[str] = ..., value: _Optional[float] = ..., source: _Optional[str] = ...) -> None: ...
 
 class WithdrawRecordRequest(_message.Message):
-    __slots__ = ("record_id", "why")
+    __slots__ = ("record_id", "why", "source")
     class Why(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         WHY_UNSPECIFIED: _ClassVar[WithdrawRecordRequest.Why]
@@ -63,9 +76,51 @@ class WithdrawRecordRequest(_message.Message):
     REPAIRED: WithdrawRecordRequest.Why
     RECORD_ID_FIELD_NUMBER: _ClassVar[int]
     WHY_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     record_id: str
     why: WithdrawRecordRequest.Why
-    def __init__(self, record_id: _Optional[str] = ..., why: _Optional[_Union[WithdrawRecordRequest.Why, str]] = ...) -> None: ...
+    source: str
+    def __init__(self, record_id: _Optional[str] = ..., why: _Optional[_Union[WithdrawRecordRequest.Why, str]] = ..., source: _Optional[str] = ...) -> None: ...
+
+class RecordHistoryRequest(_message.Message):
+    __slots__ = ("record_id", "source")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    source: str
+    def __init__(self, record_id: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class RecordVersion(_message.Message):
+    __slots__ = ("version", "date", "value", "status", "variable", "scenario", "received_at", "sent_by", "position")
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    VARIABLE_FIELD_NUMBER: _ClassVar[int]
+    SCENARIO_FIELD_NUMBER: _ClassVar[int]
+    RECEIVED_AT_FIELD_NUMBER: _ClassVar[int]
+    SENT_BY_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    version: int
+    date: str
+    value: float
+    status: str
+    variable: str
+    scenario: str
+    received_at: _timestamp_pb2.Timestamp
+    sent_by: str
+    position: int
+    def __init__(self, version: _Optional[int] = ..., date: _Optional[str] = ..., value: _Optional[float] = ..., status: _Optional[str] = ..., variable: _Optional[str] = ..., scenario: _Optional[str] = ..., received_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., sent_by: _Optional[str] = ..., position: _Optional[int] = ...) -> None: ...
+
+class RecordHistory(_message.Message):
+    __slots__ = ("record_id", "source", "versions")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    source: str
+    versions: _containers.RepeatedCompositeFieldContainer[RecordVersion]
+    def __init__(self, record_id: _Optional[str] = ..., source: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[RecordVersion, _Mapping]]] = ...) -> None: ...
 
 class ConsentRequest(_message.Message):
     __slots__ = ("citizen_id",)

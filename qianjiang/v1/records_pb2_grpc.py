@@ -49,6 +49,11 @@ class RecordsServiceStub:
                 request_serializer=qianjiang_dot_v1_dot_records__pb2.WithdrawRecordRequest.SerializeToString,
                 response_deserializer=qianjiang_dot_v1_dot_records__pb2.RecordAck.FromString,
                 _registered_method=True)
+        self.GetRecordHistory = channel.unary_unary(
+                '/qianjiang.v1.RecordsService/GetRecordHistory',
+                request_serializer=qianjiang_dot_v1_dot_records__pb2.RecordHistoryRequest.SerializeToString,
+                response_deserializer=qianjiang_dot_v1_dot_records__pb2.RecordHistory.FromString,
+                _registered_method=True)
         self.GrantConsent = channel.unary_unary(
                 '/qianjiang.v1.RecordsService/GrantConsent',
                 request_serializer=qianjiang_dot_v1_dot_records__pb2.ConsentRequest.SerializeToString,
@@ -75,24 +80,37 @@ class RecordsServiceServicer:
     """Missing associated documentation comment in .proto file."""
 
     def IngestRecords(self, request_iterator, context):
-        """Data sources push records. Idempotent by record_id: a record already stored is
-        acknowledged as DUPLICATE. Each record is acknowledged only once it is durable. A
-        malformed record ends the stream with INVALID_ARGUMENT naming the field; records
-        acknowledged before it are kept.
+        """Data sources push records. A record is identified by (source, record_id): two sources may
+        use the same id. Re-sending a record with the same content as first ingested is
+        acknowledged DUPLICATE (nothing changes); the same (source, record_id) with other content
+        ends the stream with ALREADY_EXISTS (ErrorInfo reason RECORD_CONFLICT, metadata `field`:
+        the first field that differs) — never a silent drop. Each record is acknowledged only once
+        it is durable. A malformed record ends the stream with INVALID_ARGUMENT naming the field;
+        records acknowledged before it are kept.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def CorrectRecord(self, request, context):
-        """Correct a stored record's value or date; the citizen is re-scored at once.
+        """Correct a stored record's value or date: a new version of it (the history keeps every
+        version); the citizen is re-scored at once. NOT_FOUND names no other source's records:
+        "not yours" and "not there" are one answer.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def WithdrawRecord(self, request, context):
-        """Withdraw a record (source error) or mark it repaired (credit repair): it stops counting.
+        """Withdraw a record (source error) or mark it repaired (credit repair): a new version that
+        stops counting.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRecordHistory(self, request, context):
+        """Every version of one of the caller's records, oldest first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -143,6 +161,11 @@ def add_RecordsServiceServicer_to_server(servicer, server):
                     servicer.WithdrawRecord,
                     request_deserializer=qianjiang_dot_v1_dot_records__pb2.WithdrawRecordRequest.FromString,
                     response_serializer=qianjiang_dot_v1_dot_records__pb2.RecordAck.SerializeToString,
+            ),
+            'GetRecordHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRecordHistory,
+                    request_deserializer=qianjiang_dot_v1_dot_records__pb2.RecordHistoryRequest.FromString,
+                    response_serializer=qianjiang_dot_v1_dot_records__pb2.RecordHistory.SerializeToString,
             ),
             'GrantConsent': grpc.unary_unary_rpc_method_handler(
                     servicer.GrantConsent,
@@ -246,6 +269,33 @@ class RecordsService:
             '/qianjiang.v1.RecordsService/WithdrawRecord',
             qianjiang_dot_v1_dot_records__pb2.WithdrawRecordRequest.SerializeToString,
             qianjiang_dot_v1_dot_records__pb2.RecordAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRecordHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qianjiang.v1.RecordsService/GetRecordHistory',
+            qianjiang_dot_v1_dot_records__pb2.RecordHistoryRequest.SerializeToString,
+            qianjiang_dot_v1_dot_records__pb2.RecordHistory.FromString,
             options,
             channel_credentials,
             insecure,

@@ -20,7 +20,7 @@ class GetScoreRequest(_message.Message):
     def __init__(self, citizen_id: _Optional[str] = ..., purpose: _Optional[str] = ...) -> None: ...
 
 class Score(_message.Message):
-    __slots__ = ("citizen_id", "score", "level", "level_zh", "percentile", "raw_points", "dimensions", "reasons", "hard_rule_applied", "model_version", "calibration_version", "computed_at", "disclosure_id")
+    __slots__ = ("citizen_id", "score", "level", "level_zh", "percentile", "raw_points", "dimensions", "reasons", "hard_rule_applied", "model_version", "calibration_version", "computed_at", "disclosure_id", "records_position", "as_of_date")
     CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     LEVEL_FIELD_NUMBER: _ClassVar[int]
@@ -34,6 +34,8 @@ class Score(_message.Message):
     CALIBRATION_VERSION_FIELD_NUMBER: _ClassVar[int]
     COMPUTED_AT_FIELD_NUMBER: _ClassVar[int]
     DISCLOSURE_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_POSITION_FIELD_NUMBER: _ClassVar[int]
+    AS_OF_DATE_FIELD_NUMBER: _ClassVar[int]
     citizen_id: str
     score: int
     level: _common_pb2.Level
@@ -47,7 +49,9 @@ class Score(_message.Message):
     calibration_version: str
     computed_at: _timestamp_pb2.Timestamp
     disclosure_id: str
-    def __init__(self, citizen_id: _Optional[str] = ..., score: _Optional[int] = ..., level: _Optional[_Union[_common_pb2.Level, str]] = ..., level_zh: _Optional[str] = ..., percentile: _Optional[float] = ..., raw_points: _Optional[float] = ..., dimensions: _Optional[_Iterable[_Union[_common_pb2.DimensionPoints, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., hard_rule_applied: _Optional[bool] = ..., model_version: _Optional[str] = ..., calibration_version: _Optional[str] = ..., computed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disclosure_id: _Optional[str] = ...) -> None: ...
+    records_position: int
+    as_of_date: str
+    def __init__(self, citizen_id: _Optional[str] = ..., score: _Optional[int] = ..., level: _Optional[_Union[_common_pb2.Level, str]] = ..., level_zh: _Optional[str] = ..., percentile: _Optional[float] = ..., raw_points: _Optional[float] = ..., dimensions: _Optional[_Iterable[_Union[_common_pb2.DimensionPoints, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., hard_rule_applied: _Optional[bool] = ..., model_version: _Optional[str] = ..., calibration_version: _Optional[str] = ..., computed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disclosure_id: _Optional[str] = ..., records_position: _Optional[int] = ..., as_of_date: _Optional[str] = ...) -> None: ...
 
 class VariableContribution(_message.Message):
     __slots__ = ("variable", "dimension", "direction", "feature", "points", "best_points")

@@ -56,8 +56,9 @@ class ScoreServiceServicer:
 
     def GetScore(self, request, context):
         """One citizen's score, level, dimension points, percentile and reasons.
-        NOT_FOUND: unknown citizen. FAILED_PRECONDITION: the citizen has not authorised it,
-        or is under 18 (no score exists).
+        In the precedence of eligibility.proto: NOT_FOUND (unknown citizen), then
+        FAILED_PRECONDITION with ErrorInfo reason NOT_AUTHORISED (no authorisation stands: nothing
+        else is said, not even the age), then FAILED_PRECONDITION reason UNDER_18 (no score exists).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
