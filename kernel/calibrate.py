@@ -4,7 +4,7 @@
 
 Scores the population uncalibrated (raw points), builds and freezes the histogram
 (kernel/calibration.py), re-scores through the frozen table, and prints the level shares,
-the mean and σ of the scores, and the seed's checks (design section 2). The PNG shows the
+the mean and σ of the scores, and the seed's checks (docs/product.md §2). The PNG shows the
 score histogram with the five level bands and the target normal curve N(μ, σ).
 """
 

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import numpy as np
 
 N_DIMENSIONS = 5
-#: At most this many reason codes per citizen (design section 3.6).
+#: At most this many reason codes per citizen (docs/product.md §3.6).
 MAX_REASONS = 4
 
 #: ``flags`` bits.

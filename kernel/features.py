@@ -1,4 +1,4 @@
-"""From a citizen's records to the feature matrix the kernel scores (design section 3.1).
+"""From a citizen's records to the feature matrix the kernel scores (docs/product.md §3.1).
 
     >>> import numpy as np
     >>> from kernel.spec import load_spec

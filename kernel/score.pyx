@@ -1,7 +1,7 @@
 # Design of the scoring kernel
 # ----------------------------
 # Pure C, `noexcept nogil`: `score_block` scores up to BLOCK (32) citizens in one fused pass
-# (design section 3, steps 2-6). The block's features are transposed into a
+# (docs/product.md §3, steps 2-6). The block's features are transposed into a
 # variables x citizens buffer so that every step below is a loop over citizens with the
 # same coefficients, which the C compiler vectorises:
 #     points per variable (base + monotone ramps, kernel/spec.py::CompiledSpec), the five

@@ -32,7 +32,7 @@ DIMENSIONS = ("identity", "law_abiding", "social_credit", "commercial_credit", "
 #: (minor up to 3 months, general up to 1 year, serious 1 to 3 years).
 TIER_LIFETIME_DAYS = {"minor": (1, 90), "general": (1, 365), "serious": (365, 1095)}
 
-#: Attributes that must never be model inputs (design section 2, "non-discriminating").
+#: Attributes that must never be model inputs (docs/product.md §2, "non-discriminating").
 #: A variable whose name, source or record type contains one of these words is rejected.
 PROTECTED_WORDS = frozenset(
     {

@@ -23,7 +23,7 @@ from bisect import bisect_left
 import numpy as np
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
-#: 100 µs to 1 s: a gate check has single-digit milliseconds (design section 7).
+#: 100 µs to 1 s: a gate check has single-digit milliseconds (docs/product.md §7).
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 
 
