@@ -17,7 +17,7 @@ from server.errors import InvalidArgument
 from server.scenarios import RESULT_NAMES, Outcome, Scenario
 from server.service import BatchDecision, Contribution, DecisionView, RecordAck, ScoreView
 from server.state import day_of, iso_of
-from server.store import RecordIn, RecordRow, RecordVersion
+from server.store import ACCEPTED, DUPLICATE, RecordIn, RecordRow, RecordVersion
 
 #: Level index in the spec -> proto enum (the spec's five levels, in order).
 LEVELS = (common_pb2.NEEDS_IMPROVEMENT, common_pb2.FAIR, common_pb2.GOOD, common_pb2.EXCELLENT, common_pb2.OUTSTANDING)
@@ -61,7 +61,7 @@ def record_in(msg: records_pb2.Record, index: int | None = None) -> RecordIn:
     )
 
 
-_ACK = {"accepted": records_pb2.RecordAck.ACCEPTED, "duplicate": records_pb2.RecordAck.DUPLICATE}
+_ACK = {ACCEPTED: records_pb2.RecordAck.ACCEPTED, DUPLICATE: records_pb2.RecordAck.DUPLICATE}
 
 
 def record_ack(record_id: str, ack: RecordAck) -> records_pb2.RecordAck:

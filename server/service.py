@@ -35,7 +35,7 @@ from server.replay import replay
 from server.scenarios import REASON_CODES, SCORE_EXPLAINED, SCORE_VIEWED, Outcome, Scenario
 from server.token_index import Checker
 from server.state import N_CITIZENS, Control, ServingState, citizen_key
-from server.store import RecordIn, RecordRow, RecordVersion, Store
+from server.store import ACCEPTED, RecordIn, RecordRow, RecordVersion, Store
 from server.store_watch import StoreWatch
 
 #: Limits (documented in proto/): bigger requests are INVALID_ARGUMENT, not slow answers.
@@ -97,15 +97,11 @@ class ScoreView:
     disclosure_id: str = ""
 
 
-#: A record store's answer to an ingested record (server/store.py add_records).
-ACCEPTED_STATUS, DUPLICATE_STATUS = "accepted", "duplicate"
-
-
 @dataclass(frozen=True)
 class RecordAck:
     """What a data source is told about one ingested record."""
 
-    status: str  # ACCEPTED_STATUS or DUPLICATE_STATUS
+    status: str  # server.store.ACCEPTED or DUPLICATE
     source: str
     version: int
     position: int
@@ -382,7 +378,7 @@ class CreditService:
         row = self.row_of(record.citizen_id)
         with self._writing():
             (status,) = self.store.add_records([record], sent_by=caller.identity)
-            if status == ACCEPTED_STATUS:
+            if status == ACCEPTED:
                 self._rescore(row)
                 return RecordAck(status, record.source, 1, self.store.last_position())
         stored = self._get_record(record.source, record.record_id)
