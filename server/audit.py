@@ -122,6 +122,7 @@ from pathlib import Path
 import numpy as np
 
 from server.decision_ids import SEQ_LIMIT, DecisionIds, ids_key
+from server.files import fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -626,7 +627,7 @@ class AuditLog:
         self._fd = os.open(f"{stem}.bin", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o640)
         self._size = 0
         self._bin_path, self._segment_day = Path(f"{stem}.bin"), day
-        _fsync_dir(self.directory)  # the new names themselves must survive a crash
+        fsync_dir(self.directory)  # the new names themselves must survive a crash
 
     # --- indexing and retention (the indexer thread; inline without one) ----------------
 
@@ -1113,7 +1114,7 @@ def build_index(bin_path) -> Path | None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, final)
-    _fsync_dir(bin_path.parent)
+    fsync_dir(bin_path.parent)
     return final
 
 
@@ -1146,14 +1147,6 @@ def _pread_records(path: Path, dtype: np.dtype, first: int, count: int) -> np.nd
     except FileNotFoundError:
         return np.zeros(0, dtype)
     return np.frombuffer(raw, dtype, count=len(raw) // dtype.itemsize)
-
-
-def _fsync_dir(directory: Path) -> None:
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _alive(pid: int) -> bool:

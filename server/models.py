@@ -53,6 +53,7 @@ from kernel.calibration import CalibrationError, CalibrationTable, RawHistogram
 from kernel.rollout import PopulationScores, RolloutReport, compare
 from kernel.score import Scorer
 from kernel.spec import DEFAULT_SPEC_PATH, ModelSpec, SpecError, load_spec
+from server.files import fsync_dir, fsync_file, write_atomic
 from server.scenarios import Scenario, load_scenarios
 from server.state import ServingState, today
 
@@ -85,43 +86,6 @@ def check_release_id(value: str) -> str:
 # --- atomic files ------------------------------------------------------------------------------
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_atomic(path: str | Path, data: bytes, mode: int = 0o644) -> Path:
-    """Replace ``path`` with ``data`` atomically and durably: temporary file in the same
-    directory, fsync, rename, fsync the directory."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
-    try:
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-    _fsync_dir(path.parent)
-    return path
 
 
 def _now() -> str:
@@ -311,7 +275,7 @@ class ModelRegistry:
             staging.mkdir()
             write_atomic(staging / SPEC_FILE, spec_bytes)
             table.save(staging / CALIBRATION_FILE)
-            _fsync_file(staging / CALIBRATION_FILE)
+            fsync_file(staging / CALIBRATION_FILE)
             write_atomic(staging / RELEASE_FILE, json.dumps(meta, indent=1, ensure_ascii=False).encode())
             copy_spec = load_spec(staging / SPEC_FILE)  # what is on disk is what was validated
             if copy_spec.model_version != spec.model_version:
@@ -322,7 +286,7 @@ class ModelRegistry:
                     write_atomic(final / RELEASE_FILE, (staging / RELEASE_FILE).read_bytes())
                 else:
                     os.rename(staging, final)
-                    _fsync_dir(self.root)
+                    fsync_dir(self.root)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
         return rid

@@ -37,7 +37,8 @@ from kernel.calibration import CalibrationError
 from kernel.rollout import PopulationScores, RolloutReport, compare
 from kernel.score import Scorer
 from kernel.spec import SpecError
-from server.models import RegistryError, write_atomic
+from server.files import write_atomic
+from server.models import RegistryError
 from server.state import ACTIVE_GENERATION, PREPARED_GENERATION, READY, TRACKING, WARMED, ServingState
 
 log = logging.getLogger("qianjiang.rollout")

@@ -27,9 +27,9 @@ from server.models import (
     score_population,
     server_pid,
     signal_server,
-    write_atomic,
     write_pid_file,
 )
+from server.files import write_atomic
 from server.state import adults, today
 from server.store import open_store
 
