@@ -17,6 +17,14 @@ Three modes (ServerConfig.security):
 UNAUTHENTICATED (no valid identity) and PERMISSION_DENIED (an identity the policy does not
 allow) are distinct, and both are decided before any person is looked up, so neither tells
 whether a person exists.
+
+Roles. Every caller of the policy has a ``role``: ``citizen_app`` (a citizen's own score,
+reasons, consent and audit), ``partner`` (eligibility decisions for its scenarios: never a
+score), ``source`` (records of the variables whose spec source is the caller itself) or
+``operator`` (a deliberate exception, with a ``description`` saying why). A grant of a method
+that discloses scores or the audit log (:data:`DISCLOSING`) to anyone but a citizen app or an
+operator is refused when the policy loads, and so is a method, scenario or variable that does
+not exist, or a variable granted to another caller than its spec source (:func:`check_policy`).
 """
 
 from __future__ import annotations
@@ -43,6 +51,27 @@ class PolicyError(ValueError):
     pass
 
 
+ROLES = ("citizen_app", "partner", "source", "operator")
+
+#: Methods that disclose a person's score or who checked them: only a citizen app (for the
+#: citizen it serves) or an operator marked as such may be granted them.
+DISCLOSING = frozenset({
+    "ScoreService/GetScore", "ScoreService/ExplainScore", "ScoreService/BatchGetScores",
+    "AuditService/ListChecks", "AuditService/ReplayDecision",
+})
+
+
+def _known_methods() -> dict[str, frozenset[str]]:
+    """Every service of the contract and its methods, from the generated descriptors."""
+    from qianjiang.v1 import audit_pb2, eligibility_pb2, records_pb2, score_pb2
+
+    out = {}
+    for module in (score_pb2, eligibility_pb2, records_pb2, audit_pb2):
+        for service in module.DESCRIPTOR.services_by_name.values():
+            out[service.name] = frozenset(m.name for m in service.methods)
+    return out
+
+
 @dataclass(frozen=True)
 class Caller:
     identity: str
@@ -50,6 +79,7 @@ class Caller:
     scenarios: frozenset[str] = frozenset()
     variables: frozenset[str] = frozenset()
     unrestricted: bool = False  # the insecure development mode only
+    role: str = "partner"
 
     def may_call(self, method: str) -> bool:
         """``method`` is "Service/Method" without the package."""
@@ -100,20 +130,53 @@ def load_policy(path: str | Path | None = None) -> Policy:
         where = f"{path.name}: callers.{identity}"
         if not isinstance(grants, dict):
             raise PolicyError(f"{where}: expected a table")
-        unknown = set(grants) - {"methods", "scenarios", "variables", "description"}
+        unknown = set(grants) - {"role", "methods", "scenarios", "variables", "description"}
         if unknown:
             raise PolicyError(f"{where}.{sorted(unknown)[0]}: unknown key")
+        role = grants.get("role")
+        if role not in ROLES:
+            raise PolicyError(f"{where}.role: expected one of {', '.join(ROLES)}, got {role!r}")
+        if role == "operator" and not str(grants.get("description", "")).strip():
+            raise PolicyError(f"{where}.description: an operator role is an exception: say why it is granted")
         lists = {}
         for key in ("methods", "scenarios", "variables"):
             value = grants.get(key, [])
             if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
                 raise PolicyError(f"{where}.{key}: expected a list of names")
             lists[key] = frozenset(value)
-        for m in lists["methods"]:
-            if "/" not in m:
-                raise PolicyError(f"{where}.methods: {m!r} is not 'Service/Method' or 'Service/*'")
-        callers[identity] = Caller(identity, lists["methods"], lists["scenarios"], lists["variables"])
+        known = _known_methods()
+        for m in sorted(lists["methods"]):
+            service, _, method = m.partition("/")
+            if service not in known or (method != "*" and method not in known[service]):
+                raise PolicyError(f"{where}.methods: {m!r} is not a method of the contract ('Service/Method' or 'Service/*')")
+            disclosing = sorted(d for d in DISCLOSING if d == m or (method == "*" and d.startswith(f"{service}/")))
+            if disclosing and role not in ("citizen_app", "operator"):
+                raise PolicyError(
+                    f"{where}.methods: {m!r} discloses scores or the audit log ({', '.join(disclosing)}); a {role} "
+                    "gets decisions only (grant it to a citizen app, or mark an operator role on purpose)"
+                )
+        callers[identity] = Caller(identity, lists["methods"], lists["scenarios"], lists["variables"], role=role)
     return Policy(callers)
+
+
+def check_policy(policy: Policy, variable_sources: dict[str, str], scenarios, where: str = "policy.toml") -> None:
+    """The policy against the model spec and the scenarios it serves: every granted scenario
+    is configured, every granted variable exists and is granted only to the caller the spec
+    names as its source (so a source cannot write another's record type). PolicyError names
+    the file, the caller and the value."""
+    for identity, caller in sorted(policy.callers.items()):
+        at = f"{where}: callers.{identity}"
+        for scenario in sorted(caller.scenarios):
+            if scenario not in scenarios:
+                raise PolicyError(f"{at}.scenarios: {scenario!r} is not a configured scenario")
+        for variable in sorted(caller.variables):
+            source = variable_sources.get(variable)
+            if source is None:
+                raise PolicyError(f"{at}.variables: {variable!r} is not a variable of the model")
+            if source != identity:
+                raise PolicyError(
+                    f"{at}.variables: {variable!r} comes from source {source!r} in the model spec, not from {identity!r}"
+                )
 
 
 def load_tokens(path: str | Path) -> dict[str, str]:

@@ -44,7 +44,9 @@ DEFAULT_SERVER_NAMES = ("localhost", "127.0.0.1")
 DEFAULT_CALLERS = (
     "citizen_app", "metro_gateway", "bus_gateway", "hospital", "library", "housing_office",
     "campus_fitness_app", "court", "police", "tax_bureau", "provident_fund", "utilities",
-    "welfare_office", "volunteer_platform", "citizen_card_company", "sre",
+    "welfare_office", "volunteer_platform", "citizen_card_company", "public_credit_platform", "social_insurance",
+    "housing_bureau", "blood_centre", "charity_platform", "civil_affairs", "city_services", "financial_institutions",
+    "sre",
 )
 #: Caller names become file names and URI paths: keep them to a safe alphabet.
 _CALLER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
