@@ -5,8 +5,14 @@
     <Outcome.ALLOW: 1>
 
 One CreditService per worker process: it binds the kernel's single-row re-scorer to the
-shared state, keeps its own store connection and a citizen-id cache. Reads take no lock;
-every write goes store first (durable), then state, under the state's process-shared lock.
+shared state, keeps its own store connection and a citizen-id cache. Reads take no lock and
+never touch the store. A write goes store first (durable), then reads what the re-score
+needs (:meth:`ServingState.snapshot`), both without the state's lock, since a store round
+trip can hang (it is bounded: server/store_pg.py); only then does it take the
+process-shared lock, to apply what it read if that is fresher than what the row holds
+(server/state.py). A write is acknowledged only once applied; one that fails after its
+commit answers UNAVAILABLE, and its retry (a resend is a DUPLICATE, a correction or a
+consent that is already so changes nothing) re-derives the citizen all the same.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from server.errors import (
 from server.replay import replay
 from server.scenarios import REASON_CODES, SCORE_EXPLAINED, SCORE_VIEWED, Outcome, Scenario
 from server.token_index import Checker
-from server.state import N_CITIZENS, Control, ServingState, citizen_key
+from server.state import N_CITIZENS, Control, RowSnapshot, ServingState, citizen_key
 from server.store import ACCEPTED, RecordIn, RecordRow, RecordVersion, Store
 from server.store_watch import StoreWatch
 
@@ -162,7 +168,33 @@ class _NoAudit:
 
 class StaleGeneration(Exception):
     """A write reached a service whose model generation is no longer the active one (a
-    rollout switched meanwhile): nothing was written; retry on the current service."""
+    rollout switched meanwhile). Without ``update``, nothing was written: retry on the
+    current service. With it, the store write was committed before the switch and applied
+    to no state yet: apply ``update`` on the current service (:meth:`CreditService.reapply`),
+    which answers what the write would have."""
+
+    def __init__(self, update: Update | None = None):
+        super().__init__()
+        self.update = update
+
+
+@dataclass
+class Update:
+    """What one write changes in the serving state, read from the store outside the state's
+    lock; :meth:`CreditService.reapply` applies it to any generation's state (it holds no
+    model-specific value: records are re-derived with the applying state's spec).
+    ``result`` is the write's answer."""
+
+    row: int
+    result: object = None
+    snapshot: RowSnapshot | None = None  # the row's records, re-scored if fresher
+    birth_day: int | None = None  # set with the snapshot
+    consent: tuple[bool, int] | None = None  # (granted, position of the change)
+    citizen_key: bytes | None = None  # a citizen to index (upsert)
+    subject: int = 0
+    created: bool = False
+    token: bytes | None = None  # a card to index
+    position: int = 0  # the write's own position (advances the state)
 
 
 class CreditService:
@@ -197,7 +229,7 @@ class CreditService:
         self.score_release = Release.of(self.model_version, self.calibration_version)
         self._release = {name: Release.of(self.model_version, self.calibration_version, sc.rules_version)
                          for name, sc in scenarios.items()}
-        self.store_watch = store_watch if store_watch is not None else StoreWatch(store)
+        self.store_watch = store_watch if store_watch is not None else StoreWatch(store, heartbeat=False)
         self._variables = {v.name: i for i, v in enumerate(self.spec.variables)}
         self._on_rescore = on_rescore or (lambda seconds: None)
         self._on_decisions = on_decisions or (lambda scenario, counts: None)
@@ -378,11 +410,13 @@ class CreditService:
         row = self.row_of(record.citizen_id)
         with self._writing():
             (status,) = self.store.add_records([record], sent_by=caller.identity)
-            if status == ACCEPTED:
-                self._rescore(row)
-                return RecordAck(status, record.source, 1, self.store.last_position())
-        stored = self._get_record(record.source, record.record_id)
-        return RecordAck(status, stored.source, stored.version, stored.position)
+            position = self.store.last_position()
+        if status != ACCEPTED:  # a resend: stored already
+            stored = self._get_record(record.source, record.record_id)
+            return self._apply(Update(row, RecordAck(status, stored.source, stored.version, stored.position),
+                                      snapshot=self._snapshot_if_behind(row, stored.position)))
+        return self._apply(Update(row, RecordAck(status, record.source, 1, position), snapshot=self._snapshot(row),
+                                  position=position))
 
     def _source(self, caller: Caller, given: str, field: str) -> str:
         """The namespace of the records a caller writes or reads: its own identity (a data
@@ -421,8 +455,7 @@ class CreditService:
             raise InvalidArgument("date", "is in the future")
         with self._writing():
             row = self.store.correct_record(source, record_id, day, value, sent_by=caller.identity)
-            self._rescore(row.citizen_row)
-        return row
+        return self._apply(Update(row.citizen_row, row, snapshot=self._snapshot_if_behind(row.citizen_row, row.position)))
 
     def withdraw_record(self, record_id: str, status: str, caller: Caller, source: str = "") -> RecordRow:
         """A new version of one of the caller's records that stops counting (withdrawn by the
@@ -432,8 +465,7 @@ class CreditService:
         caller.check_variable(self._get_record(source, record_id).variable)
         with self._writing():
             row = self.store.set_record_status(source, record_id, status, sent_by=caller.identity)
-            self._rescore(row.citizen_row)
-        return row
+        return self._apply(Update(row.citizen_row, row, snapshot=self._snapshot_if_behind(row.citizen_row, row.position)))
 
     def record_history(self, record_id: str, caller: Caller, source: str = "") -> tuple[RecordRow, list[RecordVersion]]:
         """Every version of one of the caller's records, oldest first: (the record now, versions)."""
@@ -448,30 +480,26 @@ class CreditService:
     def set_consent(self, citizen_id: str, granted: bool) -> None:
         row = self.row_of(citizen_id)
         with self._writing():
-            self.store.set_consent(citizen_id, granted)
-            self._advance()
-            self.state.set_consent(row, granted)
+            self.store.set_consent(citizen_id, granted)  # every call is a change: it has a position
+            position = self.store.last_position()
+        self._apply(Update(row, consent=(granted, position), position=position))
 
     def upsert_citizen(self, citizen_id: str, birth_day: int) -> bool:
         check_id(citizen_id, "citizen_id")
         if birth_day > self.state.as_of_day:
             raise InvalidArgument("birth_date", "is in the future")
         s = self.state
+        key = citizen_key(citizen_id)
+        if s.citizens.get(key) < 0 and s.n_citizens >= s.capacity:
+            raise CapacityExhausted(f"the serving state holds {s.capacity} citizens; restart to grow it")
+        subject = self.audit_subject(citizen_id)
         with self._writing():
-            n = s.n_citizens
-            key = citizen_key(citizen_id)
-            if s.citizens.get(key) < 0 and n >= s.capacity:
-                raise CapacityExhausted(f"the serving state holds {s.capacity} citizens; restart to grow it")
             row, created = self.store.upsert_citizen(citizen_id, birth_day)
-            self._advance()
-            s.citizens.insert(key, row)
-            s.birth_day[row] = birth_day
-            s.subject[row] = self.audit_subject(citizen_id)
-            if created:
-                s.set_consent(row, False)
-                s.meta[N_CITIZENS] = max(n, row + 1)
-            self._rescore(row)
-        return created
+            position = self.store.last_position()
+        # A new citizen starts without consent, as stored; its position is the upsert's.
+        return self._apply(Update(row, created, snapshot=self._snapshot(row), birth_day=birth_day,
+                                  consent=(False, position) if created else None, citizen_key=key,
+                                  subject=subject, created=created, position=position if created else 0))
 
     def audit_subject(self, citizen_id: str) -> int:
         return self.state.subject_of(citizen_id)
@@ -530,42 +558,85 @@ class CreditService:
         self.row_of(citizen_id)
         with self._writing():
             row, created = self.store.register_card(token, citizen_id)
-            self._advance()
-            self.state.tokens.insert(token, row)
-        return created
+            position = self.store.last_position() if created else 0
+        # A card's binding never changes once stored: indexing it again is harmless.
+        return self._apply(Update(row, created, token=token, position=position))
 
     @contextlib.contextmanager
     def _writing(self):
-        """The writers' lock, on the active generation only: a write that finds a rollout
-        has switched meanwhile writes nothing and raises StaleGeneration (retried on the new
-        service), so no acknowledged write lands in a state nobody reads any more. While the
-        store is unreachable a write fails at once (UNAVAILABLE), before taking the lock."""
+        """The store part of a write, without the state's lock: on the active generation only
+        (a write that finds a rollout has switched writes nothing and raises StaleGeneration,
+        retried on the new service); refused at once while the store is unreachable
+        (UNAVAILABLE); one write of this worker at a time, waiting at most the store's bound
+        for the one before (server/store_watch.py ``turn``)."""
+        self._not_stale()
+        with self.store_watch.turn():
+            yield
+
+    def _not_stale(self, update: Update | None = None) -> None:
+        if self.control is not None and self.control.generation != self.generation:
+            raise StaleGeneration(update)
+
+    def _snapshot(self, row: int) -> RowSnapshot:
+        """What re-scoring ``row`` needs, read after the write committed (no lock held)."""
         self.store_watch.check()
-        with self.state.lock:
-            if self.control is not None and self.control.generation != self.generation:
-                raise StaleGeneration()
-            with self.store_watch.watching():
-                yield
+        with self.store_watch.watching():
+            return self.state.snapshot(self.store, row)
+
+    def _snapshot_if_behind(self, row: int, position: int) -> RowSnapshot | None:
+        """A snapshot of ``row`` unless the state already reflects the record's version at
+        ``position``: a write that changed nothing (a resend, a correction to the same
+        values) re-scores nothing, but its retry after a write that committed and then
+        failed to apply (UNAVAILABLE) repairs the row."""
+        return self._snapshot(row) if position > self.state.row_position[row] else None
+
+    def _apply(self, update: Update):
+        """Apply a committed write to the state, under the state's lock (no store round trip
+        in it): only what is fresher than what the state holds (server/state.py apply). If a
+        rollout switched since the write, StaleGeneration carries ``update`` to the new
+        service, so the write lands in the state that serves (the switch re-derived only rows
+        marked before it, and this one may not be). Returns ``update.result``."""
+        s = self.state
+        t0 = time.perf_counter()
+        with s.lock:
+            self._not_stale(update)
+            row = update.row
+            if update.citizen_key is not None:
+                if row >= s.capacity:
+                    raise CapacityExhausted(f"the serving state holds {s.capacity} citizens; restart to grow it")
+                s.citizens.insert(update.citizen_key, row)
+                s.subject[row] = update.subject
+                if update.created:
+                    s.meta[N_CITIZENS] = max(s.n_citizens, row + 1)
+            if update.position:
+                s.advance(update.position)
+            if update.token is not None:
+                s.tokens.insert(update.token, row)
+            if update.consent is not None:
+                s.set_consent(row, *update.consent)
+            rescored = update.snapshot is not None and s.apply(update.snapshot, self.scenarios, self.rows,
+                                                               update.birth_day)
+            if self.control is not None:
+                self.control.mark(row)
+        if rescored:
+            self._on_rescore(time.perf_counter() - t0)
+        return update.result
+
+    def _rescore(self, row: int) -> None:
+        """Re-derive one citizen from the store now: a snapshot, then the conditional apply."""
+        self._apply(Update(row, snapshot=self._snapshot(row)))
+
+    def reapply(self, update: Update):
+        """A write committed under the previous generation, applied to this one's state
+        (servicers.py Offload, on StaleGeneration with an update). The snapshot holds raw
+        records, derived with this state's spec; if the switch re-derived the row from a newer
+        one meanwhile, the freshness check keeps that."""
+        return self._apply(update)
 
     def _get_record(self, source: str, record_id: str) -> RecordRow:
         self.store_watch.check()
         with self.store_watch.watching():
             return self.store.get_record(source, record_id)
-
-    def _advance(self) -> None:
-        """The state now reflects the store's last write: its position first, then the rows
-        (server/state.py POSITION). Caller holds the state lock, after the store write."""
-        self.state.advance(self.store.last_position())
-
-    def _rescore(self, row: int) -> None:
-        """Re-derive one citizen's features from the store and re-score the row in place.
-        Caller holds the state lock, after the store write."""
-        self._advance()
-        t0 = time.perf_counter()
-        self.state.rederive(row, self.store, self.scenarios, self.rows)
-        if self.control is not None:
-            self.control.mark(row)
-        self._on_rescore(time.perf_counter() - t0)
 
 
 def check_value(value: float, field: str) -> float:

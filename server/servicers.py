@@ -4,9 +4,10 @@ server/interceptors.py maps them to status codes through server/errors.py's tabl
 
 The server is grpc.aio: every call runs on the worker's one event loop. What only reads the
 shared state (eligibility checks, the hot path) runs inline, in microseconds; whatever may
-touch the store or the disk (score reads may look a citizen id up, writes, the audit log's
-files) runs on the node's small thread pool through :meth:`Offload.run`, so a slow database
-never stalls the checks.
+touch the store or the disk runs on a thread pool through :meth:`Offload.run`, so a slow
+database never stalls the checks. Writes use the node's pool; reads (scores, explanations,
+the audit log's files, replays) use a pool of their own (:func:`read_pool`), so they are
+answered while every write thread waits on a store that does not answer.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
-from concurrent.futures import Executor
+import os
+import threading
+from concurrent.futures import Executor, ThreadPoolExecutor
 
 from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
@@ -26,32 +29,60 @@ from server.service import CreditService, StaleGeneration
 
 ScoreStatus = score_pb2.ScoreResult.Status
 
+#: Threads of the reads' pool (per process): reads are microseconds in memory, or a disk or
+#: a bounded store read (ListChecks, ReplayDecision).
+READ_THREADS = 8
+
+_reads: tuple[int, ThreadPoolExecutor] | None = None
+_reads_lock = threading.Lock()
+
+
+def read_pool() -> ThreadPoolExecutor:
+    """The process's pool for reads, shared by every node of the process and made on first
+    use (a worker makes its own after fork): never the pool writes wait in."""
+    global _reads
+    with _reads_lock:
+        if _reads is None or _reads[0] != os.getpid():
+            _reads = (os.getpid(), ThreadPoolExecutor(max_workers=READ_THREADS, thread_name_prefix="qj-read"))
+        return _reads[1]
+
 
 class Offload:
-    """Runs blocking domain calls on the node's thread pool, in the calling task's context
-    (the authenticated caller travels with it). ``refresh()`` brings ``service`` up to the
-    active model generation: a write that raced a rollout's switch wrote nothing and is
-    retried on the new service (server/rollout.py)."""
+    """Runs blocking domain calls on a thread pool, in the calling task's context (the
+    authenticated caller travels with it). ``refresh()`` brings ``service`` up to the active
+    model generation: a write that raced a rollout's switch is retried on the new service,
+    or, if its store write had already committed, applied to the new service's state
+    (server/rollout.py, ``StaleGeneration``). ``pool`` runs writes; ``reads`` runs the
+    methods a servicer lists in ``READS`` (default: :func:`read_pool`)."""
 
     service: CreditService | None = None
 
-    def __init__(self, pool: Executor | None, refresh=lambda: True):
+    #: Methods that only read (memory, the audit files, bounded store reads).
+    READS: frozenset[str] = frozenset()
+
+    def __init__(self, pool: Executor | None, refresh=lambda: True, reads: Executor | None = None):
         self.pool = pool
         self.refresh = refresh
+        self.reads = reads
 
     async def run(self, method: str, *args):
         loop = asyncio.get_running_loop()
+        pool = (self.reads or read_pool()) if method in self.READS else self.pool
         for _ in range(3):
             ctx = contextvars.copy_context()
             fn = getattr(self.service, method)
             try:
-                return await loop.run_in_executor(self.pool, functools.partial(ctx.run, fn, *args))
-            except StaleGeneration:
+                return await loop.run_in_executor(pool, functools.partial(ctx.run, fn, *args))
+            except StaleGeneration as stale:
                 self.refresh()
+                if stale.update is not None:  # committed already: apply it on the new service
+                    method, args = "reapply", (stale.update,)
         raise NotReady()
 
 
 class ScoreServicer(Offload, score_pb2_grpc.ScoreServiceServicer):
+    READS = frozenset({"get_score", "explain", "batch_scores"})
+
     async def GetScore(self, request, context):
         view = await self.run("get_score", request.citizen_id, current_caller(), request.purpose)
         return convert.score_message(view, self.service.spec)
@@ -138,6 +169,8 @@ class RecordsServicer(Offload, records_pb2_grpc.RecordsServiceServicer):
 
 
 class AuditServicer(Offload, audit_pb2_grpc.AuditServiceServicer):
+    READS = frozenset({"checks_of", "replay"})
+
     async def ListChecks(self, request, context):
         entries = await self.run("checks_of", request.citizen_id, request.limit)
         return audit_pb2.ListChecksResponse(entries=[convert.check_entry(e) for e in entries])

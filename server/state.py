@@ -6,9 +6,14 @@
 All columns live in one shared mapping (a memfd) created before the worker processes fork
 (the grpc multiprocessing pattern), so every worker reads the same scores, consents and
 card tokens, and a write by one (a revoked consent, a new record's re-score) is seen by all
-on their very next request. Readers take no lock; writers serialise on one process-shared
-lock, held from the store write until the state is updated, so two workers can never
-interleave a citizen's records and scores. Rows are the store's dense citizen rows.
+on their very next request. Readers take no lock. Writers write the store and read what a
+re-score needs (:meth:`ServingState.snapshot`) without any lock, since a store round trip
+can hang; then they take one process-shared lock only to apply it, conditionally on
+freshness: each row keeps the store position its records were read at (``row_position``)
+and that of its consent (``consent_position``), and an older snapshot is never applied over
+a newer one (:meth:`ServingState.apply`). Two workers writing one citizen thus end with the
+state reflecting the store, whatever order their applies come in. Rows are the store's
+dense citizen rows.
 
 The eligibility checks read a row's rule inputs from one packed word, ``gate`` (adult,
 consent, score, flags, defaults: server/token_index.pyx pack_gate), one cache miss instead of
@@ -29,6 +34,7 @@ import multiprocessing
 import os
 import time
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -80,6 +86,15 @@ def adults(birth_day: np.ndarray, as_of_day: int) -> np.ndarray:
     ad = (asof - asof.astype("datetime64[M]").astype("datetime64[D]")).astype(np.int64)
     before_birthday = (am < bm) | ((am == bm) & (ad < bd))
     return ((years - before_birthday) >= 18).astype(np.uint8)
+
+
+class RowSnapshot(NamedTuple):
+    """What a re-score of one citizen needs, read from the store at one position: every
+    change up to ``position`` is in ``active``, and none after it."""
+
+    row: int
+    position: int
+    active: ActiveRecords
 
 
 class _SharedArena:
@@ -177,6 +192,8 @@ class ServingState:
     computed_at: np.ndarray  # float64 unix seconds of the last re-score
     subject: np.ndarray  # uint64 pseudonymous subject of the audit log (server/keys.py)
     gate: np.ndarray  # uint64: adult, consent, score, flags and defaults of a row in one word
+    row_position: np.ndarray  # int64: the store position a row's records were read at (apply)
+    consent_position: np.ndarray  # int64: the store position of the consent a row holds
     columns: ScoreColumns
     tokens: TokenIndex  # card token -> row
     citizens: TokenIndex  # citizen_key(citizen id) -> row: reads never need the store
@@ -202,6 +219,8 @@ class ServingState:
             "computed_at": (np.float64, (capacity,)),
             "subject": (np.uint64, (capacity,)),
             "gate": (np.uint64, (capacity,)),
+            "row_position": (np.int64, (capacity,)),
+            "consent_position": (np.int64, (capacity,)),
             "token_keys": (np.uint64, (tcap, 2)),
             "token_rows": (np.int32, (tcap,)),
             "token_meta": (np.int64, (1,)),
@@ -239,7 +258,8 @@ class ServingState:
         state = cls(
             spec=spec, capacity=capacity, meta=a["meta"], features=a["features"], adult=a["adult"],
             consent=a["consent"], birth_day=a["birth_day"], defaults=a["defaults"],
-            computed_at=a["computed_at"], subject=a["subject"], gate=a["gate"], columns=columns, audit_key=audit_key,
+            computed_at=a["computed_at"], subject=a["subject"], gate=a["gate"], row_position=a["row_position"],
+            consent_position=a["consent_position"], columns=columns, audit_key=audit_key,
             tokens=TokenIndex(a["token_keys"], a["token_rows"], a["token_meta"]),
             citizens=TokenIndex(a["citizen_keys"], a["citizen_rows"], a["citizen_meta"]),
             lock=lock if lock is not None else multiprocessing.get_context("fork").Lock(),
@@ -272,7 +292,8 @@ class ServingState:
         return int(self.meta[POSITION])
 
     def advance(self, position: int) -> None:
-        """A write at ``position`` is about to be applied (caller holds the lock)."""
+        """A write at ``position`` is about to be applied (caller holds the lock). Monotone:
+        applies from several workers may come in any order."""
         if position > self.meta[POSITION]:
             self.meta[POSITION] = position
 
@@ -292,8 +313,15 @@ class ServingState:
         if n > self.capacity:
             raise ValueError(f"{n} citizens do not fit the state's capacity of {self.capacity}")
         self.meta[READY] = 0
-        # Writers wait for the lock this runs under, so nothing is written while it reads.
-        self.meta[POSITION] = store.high_water_mark()
+        # First: everything read below is at least this new. Writers may write the store
+        # meanwhile (they take the lock only to apply), and apply after this load, each with
+        # a snapshot read after its write: newer than this position, so applied.
+        position = store.high_water_mark()
+        self.meta[POSITION] = position
+        self.row_position[:] = 0
+        self.consent_position[:] = 0
+        self.row_position[:n] = position
+        self.consent_position[:n] = position
         self.birth_day[:n] = citizens.birth_day
         self.consent[:n] = citizens.consent
         self.subject[:n] = [subject_of(self.audit_key, cid) for cid in citizens.ids]
@@ -315,6 +343,7 @@ class ServingState:
         n = old.n_citizens
         self.advance(old.position)
         self.consent[:n] = old.consent[:n]
+        self.consent_position[:n] = old.consent_position[:n]
         self.birth_day[:n] = old.birth_day[:n]
         self.subject[:n] = old.subject[:n]
         if self.tokens.capacity != old.tokens.capacity:
@@ -329,8 +358,32 @@ class ServingState:
     def rederive(self, row: int, store: Store, scenarios: dict[str, Scenario], rows) -> None:
         """Re-derive one citizen's features from the store and re-score the row in place
         (``rows``: the kernel's single-row scorer bound to this state). Caller holds the lock."""
-        active = store.active_records(citizen_row=row)
-        records, bits = self.to_records(active, scenarios)
+        self.apply(self.snapshot(store, row), scenarios, rows)
+
+    @staticmethod
+    def snapshot(store: Store, row: int) -> RowSnapshot:
+        """One citizen's active records as of the store's position now (no lock needed: two
+        bounded reads). The store's writers commit in position order under its writers'
+        lock, so every change up to the high-water mark is committed when it is read, and
+        ``as_of`` leaves out whatever commits after: the records are exactly those at
+        ``position``."""
+        position = store.high_water_mark()
+        return RowSnapshot(row, position, store.active_records(citizen_row=row, as_of=position))
+
+    def apply(self, snap: RowSnapshot, scenarios: dict[str, Scenario], rows, birth_day: int | None = None) -> bool:
+        """Re-score ``snap.row`` from ``snap`` unless the row already holds a newer one
+        (caller holds the lock). Correct whatever order workers apply in: a write's own
+        snapshot is read after it committed, so its position covers the write; the row ends
+        at the largest position applied, which covers every write whose apply has returned.
+        False when the snapshot was older than the row's (nothing changed). ``birth_day``:
+        set with the records (a citizen's upsert)."""
+        row = snap.row
+        if snap.position < self.row_position[row]:
+            return False
+        self.advance(snap.position)  # first: a reader that sees the new row reads a position as new
+        if birth_day is not None:
+            self.birth_day[row] = birth_day
+        records, bits = self.to_records(snap.active, scenarios)
         local = Records(np.zeros(len(records), np.int64), records.variable, records.day, records.value)
         self.features[row] = build_features(self.spec, local, 1, self.as_of_day)[0]
         self.defaults[row] = self.default_masks(local, bits, 1, self.as_of_day)[0]
@@ -338,6 +391,8 @@ class ServingState:
         rows.rescore(row)
         self.refresh_gate(slice(row, row + 1))
         self.computed_at[row] = time.time()
+        self.row_position[row] = snap.position
+        return True
 
     def refresh(self, store: Store, scorer: Scorer, scenarios, as_of_day: int, n_threads: int = 2) -> None:
         """Re-derive every feature as of a new day (records age out, people turn 18)."""
@@ -369,11 +424,19 @@ class ServingState:
         self.computed_at[:n] = time.time()
         self.meta[GENERATION] += 1
 
-    def set_consent(self, row: int, granted: bool) -> None:
+    def set_consent(self, row: int, granted: bool, position: int | None = None) -> bool:
         """A citizen's consent, in its column and in the gate word the checks read. Caller
-        holds the lock."""
+        holds the lock. With the store ``position`` of the change, applied only if the row
+        holds no newer one (two workers' consent changes may apply in either order); False
+        when it was older."""
+        if position is not None:
+            if position < self.consent_position[row]:
+                return False
+            self.advance(position)
+            self.consent_position[row] = position
         self.consent[row] = 1 if granted else 0
         self.refresh_gate(slice(row, row + 1))
+        return True
 
     def refresh_gate(self, rows: slice) -> None:
         """Re-pack the gate words of ``rows`` after a write to their adult, consent, score,

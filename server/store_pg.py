@@ -36,8 +36,24 @@ How the contract of :mod:`server.store` is kept:
   writes nothing, so a call that changes nothing (a resent record, an unchanged citizen or
   card) commits without a WAL flush. Writes run at READ COMMITTED (each
   statement sees what the writer before committed); a writer that waits more than
-  ``lock_timeout`` (10 s, like SQLite's ``busy_timeout``) fails with :class:`StoreError`. The
-  lock's key is per database: stores in several schemas of one database share it.
+  ``lock_timeout`` (10 s, like SQLite's ``busy_timeout``) fails with :class:`StoreError`
+  (an ordinary write's own bound, below, ends the wait sooner). The lock's key is per
+  database: stores in several schemas of one database share it.
+* Bounded round trips: a call answers within ``timeout`` (:data:`DEFAULT_TIMEOUT`, 3 s, or
+  ``QJ_STORE_TIMEOUT`` seconds) or fails with :class:`StoreUnavailable`, whether the server
+  is slow, hung (SIGSTOP) or cut off (a partition). The server enforces what it can
+  (``statement_timeout`` and ``idle_in_transaction_session_timeout``, a little under the
+  bound, so a live server answers with a clean error first); TCP keepalives (idle 5 s,
+  every 2 s, 3 probes) and ``tcp_user_timeout`` (the bound) find a dead peer. None of that
+  ends a call to a server that is stopped but whose kernel still acknowledges on its
+  behalf (measured: psycopg waits until SIGCONT), so each call also arms a watchdog: past
+  the bound it shuts the connection's socket down, the call fails at once, and the next
+  call reconnects (``connect_timeout``: the bound, at least libpq's 2 s). A call also waits
+  at most the bound for another thread's call on the shared connection. Bulk methods (the
+  ``*_bulk`` writes, migrations, and the whole-table reads of a start-up load:
+  ``citizens()``, ``cards()``, ``active_records()`` of everyone, ``counts()``) are not
+  bounded: they are long by nature and never on a serving path. The DSN's own settings
+  (``?connect_timeout=…``, ``options=-c statement_timeout=…``) win over these defaults.
 * Reads: each read method is one statement outside any transaction block (one round trip,
   one consistent snapshot; ``counts()`` and ``consent_history()`` are single statements too).
 * Migrations: run on open, in one write transaction; DDL is transactional, so a step is all
@@ -57,11 +73,13 @@ How the contract of :mod:`server.store` is kept:
 from __future__ import annotations
 
 import logging
+import math
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from itertools import repeat
 
 import numpy as np
@@ -164,8 +182,37 @@ SCHEMA_VERSION = len(MIGRATIONS)
 #: The pg_advisory_xact_lock key that serialises writers ("qjstore" in ASCII).
 _WRITERS_LOCK = 0x716A73746F7265
 
-#: How long a writer waits for another (SQLite's busy_timeout is 10 s too).
+#: How long a writer waits for another (SQLite's busy_timeout is 10 s too). An ordinary
+#: write's statement_timeout (the store's bound) ends the wait sooner; this bounds bulk writes.
 _LOCK_TIMEOUT = "10s"
+
+#: Seconds within which a store call answers or fails with StoreUnavailable (a gate write is
+#: a few small statements: milliseconds when all is well). ``QJ_STORE_TIMEOUT`` overrides it.
+DEFAULT_TIMEOUT = 3.0
+
+#: How much of the bound the server's own timeouts leave to the client's watchdog, so a live
+#: server's clean error (the connection survives) comes before the watchdog's cut.
+_SERVER_MARGIN = 0.5
+
+#: What the server enforces of the bound (each set to the bound less the margin).
+_SERVER_TIMEOUTS = ("statement_timeout", "idle_in_transaction_session_timeout")
+
+#: TCP keepalives: a peer gone silent (a partition, a dead host) is found on an idle
+#: connection in about idle + interval * count seconds.
+_KEEPALIVES = {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 3}
+
+
+def _default_timeout() -> float:
+    given = os.environ.get("QJ_STORE_TIMEOUT")
+    if not given:
+        return DEFAULT_TIMEOUT
+    try:
+        seconds = float(given)
+    except ValueError:
+        raise ValueError(f"QJ_STORE_TIMEOUT={given!r} is not a number of seconds") from None
+    if not 0.5 <= seconds <= 600:
+        raise ValueError(f"QJ_STORE_TIMEOUT={given!r} must be between 0.5 and 600 seconds")
+    return seconds
 
 _NEXT_ROW = "(SELECT COALESCE(MAX(citizen_row), -1) + 1 FROM citizens)"
 
@@ -198,7 +245,8 @@ class PostgresStore(SQLStore):
 
     Several processes (and machines) may use the same database, each with its own store;
     open one per process after fork, as with SQLite. ``on_write(operation, seconds)`` is
-    called after each committed write.
+    called after each committed write. ``timeout``: the bound of a call, in seconds (see
+    the module's docstring; default :data:`DEFAULT_TIMEOUT` or ``QJ_STORE_TIMEOUT``).
     """
 
     PARAM = "%s"
@@ -213,7 +261,11 @@ class PostgresStore(SQLStore):
             WHERE w.record = r.id AND w.position <= ? ORDER BY w.version DESC LIMIT 1) v
         WHERE v.status = 'active'"""
 
-    def __init__(self, dsn: str, on_write: Callable[[str, float], None] | None = None):
+    def __init__(self, dsn: str, on_write: Callable[[str, float], None] | None = None,
+                 timeout: float | None = None):
+        self.timeout = float(_default_timeout() if timeout is None else timeout)
+        if not 0.5 <= self.timeout <= 600 or math.isnan(self.timeout):
+            raise ValueError(f"timeout must be between 0.5 and 600 seconds, not {timeout!r}")
         if dsn.startswith("postgresql+"):  # postgresql+psycopg://… (SQLAlchemy's spelling)
             dsn = "postgresql://" + dsn.split("://", 1)[1]
         try:
@@ -224,11 +276,20 @@ class PostgresStore(SQLStore):
                              " key=value pairs)") from None
         self._dsn = dsn
         self.name = _describe(dsn)
+        # Server timeouts the DSN sets itself (options=-c name=…): left as given.
+        options = self._params.get("options", "").replace(" ", "")
+        self._given = {name for name in _SERVER_TIMEOUTS if f"{name}=" in options}
         self._on_write = on_write
         self._lock = threading.Lock()
         self._pid = os.getpid()
         self._closed = False
         self._db: psycopg.Connection | None = None
+        # The watchdog (_arm, _watch): the deadline of the call in progress, if bounded.
+        self._alarm = threading.Condition(threading.Lock())
+        self._deadline: float | None = None
+        self._cut = False  # the watchdog cut the call in progress
+        self._watchdog: threading.Thread | None = None
+        self._unbounded = threading.local()
         try:
             with self._lock:
                 self._db = self._connect()
@@ -244,7 +305,9 @@ class PostgresStore(SQLStore):
 
     def _connect(self) -> psycopg.Connection:
         # A short connect timeout: while the server is away, writes fail fast (server/store_watch.py).
-        defaults = {"connect_timeout": 3, "application_name": "qianjiang-store"}
+        # libpq takes whole seconds, at least 2.
+        defaults = {"connect_timeout": max(2, math.ceil(self.timeout)), "application_name": "qianjiang-store",
+                    "tcp_user_timeout": int(self.timeout * 1000), **_KEEPALIVES}
         extra = {k: v for k, v in defaults.items() if k not in self._params}
         try:
             # autocommit: no implicit transactions; every write opens its own (below).
@@ -252,7 +315,9 @@ class PostgresStore(SQLStore):
         except psycopg.Error as e:
             raise StoreUnavailable(f"cannot connect to the store {self.name}: {e}") from e
         try:
-            db.execute(f"SET lock_timeout = '{_LOCK_TIMEOUT}'")
+            # One round trip. Settings the DSN gave (options=-c …) are left alone.
+            db.execute("; ".join([f"SET lock_timeout = '{_LOCK_TIMEOUT}'"] + [
+                f"SET {name} = {self._server_ms()}" for name in _SERVER_TIMEOUTS if name not in self._given]))
             if db.execute("SHOW synchronous_commit").fetchone()[0] == "off":
                 # Keep "local", "remote_write", "remote_apply" and "on"; never acknowledge a
                 # write that is not yet on disk.
@@ -263,6 +328,84 @@ class PostgresStore(SQLStore):
                 raise StoreUnavailable(f"cannot connect to the store {self.name}: {e}") from e
             raise
         return db
+
+    def _server_ms(self) -> int:
+        """The server-side timeouts: the bound less the watchdog's margin."""
+        return max(100, int((self.timeout - min(_SERVER_MARGIN, self.timeout / 4)) * 1000))
+
+    # The bound of a call ----------------------------------------------------------------
+
+    def _acquire(self) -> None:
+        """Take the connection's lock, waiting at most the bound for another thread's call
+        (itself bounded) unless this call is a bulk one."""
+        if getattr(self._unbounded, "on", False):
+            self._lock.acquire()
+        elif not self._lock.acquire(blocking=False):
+            if not self._lock.acquire(timeout=self.timeout):
+                raise StoreUnavailable(f"store {self.name}: no answer within {self.timeout:g} s"
+                                       " (the connection is busy with a call that has not answered)")
+            if self._cut and (self._db is None or self._db.broken):
+                # Queued behind a call the watchdog cut: fail with it rather than spend a
+                # reconnect (libpq's connect_timeout: 2 s at least) on a server that just hung.
+                self._lock.release()
+                raise StoreUnavailable(f"store {self.name}: no answer within {self.timeout:g} s"
+                                       " (the call before this one was cut)")
+
+    @contextmanager
+    def _bounded(self) -> Iterator[None]:
+        """Arm the watchdog for one call (caller holds the connection's lock): past the
+        bound, the connection's socket is shut down, so the call fails at once."""
+        if getattr(self._unbounded, "on", False):
+            yield
+            return
+        with self._alarm:
+            self._cut = False
+            self._deadline = time.monotonic() + self.timeout
+            if self._watchdog is None or not self._watchdog.is_alive():
+                self._watchdog = threading.Thread(target=self._watch, name="qj-store-watchdog", daemon=True)
+                self._watchdog.start()
+            self._alarm.notify()
+        try:
+            yield
+        finally:
+            with self._alarm:  # after this, no cut can reach the next call
+                self._deadline = None
+
+    def _watch(self) -> None:
+        with self._alarm:
+            while not self._closed and os.getpid() == self._pid:
+                deadline = self._deadline
+                if deadline is None:
+                    self._alarm.wait()
+                    continue
+                left = deadline - time.monotonic()
+                if left > 0:
+                    self._alarm.wait(left)
+                    continue
+                self._deadline = None
+                self._cut = True
+                db = self._db
+                try:
+                    if db is not None and not db.closed:
+                        # shutdown() acts on the socket itself, which libpq shares with the dup.
+                        with socket.socket(fileno=os.dup(db.pgconn.socket)) as sock:
+                            sock.shutdown(socket.SHUT_RDWR)
+                except (OSError, psycopg.Error) as e:  # already gone: the call fails by itself
+                    log.debug("store %s: cutting a call that did not answer: %s", self.name, e)
+                log.warning("store %s: no answer within %g s; connection dropped", self.name, self.timeout)
+
+    @contextmanager
+    def unbounded(self) -> Iterator[None]:
+        """Calls of this thread inside the block have no bound (bulk work: seeding, the
+        start-up load). Reads run with the server's statement_timeout lifted."""
+        outer = getattr(self._unbounded, "on", False)
+        self._unbounded.on = True
+        try:
+            yield
+        finally:
+            self._unbounded.on = outer
+
+    # Connections ------------------------------------------------------------------------
 
     def _connection(self) -> psycopg.Connection:
         if self._closed:
@@ -288,35 +431,46 @@ class PostgresStore(SQLStore):
             pass  # the connection is gone: the server rolls back, the next call reconnects
 
     def _unavailable(self, e: Exception) -> StoreError:
+        if self._cut:
+            # Not libpq's "server closed the connection unexpectedly": the watchdog did.
+            return StoreUnavailable(f"store {self.name}: no answer within {self.timeout:g} s; the connection"
+                                    " was dropped (a write may or may not have been committed)")
         return StoreUnavailable(f"store {self.name}: {e}".rstrip())
 
     @contextmanager
-    def _write(self, operation: str) -> Iterator[psycopg.Connection]:
+    def _write(self, operation: str, bulk: bool = False) -> Iterator[psycopg.Connection]:
         """One write transaction, holding the writers' lock: committed when the block ends,
-        rolled back if it raises."""
+        rolled back if it raises. ``bulk``: not bounded (no watchdog, no server timeouts)."""
         start = time.perf_counter()
-        with self._lock:
-            db = self._connection()
-            committed = False
-            self._begin(operation)
+        with self.unbounded() if bulk else nullcontext():
+            self._acquire()
             try:
-                # One round trip (no parameters: the simple protocol takes both statements).
-                db.execute("BEGIN ISOLATION LEVEL READ COMMITTED;"
-                           f" SELECT pg_advisory_xact_lock({_WRITERS_LOCK})")
-                yield db
-                db.execute("COMMIT")
-                committed = True
-            except BaseException as e:
-                self._rollback(db)  # also when the lock timed out: BEGIN had succeeded
-                if isinstance(e, _UNAVAILABLE):
-                    raise self._unavailable(e) from e
-                if isinstance(e, _REJECTED):
-                    # The primary message only: the DETAIL line may quote the value.
-                    why = getattr(e.diag, "message_primary", None) or str(e).splitlines()[0]
-                    raise StoreRejected(f"{operation}: the store refused the write ({why})") from None
-                raise
+                with self._bounded():
+                    db = self._connection()
+                    committed = False
+                    self._begin(operation)
+                    try:
+                        # One round trip (no parameters: the simple protocol takes every statement).
+                        lift = (" SET LOCAL statement_timeout = 0; SET LOCAL idle_in_transaction_session_timeout = 0;"
+                                if bulk else "")
+                        db.execute(f"BEGIN ISOLATION LEVEL READ COMMITTED;{lift}"
+                                   f" SELECT pg_advisory_xact_lock({_WRITERS_LOCK})")
+                        yield db
+                        db.execute("COMMIT")
+                        committed = True
+                    except BaseException as e:
+                        self._rollback(db)  # also when the lock timed out: BEGIN had succeeded
+                        if isinstance(e, _UNAVAILABLE):
+                            raise self._unavailable(e) from e
+                        if isinstance(e, _REJECTED):
+                            # The primary message only: the DETAIL line may quote the value.
+                            why = getattr(e.diag, "message_primary", None) or str(e).splitlines()[0]
+                            raise StoreRejected(f"{operation}: the store refused the write ({why})") from None
+                        raise
+                    finally:
+                        self._end(committed)
             finally:
-                self._end(committed)
+                self._lock.release()
         if self._on_write is not None:
             try:
                 self._on_write(operation, time.perf_counter() - start)
@@ -328,12 +482,25 @@ class PostgresStore(SQLStore):
     @contextmanager
     def _read(self) -> Iterator[psycopg.Connection]:
         """A read: every read method is one statement, which sees one committed state."""
-        with self._lock:
-            db = self._connection()
-            try:
-                yield db
-            except _UNAVAILABLE as e:
-                raise self._unavailable(e) from e
+        self._acquire()
+        try:
+            with self._bounded():
+                db = self._connection()
+                try:
+                    if getattr(self._unbounded, "on", False):
+                        db.execute("SET statement_timeout = 0")
+                        try:
+                            yield db
+                        finally:
+                            if not db.broken:  # back to the session's own (RESET: the DSN's)
+                                db.execute("RESET statement_timeout" if "statement_timeout" in self._given
+                                           else f"SET statement_timeout = {self._server_ms()}")
+                    else:
+                        yield db
+                except _UNAVAILABLE as e:
+                    raise self._unavailable(e) from e
+        finally:
+            self._lock.release()
 
     def _fetch_all(self, query: str, params: tuple) -> list[tuple]:
         # Binary results: no number parsing for the millions of rows of a start-up load.
@@ -362,7 +529,7 @@ class PostgresStore(SQLStore):
     def migrate(self) -> None:
         # Two processes starting on an empty database: the second waits for the writers' lock,
         # then finds the schema current.
-        with self._write("migrate") as db:
+        with self._write("migrate", bulk=True) as db:
             if db.execute("SELECT to_regclass('schema_version')").fetchone()[0] is None:
                 db.execute("CREATE TABLE schema_version ("
                            "version INTEGER PRIMARY KEY, applied_at DOUBLE PRECISION NOT NULL)")
@@ -385,7 +552,7 @@ class PostgresStore(SQLStore):
         days = np.asarray(birth_days, np.int64)
         if len(ids) != len(days):
             raise ValueError(f"{len(ids)} ids but {len(days)} birth days")
-        with self._write("upsert_citizens_bulk") as db:
+        with self._write("upsert_citizens_bulk", bulk=True) as db:
             db.execute("CREATE TEMPORARY TABLE qj_citizens_in (ord BIGINT NOT NULL,"
                        " citizen_id TEXT NOT NULL, birth_day INTEGER NOT NULL) ON COMMIT DROP")
             self._copy(db, "qj_citizens_in", ("ord", "citizen_id", "birth_day"), ("int8", "text", "int4"),
@@ -412,7 +579,7 @@ class PostgresStore(SQLStore):
 
     def set_consents_bulk(self, rows: np.ndarray, granted: bool) -> None:
         rows = np.asarray(rows, np.int64)
-        with self._write("set_consents_bulk") as db:
+        with self._write("set_consents_bulk", bulk=True) as db:
             self._check_rows(db, rows)
             tx = self._change(db)
             listed = rows.tolist()
@@ -440,7 +607,7 @@ class PostgresStore(SQLStore):
         rows = np.asarray(rows, np.int64)
         if tokens.ndim != 2 or tokens.shape[1] != TOKEN_BYTES or len(tokens) != len(rows):
             raise ValueError(f"tokens must have shape (n, {TOKEN_BYTES}) with n = len(rows)")
-        with self._write("register_cards_bulk") as db:
+        with self._write("register_cards_bulk", bulk=True) as db:
             self._check_rows(db, rows)
             self._change(db)
             try:
@@ -489,7 +656,7 @@ class PostgresStore(SQLStore):
     ) -> None:
         rows, variable, day, value = self._bulk_columns(citizen_row, variable, day, value, record_ids)
         sent_by = _check_sent_by(source if sent_by is None else sent_by)
-        with self._write("add_records_bulk") as db:
+        with self._write("add_records_bulk", bulk=True) as db:
             self._check_rows(db, rows)
             tx, after = self._change(db), self._last_record_id(db)
             try:
@@ -506,6 +673,20 @@ class PostgresStore(SQLStore):
 
     # Bookkeeping ------------------------------------------------------------------------
 
+    def citizens(self):
+        with self.unbounded():  # the whole table: a start-up load's read
+            return super().citizens()
+
+    def cards(self):
+        with self.unbounded():
+            return super().cards()
+
+    def active_records(self, citizen_row: int | None = None, as_of: int | None = None):
+        if citizen_row is not None:  # one citizen's: small, bounded
+            return super().active_records(citizen_row, as_of)
+        with self.unbounded():
+            return super().active_records(citizen_row, as_of)
+
     def counts(self) -> dict[str, int]:
         queries = {
             "citizens": "SELECT COUNT(*) FROM citizens",
@@ -516,11 +697,14 @@ class PostgresStore(SQLStore):
         }
         # One statement, so one snapshot and one round trip.
         sql = "SELECT " + ", ".join(f"({q})" for q in queries.values())
-        with self._read() as db:
+        with self.unbounded(), self._read() as db:  # counts whole tables
             values = db.execute(sql).fetchone()
         return dict(zip(queries, values))
 
     def close(self) -> None:
+        with self._alarm:
+            self._closed = True  # the watchdog thread ends
+            self._alarm.notify()
         with self._lock:
             self._closed = True
             if self._db is not None:
