@@ -241,9 +241,12 @@ def serve_config(args):
 
     return ServerConfig(
         data_dir=Path(args.data_dir), store_url=args.store, host=args.host, port=args.port,
-        metrics_port=args.metrics_port, workers=args.workers, threads=args.threads,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host, workers=args.workers, threads=args.threads,
         max_concurrent_rpcs=args.max_concurrent_rpcs, max_pending_calls=args.max_pending_calls,
-        max_streams=args.max_streams, keepalive_seconds=args.keepalive, keepalive_timeout_seconds=args.keepalive_timeout,
+        max_streams=args.max_streams, max_calls_per_caller=args.max_calls_per_caller,
+        max_streams_per_caller=args.max_streams_per_caller, call_timeout_seconds=args.call_timeout,
+        stream_idle_seconds=args.stream_idle_timeout, max_open_service_streams=args.max_open_service_streams,
+        max_streams_per_connection=args.max_streams_per_connection, keepalive_seconds=args.keepalive, keepalive_timeout_seconds=args.keepalive_timeout,
         max_connection_age_seconds=args.max_connection_age, max_connection_age_grace_seconds=args.max_connection_age_grace,
         max_connection_idle_seconds=args.max_connection_idle, min_client_ping_seconds=args.min_client_ping_interval,
         seed_citizens=args.seed_citizens, seed=args.seed,
@@ -283,31 +286,10 @@ def cmd_serve(args) -> int:
         for f in mp.glob("*.db"):
             f.unlink()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp)
-    from server.app import serve
+    from server.app import announce, serve
 
-    config = serve_config(args)
-
-    def ready(runtime, port):
-        from server.app import citizen_id
-
-        state = runtime.state
-        n = state.n_citizens
-        import numpy as np
-
-        ok = np.flatnonzero((state.consent[:n] == 1) & (state.adult[:n] == 1))
-        row = int(ok[0]) if len(ok) else 0
-        print(
-            f"Qianjiang Score serving {n:,} citizens on {config.host}:{port} "
-            f"({config.workers} worker(s); model {runtime.spec.model_version}; "
-            f"metrics on :{config.metrics_port or 'off'})\n"
-            f"Try, in another shell:\n"
-            f"  qjscore check campus_fitness --card {runtime.synthetic_card_token(row).hex()}\n"
-            f"  qjscore score {citizen_id(row)}\n"
-            f"Stop with Ctrl-C (drains gracefully).",
-            flush=True,
-        )
-
-    serve(config, on_ready=ready)
+    # the example citizen and card only on a terminal, never into a log (server/app.py start_banner)
+    serve(serve_config(args), on_ready=announce)
     return 0
 
 
@@ -528,6 +510,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=50051)
     p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus endpoint (0: off)")
+    p.add_argument("--metrics-host", default="127.0.0.1",
+                   help="address the Prometheus endpoint (plain HTTP, no authentication) listens on; loopback by default")
     p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
     p.add_argument("--threads", type=int, default=16, help="handler threads per worker")
     p.add_argument("--max-concurrent-rpcs", type=_at_least(0), default=128, help="calls in flight per worker; beyond this, RESOURCE_EXHAUSTED (0: no limit)")
@@ -536,6 +520,20 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--max-streams", type=_at_least(0), default=None, metavar="N",
                    help="StreamCheck/IngestRecords streams open at once per worker; beyond this a new one gets "
                         "RESOURCE_EXHAUSTED (reason STREAM_LIMIT) at once (default: half of --max-concurrent-rpcs; 0: no limit)")
+    p.add_argument("--max-calls-per-caller", type=_at_least(0), default=None, metavar="N",
+                   help="calls in flight per caller identity per worker (token, mtls); beyond this RESOURCE_EXHAUSTED "
+                        "(reason CALLER_QUOTA) while other callers are served (default: a quarter of --max-concurrent-rpcs; 0: none)")
+    p.add_argument("--max-streams-per-caller", type=_at_least(0), default=None, metavar="N",
+                   help="streams open per caller identity per worker (default: a quarter of --max-streams; 0: none)")
+    p.add_argument("--call-timeout", type=_seconds, default=10.0, metavar="SECONDS",
+                   help="the server's deadline on a unary call that set none or a later one, including the wait for "
+                        "its request message (DEADLINE_EXCEEDED, reason SERVER_DEADLINE; 0: none)")
+    p.add_argument("--stream-idle-timeout", type=_seconds, default=120.0, metavar="SECONDS",
+                   help="end a stream whose client sent no message for this long (reason STREAM_IDLE; 0: never)")
+    p.add_argument("--max-open-service-streams", type=_at_least(0), default=16, metavar="N",
+                   help="Health.Watch and reflection streams open per worker (they need no identity; 0: no limit)")
+    p.add_argument("--max-streams-per-connection", type=_at_least(1), default=100, metavar="N",
+                   help="calls open at once on one HTTP/2 connection")
     p.add_argument("--keepalive", type=_seconds, default=60.0, metavar="SECONDS",
                    help="ping a connection idle this long, to find dead peers (0: never)")
     p.add_argument("--keepalive-timeout", type=_seconds, default=20.0, metavar="SECONDS",

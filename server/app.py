@@ -41,9 +41,11 @@ from kernel.synthetic import generate_city
 from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
 )
-from server.auth import Authenticator, is_loopback, load_policy, load_tokens
+from server.auth import (
+    DEFAULT_POLICY_PATH, Authenticator, PolicyError, check_policy, is_loopback, load_policy, load_tokens,
+)
 from server.event_loop import new_event_loop
-from server.interceptors import ServiceInterceptor
+from server.interceptors import Limits, ServiceInterceptor
 from server.keys import Keys, load_keys, synthetic_card_number
 from server.keys import card_token as keyed_card_token
 from server.metrics import Metrics
@@ -83,22 +85,49 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051
     metrics_port: int = 9464  # 0: no metrics endpoint
+    # Loopback by default: the endpoint is plain HTTP and unauthenticated; a Prometheus on
+    # another host needs --metrics-host (the address of an interface it can reach).
+    metrics_host: str = "127.0.0.1"
     workers: int = 1
     threads: int = 16  # handler threads per worker
-    # Beyond this many calls in flight per worker, RESOURCE_EXHAUSTED instead of a queue: at
-    # about 1,000 checks/s per worker, 128 waiting calls bound the wait near 130 ms, well
-    # inside a gate's few hundred milliseconds (docs/product.md §7).
+    # Beyond this many calls in flight per worker, RESOURCE_EXHAUSTED (reason CALL_LIMIT)
+    # instead of a queue: at about 1,000 checks/s per worker, 128 waiting calls bound the wait
+    # near 130 ms, well inside a gate's few hundred milliseconds (docs/product.md §7). Counted
+    # by the interceptor, and only once the caller is authenticated (server/interceptors.py):
+    # a call without credentials, or one that never sends its message, takes no slot.
     max_concurrent_rpcs: int = 128
     # Calls waiting for a busy worker before any Python sees them (grpc core's pending
     # queue), likewise bounded: beyond it grpc refuses them at once, as CANCELLED. 128 is
     # about 40-50 ms of work at saturation; a longer stall of the machine overflows it.
     max_pending_calls: int = 128
     # Client- or bidi-streaming calls (StreamCheck, IngestRecords) open at once per worker;
-    # beyond it a new one is refused at once (RESOURCE_EXHAUSTED, reason STREAM_LIMIT). grpc's
-    # max_concurrent_rpcs counts a stream as one call for its whole life, so without a
-    # limit of their own a gateway's streams could take every slot from the unary checks.
+    # beyond it a new one is refused at once (RESOURCE_EXHAUSTED, reason STREAM_LIMIT). A
+    # stream counts as one call for its whole life, so without a limit of their own a
+    # gateway's streams could take every slot from the unary checks.
     # None: half of max_concurrent_rpcs (none when that is 0); 0: no limit of their own.
     max_streams: int | None = None
+    # Per caller identity (token and mtls modes), calls in flight and streams open on a
+    # worker; beyond them RESOURCE_EXHAUSTED, reason CALLER_QUOTA, while the other callers
+    # are served. None: a quarter of the worker's (32 calls and 16 streams by default: 32
+    # checks in flight at a few ms each is far more than a worker answers a second, so only
+    # calls held open reach it); 0: no quota.
+    max_calls_per_caller: int | None = None
+    max_streams_per_caller: int | None = None
+    # The server's deadline on a unary call that set none (or a later one): a check takes
+    # milliseconds, a write to a slow store seconds. It also bounds the wait for the request
+    # message of a call whose client sends only headers. 0: none.
+    call_timeout_seconds: float = 10.0
+    # A client stream (StreamCheck, IngestRecords, reflection) that sends no message for this
+    # long is ended (DEADLINE_EXCEEDED, reason STREAM_IDLE); the gateway reopens it when it
+    # has something to check. 0: never.
+    stream_idle_seconds: float = 120.0
+    # Health.Watch and reflection streams open at once per worker (anyone may open them:
+    # health and reflection need no identity). Health.Check is never limited: probes answer
+    # whatever else holds the worker.
+    max_open_service_streams: int = 16
+    # HTTP/2 streams (calls) at once on one connection (grpc.max_concurrent_streams); a
+    # client queues more on its side or opens another connection.
+    max_streams_per_connection: int = 100
     # Connections. The server pings a connection idle this long and drops it when the ping
     # is not answered within the timeout: a gateway that vanished (power, NAT) frees its
     # streams in about 80 s instead of grpc's default two hours.
@@ -142,6 +171,22 @@ class ServerConfig:
         return max(self.max_concurrent_rpcs // 2, 1) if self.max_concurrent_rpcs else 0
 
     @property
+    def limits(self) -> Limits:
+        """The interceptor's limits for one worker (server/interceptors.py)."""
+        def share(explicit: int | None, of: int) -> int:
+            if explicit is not None:
+                return max(explicit, 0)
+            return max(of // 4, 1) if of else 0
+
+        return Limits(
+            calls=max(self.max_concurrent_rpcs, 0), streams=self.stream_limit,
+            caller_calls=share(self.max_calls_per_caller, self.max_concurrent_rpcs),
+            caller_streams=share(self.max_streams_per_caller, self.stream_limit),
+            call_seconds=max(self.call_timeout_seconds, 0.0), stream_idle_seconds=max(self.stream_idle_seconds, 0.0),
+            open_streams=max(self.max_open_service_streams, 0),
+        )
+
+    @property
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{Path(self.data_dir).resolve()}/qianjiang.db"
 
@@ -155,7 +200,8 @@ _NEVER_MS = 2**31 - 1
 
 
 def connection_options(cfg: ServerConfig) -> list[tuple[str, int]]:
-    """grpc server options for keepalive, connection ageing and the client pings allowed."""
+    """grpc server options for keepalive, connection ageing, the client pings allowed and the
+    calls open on one connection."""
     return [
         ("grpc.keepalive_time_ms", _ms(cfg.keepalive_seconds) or _NEVER_MS),
         ("grpc.keepalive_timeout_ms", _ms(cfg.keepalive_timeout_seconds)),
@@ -164,7 +210,20 @@ def connection_options(cfg: ServerConfig) -> list[tuple[str, int]]:
         ("grpc.max_connection_idle_ms", _ms(cfg.max_connection_idle_seconds) or _NEVER_MS),
         ("grpc.http2.min_ping_interval_without_data_ms", _ms(cfg.min_client_ping_seconds)),
         ("grpc.keepalive_permit_without_calls", 1),
+        # HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS: calls open at once on one connection
+        ("grpc.max_concurrent_streams", cfg.max_streams_per_connection or _NEVER_MS),
     ]
+
+
+def private_dir(path: Path) -> None:
+    """Make the data directory, or make an existing one (an older version left it 0755),
+    its owner's only (0700): it holds the store, the keys, the audit log and the models."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        if path.stat().st_mode & 0o777 != 0o700:
+            path.chmod(0o700)
+    except PermissionError:  # another user's directory: theirs to protect
+        log.warning("cannot make %s private (mode 0700): not its owner", path)
 
 
 # --- the shared part ----------------------------------------------------------------------
@@ -186,6 +245,16 @@ class Runtime:
         self._calibration, self.release = calibration, release
         self.calibration_path = Path(config.data_dir) / f"calibration-{spec.model_version}.npz"
         self.policy = load_policy(config.policy_path)
+        # the policy's grants must name this model's record types and these scenarios, each
+        # record type granted only to its spec source (PolicyError otherwise: no start)
+        try:
+            check_policy(self.policy, {v.name: v.source for v in spec.variables}, scenarios,
+                         Path(config.policy_path or DEFAULT_POLICY_PATH).name)
+        except PolicyError as exc:
+            if release is None:
+                raise
+            raise PolicyError(f"{exc} (in release {release}, the one the registry serves: make the policy agree, or "
+                              "stage and activate a spec that does: qjscore model stage SPEC, then model activate)") from None
         self.authenticator = self._authenticator()
 
     def _authenticator(self) -> Authenticator:
@@ -221,7 +290,7 @@ class Runtime:
         """Open the store (seeding an empty one) and allocate the shared state. Cheap
         enough to run before the workers fork; loading comes after (:meth:`load`)."""
         scenarios = load_scenarios(config.scenarios_path)
-        Path(config.data_dir).mkdir(parents=True, exist_ok=True)
+        private_dir(Path(config.data_dir))
         registry = ModelRegistry(config.data_dir)
         calibration = release = None
         if config.spec_path is None:
@@ -379,10 +448,13 @@ class Node:
         self.health = health.aio.HealthServicer()
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         self.interceptor = ServiceInterceptor(self.metrics, ready=self._ready, authenticator=self.runtime.authenticator,
-                                              max_streams=cfg.stream_limit)
+                                              limits=cfg.limits)
         self.server = grpc.aio.server(
             interceptors=[self.interceptor],
-            maximum_concurrent_rpcs=cfg.max_concurrent_rpcs or None,  # 0: no limit
+            # No maximum_concurrent_rpcs: grpc would count a call from its headers, before
+            # anyone is authenticated, and hold the slot while the call waits for a message
+            # that may never come. The interceptor counts admitted calls instead.
+            maximum_concurrent_rpcs=None,
             options=connection_options(cfg) + [
                 ("grpc.so_reuseport", 1 if reuseport else 0),
                 # Overload: calls the worker has not taken up yet queue in grpc's core, before
@@ -616,6 +688,61 @@ def _wait_for_signal(parent: int | None = None, children: list[int] | None = Non
     return got["signum"]
 
 
+def _example_caller(runtime: Runtime, method: str, scenario: str | None = None) -> str | None:
+    """A caller identity of the policy that may call ``method`` (and decide ``scenario``)."""
+    for identity, caller in sorted(runtime.policy.callers.items()):
+        if caller.may_call(method) and (scenario is None or caller.may_decide(scenario)):
+            return identity
+    return None
+
+
+def start_banner(runtime: Runtime, port: int, examples: bool) -> str:
+    """What ``qjscore serve`` prints once the service answers. ``examples`` (stdout is a
+    terminal): a seeded citizen and their card token to try, with the flags the security
+    mode needs; never otherwise, so that no identifier or card token reaches a log file."""
+    cfg = runtime.config
+    metrics = f"{cfg.metrics_host}:{cfg.metrics_port}" if cfg.metrics_port else "off"
+    lines = [
+        f"Qianjiang Score serving {runtime.state.n_citizens:,} citizens on {cfg.host}:{port} "
+        f"({cfg.workers} worker(s); model {runtime.spec.model_version}; security {cfg.security}; metrics on {metrics})",
+    ]
+    if examples:
+        state = runtime.state
+        n = state.n_citizens
+        ok = np.flatnonzero((state.consent[:n] == 1) & (state.adult[:n] == 1))
+        row = int(ok[0]) if len(ok) else 0
+        host = cfg.host if is_loopback(cfg.host) else "127.0.0.1"
+        target = f"{host}:{port}"
+        flags = "" if target == "127.0.0.1:50051" else f" --target {target}"
+        checks = f"qjscore check campus_fitness --card {runtime.synthetic_card_token(row).hex()}"
+        scores = f"qjscore score {citizen_id(row)}"
+        notes = []
+        if cfg.security == "insecure":
+            checks, scores = checks + flags, scores + flags
+        else:
+            checker = _example_caller(runtime, "EligibilityService/Check", "campus_fitness") or "IDENTITY"
+            reader = _example_caller(runtime, "ScoreService/GetScore") or "IDENTITY"
+            if cfg.security == "token":
+                checks += f"{flags} --token TOKEN_OF_{checker.upper()}"
+                scores += f"{flags} --token TOKEN_OF_{reader.upper()}"
+                notes.append(f"(the tokens of {checker} and {reader} are in {cfg.tokens_path}; or export QJ_TOKEN)")
+            else:
+                certs = f" --certs {cfg.cert_dir}"
+                checks += f"{flags}{certs} --caller {checker}"
+                scores += f"{flags}{certs} --caller {reader}"
+                notes.append(f"(their certificates: qjscore certs --out {cfg.cert_dir} makes them with the CA)")
+        lines += ["Try, in another shell:", f"  {checks}", f"  {scores}", *(f"  {n}" for n in notes)]
+    else:
+        lines.append("(not a terminal: no example citizen or card token printed; `qjscore token CITIZEN_ID` gives one)")
+    lines.append("Stop with Ctrl-C (drains gracefully).")
+    return "\n".join(lines)
+
+
+def announce(runtime: Runtime, port: int) -> None:
+    """``serve``'s on_ready for the command line: the banner on stdout."""
+    print(start_banner(runtime, port, examples=sys.stdout.isatty()), flush=True)
+
+
 def serve(config: ServerConfig, on_ready=None) -> None:
     """Run the service until SIGTERM or SIGINT. ``on_ready(runtime)`` is called once it
     answers (the CLI prints how to query it)."""
@@ -667,7 +794,7 @@ def _serve_single(runtime: Runtime, on_ready) -> None:
     if cfg.metrics_port:
         from prometheus_client import start_http_server
 
-        start_http_server(cfg.metrics_port, addr=cfg.host)
+        start_http_server(cfg.metrics_port, addr=cfg.metrics_host)
     node = Node(runtime, metrics=metrics).start()
     runtime.load(metrics)
     node.attach()
@@ -704,7 +831,7 @@ def _serve_workers(runtime: Runtime, on_ready) -> None:
 
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)
-        start_http_server(cfg.metrics_port, addr=cfg.host, registry=registry)
+        start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=registry)
     runtime.load(metrics)
     deadline = time.monotonic() + 60
     while runtime.control.meta[CONTROL_WORKERS_SERVING] < cfg.workers and time.monotonic() < deadline:

@@ -24,17 +24,23 @@ INVALID_ARGUMENT also carries a ``BadRequest`` with one ``FieldViolation``. The 
 * ALREADY_EXISTS: ``RECORD_CONFLICT`` (``field`` where the store names it: a record id
   resent with other content), ``CONFLICT`` (a card token bound to another citizen)
 * RESOURCE_EXHAUSTED: ``STREAM_LIMIT`` (``limit``: too many open streams on this worker;
-  retry with backoff), ``CAPACITY_EXHAUSTED`` (the serving state or token index is full),
-  ``AUDIT_FULL``
+  retry with backoff), ``CALL_LIMIT`` (``limit``: this worker has its most calls in flight),
+  ``CALLER_QUOTA`` (``limit``, ``quota``: ``calls`` or ``streams``: this caller identity has
+  its share of the worker in flight; the others are still served), ``CAPACITY_EXHAUSTED``
+  (the serving state or token index is full), ``AUDIT_FULL``
 * UNAVAILABLE (retry with backoff; clients/client.py does): ``STORE_UNAVAILABLE``,
   ``AUDIT_UNAVAILABLE``, ``NOT_READY`` (loading, draining, switching models)
-* DEADLINE_EXCEEDED: ``DEADLINE_EXCEEDED`` (the deadline passed before the call started)
+* DEADLINE_EXCEEDED: ``DEADLINE_EXCEEDED`` (the deadline passed before the call started),
+  ``SERVER_DEADLINE`` (``limit``: a call without a deadline, or with a later one, ran for the
+  server's bound on a call, in seconds), ``STREAM_IDLE`` (``limit``: a stream sent no message
+  for that many seconds and was ended: reopen it when there is something to send; not
+  UNAVAILABLE, which clients retry blindly)
 * UNKNOWN: ``STORE_ERROR`` (the store failed in a way it did not classify: whether a retry
   helps is not known, so it is not UNAVAILABLE, which clients retry blindly)
 * INTERNAL: ``INTERNAL`` (a bug: the message is "internal error" and nothing else is said)
 
-A status grpc itself sends (RESOURCE_EXHAUSTED past ``--max-concurrent-rpcs``, CANCELLED past
-``--max-pending-calls``, UNAVAILABLE when a connection drops) has no details.
+A status grpc itself sends (CANCELLED past ``--max-pending-calls``, UNAVAILABLE when a
+connection drops) has no details.
 """
 
 from __future__ import annotations
@@ -133,9 +139,42 @@ class StreamLimit(ServiceError):
         self.limit = limit
 
 
+class CallLimit(ServiceError):
+    """This worker has ``limit`` calls of the services in flight (server/interceptors.py)."""
+
+    def __init__(self, limit: int):
+        super().__init__(f"this worker has {limit} calls in flight, its limit; retry with backoff")
+        self.limit = limit
+
+
+class CallerQuota(ServiceError):
+    """The calling identity has ``limit`` calls (``quota`` "calls") or streams ("streams") in
+    flight on this worker: its share, so that one caller cannot take every slot."""
+
+    def __init__(self, quota: str, limit: int):
+        super().__init__(f"this caller has {limit} {quota} in flight on this worker, its quota; retry with backoff")
+        self.quota, self.limit = quota, limit
+
+
 class DeadlineExceeded(ServiceError):
     def __init__(self):
         super().__init__("deadline exceeded before the call started")
+
+
+class ServerDeadline(ServiceError):
+    """A call ran for the server's bound (``limit`` seconds): it set no deadline, or a later one."""
+
+    def __init__(self, limit: float):
+        super().__init__(f"the call ran for {limit:g} s, the server's bound on a call without an earlier deadline")
+        self.limit = limit
+
+
+class StreamIdle(ServiceError):
+    """A stream sent no message for ``limit`` seconds and was ended (reopen it)."""
+
+    def __init__(self, limit: float):
+        super().__init__(f"no message on this stream for {limit:g} s: ended; reopen it when there is something to send")
+        self.limit = limit
 
 
 class NotReady(ServiceError):
@@ -183,6 +222,10 @@ ERRORS: dict[type[BaseException], Kind] = {
     CapacityExhausted: Kind(_S.RESOURCE_EXHAUSTED, "CAPACITY_EXHAUSTED"),
     TokenIndexFull: Kind(_S.RESOURCE_EXHAUSTED, "CAPACITY_EXHAUSTED"),
     StreamLimit: Kind(_S.RESOURCE_EXHAUSTED, "STREAM_LIMIT"),
+    CallLimit: Kind(_S.RESOURCE_EXHAUSTED, "CALL_LIMIT"),
+    CallerQuota: Kind(_S.RESOURCE_EXHAUSTED, "CALLER_QUOTA"),
+    StreamIdle: Kind(_S.DEADLINE_EXCEEDED, "STREAM_IDLE"),
+    ServerDeadline: Kind(_S.DEADLINE_EXCEEDED, "SERVER_DEADLINE"),
     AuditFull: Kind(_S.RESOURCE_EXHAUSTED, "AUDIT_FULL"),
     AuditUnavailable: Kind(_S.UNAVAILABLE, "AUDIT_UNAVAILABLE"),
     NotReady: Kind(_S.UNAVAILABLE, "NOT_READY"),
@@ -245,8 +288,10 @@ def _metadata(exc: BaseException, kind: Kind) -> dict[str, str]:
         meta["field"] = _quoted(field)
     if isinstance(exc, UnknownScenario):
         meta["scenario"] = _quoted(exc.scenario)
-    elif isinstance(exc, StreamLimit):
-        meta["limit"] = str(exc.limit)
+    elif isinstance(exc, (StreamLimit, CallLimit, ServerDeadline, StreamIdle)):
+        meta["limit"] = f"{exc.limit:g}"
+    elif isinstance(exc, CallerQuota):
+        meta["limit"], meta["quota"] = str(exc.limit), exc.quota
     return meta
 
 

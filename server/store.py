@@ -940,6 +940,24 @@ class SQLStore(Store):
         return ActiveRecords.from_rows(self._fetch_all(self._q(query + " ORDER BY r.id"), params))
 
 
+def _private(path: Path, create: bool = False) -> None:
+    """Make ``path`` readable by its owner only (0600): the store holds every citizen's id,
+    birth date, consents and records. SQLite creates the -wal and -shm files with the
+    database file's mode, so a database created 0600 keeps them private too; ``create``
+    makes an empty one with that mode. A file of another user is left as it is."""
+    if create:
+        try:
+            os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+            return
+        except FileExistsError:
+            pass
+    try:
+        if path.stat().st_mode & 0o777 != 0o600:
+            path.chmod(0o600)
+    except (FileNotFoundError, PermissionError):
+        pass
+
+
 class SQLiteStore(SQLStore):
     """The store in one SQLite file (WAL journal), safe to share between threads.
 
@@ -952,7 +970,8 @@ class SQLiteStore(SQLStore):
 
     def __init__(self, path: str | Path, on_write: Callable[[str, float], None] | None = None):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        _private(self.path, create=True)  # before SQLite makes -wal and -shm with its mode
         self._on_write = on_write
         self._lock = threading.Lock()
         self._pid = os.getpid()
@@ -970,6 +989,8 @@ class SQLiteStore(SQLStore):
         except BaseException:
             db.close()
             raise
+        for suffix in ("-wal", "-shm"):  # left readable by an older version
+            _private(self.path.with_name(self.path.name + suffix))
         self._db: sqlite3.Connection | None = db
         try:
             self.migrate()
