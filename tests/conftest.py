@@ -96,20 +96,25 @@ class SecureServer:
     """A real server in token mode with a client for every caller identity of
     config/policy.toml and one the policy does not name (``STRANGER``)."""
 
-    def __init__(self, data_dir, n_citizens: int = 1500):
+    def __init__(self, data_dir, n_citizens: int = 1500, extra_policy: str = ""):
+        """``extra_policy``: TOML appended to config/policy.toml for this server (e.g. an
+        operator role a test needs)."""
         import numpy as np
         from prometheus_client import CollectorRegistry
 
         from clients.client import QianjiangClient
         from server.app import Node, Runtime, ServerConfig
-        from server.auth import load_policy
+        from server.auth import DEFAULT_POLICY_PATH, load_policy
         from server.metrics import Metrics
 
-        self.identities = sorted(load_policy().callers) + [STRANGER]
+        policy = data_dir / "policy.toml"
+        policy.write_text(DEFAULT_POLICY_PATH.read_text() + extra_policy)
+        self.identities = sorted(load_policy(policy).callers) + [STRANGER]
         tokens = data_dir / "tokens.toml"
         tokens.write_text("".join(f'"{dev_token(i)}" = "{i}"\n' for i in self.identities))
         self.config = ServerConfig(
             data_dir=data_dir, seed_citizens=n_citizens, metrics_port=0, port=0, security="token", tokens_path=tokens,
+            policy_path=policy,
         )
         self.runtime = Runtime.prepare(self.config)
         self.node = Node(self.runtime, port=0, metrics=Metrics(CollectorRegistry())).start()

@@ -83,3 +83,12 @@ def test_unknown_scenarios_and_variables_are_refused(tmp_path, old, new, message
     assert text != SHIPPED
     with pytest.raises(PolicyError, match=message):
         check_policy(_policy(tmp_path, text), _sources(), load_scenarios())
+
+
+def test_the_server_refuses_to_start_on_a_policy_that_disagrees_with_the_model(tmp_path):
+    from server.app import Runtime, ServerConfig
+
+    bad = tmp_path / "policy.toml"
+    bad.write_text(SHIPPED.replace('variables = ["volunteer_hours"]', 'variables = ["volunteer_hours", "honours"]'))
+    with pytest.raises(PolicyError, match=r"policy.toml: callers.volunteer_platform.variables: 'honours' comes from source 'civil_affairs'"):
+        Runtime.prepare(ServerConfig(data_dir=tmp_path / "data", seed_citizens=10, policy_path=bad, metrics_port=0, port=0))
