@@ -35,7 +35,8 @@ the entries with one ``write`` + ``fdatasync``). Hence:
 * ``close()`` (also registered with ``atexit``) flushes on an orderly shutdown.
 
 Back-pressure: appending never waits for the disk. At most ``max_pending`` disclosures
-(unary entries + batch items) may be accepted but not yet durable — queued, or taken by a
+(unary entries + written batch records: items and markers, a batch with none counting
+one for its header) may be accepted but not yet durable — queued, or taken by a
 group commit still writing, or kept from a failed one. When the queue passes ``high_water``
 the flusher is woken at once (a burst is written right away, not an interval later). When
 the bound is reached (the disk cannot keep up, or commits fail: disk full), ``record`` and
@@ -44,7 +45,8 @@ answers UNAVAILABLE and discloses nothing unaudited. Nothing accepted is ever dr
 failed commit cuts both files back to their durable ends and is retried first by the next
 one; as soon as a commit completes, the bound frees up and appending is accepted again (no
 restart, no operator action). Memory is bounded by ``max_pending`` disclosures (about
-100 bytes each queued). A batch larger than ``max_pending`` is accepted only into an
+100 bytes each queued): ``record_batch`` compacts a batch itself, so its unknown cards are
+never queued. A batch larger than ``max_pending`` is accepted only into an
 empty queue.
 
 Decision ids (server/decision_ids.py): ``ids`` (a ``DecisionIds`` under a key derived from
@@ -53,17 +55,34 @@ that encrypt (writer, seq), and ``<batch id>-<i>`` for item i of a batch. A segm
 dictionary header holds its writer's number, the entries hold seq and batch_index, so
 readers rebuild every id exactly, and ``find`` turns an id back into its entry.
 
-Files (format 3). Each writer appends to its own segment (a new one per process start,
+Files (format 4). Each writer appends to its own segment (a new one per process start,
 per city day — UTC+8 — and whenever the segment's two data files together would exceed
 ``segment_bytes``), so several worker processes share a directory without any locking:
 
 * ``<dir>/audit-<start-unix-ns>-<pid>.bin``: fixed-width 56-byte entries (``ENTRY``). A
-  unary disclosure is one entry with ``batch_index`` = ``UNARY``. A batch of n items is ONE
-  header entry: its time, seq (the batch's), codes and ``batch_index`` = n (< ``UNARY``),
-  ``subject`` = the position of its first item in the ``.items`` file, ``result`` unused (0).
-* ``<dir>/audit-<start-unix-ns>-<pid>.items``: fixed-width 9-byte items (``ITEM``: subject
-  uint64 LE, result uint8), a batch's items contiguous and in order, so item i of a header
-  is item ``subject + i`` of the file. A 1,000-token batch costs 56 + 9,000 bytes.
+  unary disclosure is one entry with ``batch_index`` = ``UNARY``. A batch is ONE header
+  entry: its time, seq (the batch's), codes, ``batch_index`` = L, its records in the
+  ``.items`` file (< ``UNARY``), ``subject`` = the position of its first record there,
+  ``result`` unused (0) and ``unknown`` (bytes 52..55, uint32) = its unknown cards.
+* ``<dir>/audit-<start-unix-ns>-<pid>.items``: fixed-width 9-byte records (``ITEM``:
+  subject uint64 LE, result uint8), a batch's contiguous and in order. Only tokens that
+  found a person (subject != 0) are items: an unknown card concerns nobody and discloses
+  nothing about a person, so it is only counted in the header. To keep every item's batch
+  position (its decision id ``<batch id>-<i>``), the unknown cards just before an item are
+  written as run markers before it: a record with subject 0 and result r stands for r + 1
+  (1..256) skipped positions; an item's position is the number of positions the records
+  before it in its batch stand for (markers r + 1, items 1); unknown cards after the last
+  item are not written at all. Why this, not a uint32 position in every item (13 bytes):
+  the common gateway batch is mostly known cards, which stay 9 bytes each, and a batch of
+  only known cards is exactly format 3's layout; unknown cards cost at most one 9-byte
+  marker per run of up to 256 before an item, never more than format 3 did, and a batch of
+  only unknown cards (a flood of random tokens) costs its 56-byte header alone (format 3:
+  900,056 bytes per 100,000 tokens). So a batch's bytes are bounded by
+  9 x (2 x known + unknown / 256) + 56. The markers are never read as entries, and a
+  known card's entry (decision id, batch_index, everything) is the one format 3 gave.
+  ``find`` of an unknown card's position returns None (it concerns nobody), ``entries``
+  and ``checks_of`` have no entries for them (``entries(subject=0)`` finds only unary
+  ones); ``batches()`` lists every batch with its known and unknown counts for an auditor.
 * ``<dir>/audit-<start-unix-ns>-<pid>.dict``: strings (callers, methods, scenarios,
   releases) coded as small integers, JSON lines: a header (format, version, writer, both
   record layouts), then one line per code.
@@ -76,13 +95,16 @@ entry, item or dictionary line, and items whose header never made it: readers ig
 trailing partial entry or item (file size not a multiple of the record size), a partial
 dictionary line, and any item not inside a durable header's range. A restarted process
 opens a new segment and never appends after a torn tail. Segments of formats 1 (48-byte
-entries, one per batch item, no ``.items``) and 2 (48-byte entries + items) are still read;
-their entries have no calibration or rules version, position or day ("" and 0).
+entries, one per batch item, no ``.items``), 2 (48-byte entries + items) and 3 (format 4's
+layout with bytes 49..55 zero, every token an item, unknown cards included as subject-0
+items) are still read; entries of formats 1 and 2 have no calibration or rules version,
+position or day ("" and 0). A segment whose dictionary was lost is read as format 4.
 
 Who checked me at a year's volume. When a segment is finished — rolled over, at ``close``,
 or found unindexed by a later writer after its process died — a background thread (never
 the appending one) writes its subject index: every (subject, entry or item) pair of the
-segment sorted by subject, with a sparse fence of every ``FENCE``-th subject and the
+segment sorted by subject (format ``QJAIDX04``: with each item's record offset in its
+batch next to its batch position; ``QJAIDX03`` indexes of format-3 segments are still used), with a sparse fence of every ``FENCE``-th subject and the
 segment's time range in a 64-byte header (``build_index``). It is written to a temporary
 name, fsynced and renamed, and size-checked against its header when read, so a torn index
 is never used (the segment is scanned instead, and the next writer rebuilds it).
@@ -127,27 +149,29 @@ from server.files import fsync_dir
 log = logging.getLogger(__name__)
 
 FORMAT = "qianjiang-audit"
-VERSION = 3  # 1: one entry per batch item, no .items file; 2: 48-byte entries (both still read)
-READABLE = (1, 2, 3)
+VERSION = 4  # 1: one entry per batch item, no .items file; 2: 48-byte entries; 3: every token an item (all still read)
+READABLE = (1, 2, 3, 4)
+_COMPACT = (3, 4)  # 56-byte entries, a writer number in the dictionary, decision ids rebuilt exactly
 UNARY = 0xFFFFFFFF  # batch_index of an entry that is not part of a batch
 SEGMENT_BYTES = 256 << 20
 RETENTION_DAYS = 3 * 365 + 1  # see the module docstring
 CITY_UTC_OFFSET_S = 8 * 3600  # Asia/Shanghai, no daylight saving: segments roll over at city midnight
 DAY_NS = 86_400 * 10**9
 
-# Little-endian explicitly so segments are portable; 49 bytes of fields padded to 56 so
-# every entry (and its int64/uint64 fields) is 8-byte aligned.
+# Little-endian explicitly so segments are portable; 56 bytes so every entry (and its
+# int64/uint64 fields) is 8-byte aligned. Format 3 is the same layout with bytes 49..55 all
+# padding (zeros): read as format 4, its headers have ``unknown`` = 0.
 ENTRY = np.dtype(
     {
         "names": ["time_ns", "seq", "subject", "position", "as_of_day", "batch_index",
-                  "caller", "method", "scenario", "release", "result"],
-        "formats": ["<i8", "<u8", "<u8", "<u8", "<i4", "<u4", "<u2", "<u2", "<u2", "<u2", "u1"],
-        "offsets": [0, 8, 16, 24, 32, 36, 40, 42, 44, 46, 48],
+                  "caller", "method", "scenario", "release", "result", "unknown"],
+        "formats": ["<i8", "<u8", "<u8", "<u8", "<i4", "<u4", "<u2", "<u2", "<u2", "<u2", "u1", "<u4"],
+        "offsets": [0, 8, 16, 24, 32, 36, 40, 42, 44, 46, 48, 52],
         "itemsize": 56,
     }
 )
-_PACK_ENTRY = struct.Struct("<qQQQiIHHHHB7x").pack  # ENTRY's layout, for the group commit
-assert struct.calcsize("<qQQQiIHHHHB7x") == ENTRY.itemsize
+_PACK_ENTRY = struct.Struct("<qQQQiIHHHHB3xI").pack  # ENTRY's layout, for the group commit
+assert struct.calcsize("<qQQQiIHHHHB3xI") == ENTRY.itemsize
 # Formats 1 and 2: 48 bytes, a per-entry writer code, a model version instead of a release.
 ENTRY_V2 = np.dtype(
     {
@@ -157,16 +181,18 @@ ENTRY_V2 = np.dtype(
         "itemsize": 48,
     }
 )
-# What readers work on: ENTRY plus, in its padding (zero on disk), a format-1/2 writer code.
+# What readers work on: ENTRY plus, in its padding (zero on disk), a format-1/2 writer code
+# (dictionary codes are below 2**16).
 _ROW = np.dtype(
     {
         "names": [*ENTRY.names, "writer"],
-        "formats": [ENTRY.fields[n][0] for n in ENTRY.names] + ["<u4"],
-        "offsets": [ENTRY.fields[n][1] for n in ENTRY.names] + [52],
+        "formats": [ENTRY.fields[n][0] for n in ENTRY.names] + ["<u2"],
+        "offsets": [ENTRY.fields[n][1] for n in ENTRY.names] + [50],
         "itemsize": ENTRY.itemsize,
     }
 )
-# One batch item: packed, no padding — the bulk of the log at high batch rates.
+# One batch item: packed, no padding — the bulk of the log at high batch rates. In format 4
+# an item with subject 0 is a run marker: ``result`` + 1 (1..256) unknown cards skipped.
 ITEM = np.dtype({"names": ["subject", "result"], "formats": ["<u8", "u1"], "offsets": [0, 8], "itemsize": 9})
 _KINDS = ("caller", "method", "scenario", "release")
 _STRINGS_CACHED = 4096  # (caller, method, scenario, release) combinations whose codes are remembered
@@ -179,7 +205,8 @@ _CHUNK = 1 << 16  # records per read: bounded memory, and no memmap to SIGBUS on
 # The subject index (.idx): a header, the fence (every FENCE-th subject), the sorted
 # subjects, and for each its reference: entry position << 32 | position in the batch
 # (UNARY for a unary entry). Subject 0 (no person) is left out.
-IDX_MAGIC = b"QJAIDX03"
+IDX_MAGIC = b"QJAIDX04"
+_IDX_MAGIC_03 = b"QJAIDX03"  # still read: no offsets, an item's record is its batch position
 _IDX_HEADER = struct.Struct("<8sQQQqqQQ")  # magic, count, entries, items, min_ns, max_ns, fence_every, fences
 assert _IDX_HEADER.size == 64
 FENCE = 1024
@@ -212,6 +239,24 @@ class AuditEntry:
     rules_version: str = ""
     position: int = 0  # the store's change sequence the served state reflected (formats 1, 2: 0)
     as_of_day: int = 0  # days since 1970-01-01 the features were derived for (formats 1, 2: 0)
+
+
+@dataclass(frozen=True, slots=True)
+class AuditBatch:
+    """One batch as its header records it (``AuditLog.batches``)."""
+
+    batch_id: str  # its items' decision ids are "<batch_id>-<i>"
+    time: datetime  # UTC
+    caller: str
+    method: str
+    scenario: str
+    model_version: str
+    calibration_version: str
+    rules_version: str
+    position: int
+    as_of_day: int
+    known: int  # tokens that found a person: one entry each
+    unknown: int  # unknown cards (subject 0): counted, no entries (format 4; before: items about nobody)
 
 
 class AuditUnavailable(RuntimeError):
@@ -388,7 +433,7 @@ class AuditLog:
         if not (0 <= position < 1 << 64 and -(1 << 31) <= as_of_day < 1 << 31):
             raise ValueError(f"position {position!r} must fit uint64 and as_of_day {as_of_day!r} int32")
         codes = self._codes_of(caller, method, scenario, release)
-        row = (time.time_ns(), decision_seq, subject, position, as_of_day, UNARY, *codes, result)
+        row = (time.time_ns(), decision_seq, subject, position, as_of_day, UNARY, *codes, result, 0)
         with self._lock:
             if self._closed:
                 raise AuditUnavailable("the audit log is closed")
@@ -406,7 +451,9 @@ class AuditLog:
         self, batch_seq: int, caller: str, method: str, scenario: str,
         subjects: np.ndarray, results: np.ndarray, release: str, position: int = 0, as_of_day: int = 0,
     ) -> None:
-        """A whole batch: one header entry plus n 9-byte items; item i's decision id is
+        """A whole batch: one header entry plus a 9-byte item per token that found a person
+        (subject != 0) and a run marker per up to 256 unknown cards before one (format 4);
+        the unknown cards are counted in the header. Item i's decision id is
         ``ids.id_of(batch_seq, i)``. The arrays are copied (the caller may reuse them)."""
         subjects = _as(subjects, _U64, "subjects")
         results = _as(results, _U8, "results")
@@ -421,19 +468,23 @@ class AuditLog:
             return
         if n >= UNARY:
             raise ValueError(f"a batch of {n} items is too large for the audit log")
+        # Compacted here, not by the flusher: what waits in memory is only what is written.
+        subjects, results, unknown = _compact(subjects, results)
+        records = len(subjects)  # <= n: each marker stands for at least one unknown card
+        cost = max(records, 1)  # towards max_pending: written items, or the header alone
         # The header's subject (its first item's position) is set by the group commit.
         codes = self._codes_of(caller, method, scenario, release)
-        row = (time.time_ns(), batch_seq, 0, position, as_of_day, n, *codes, 0)
+        row = (time.time_ns(), batch_seq, 0, position, as_of_day, records, *codes, 0, unknown)
         with self._lock:
             if self._closed:
                 raise AuditUnavailable("the audit log is closed")
             waiting = self._pending + self._backlog
-            if waiting and waiting + n > self.max_pending:
+            if waiting and waiting + cost > self.max_pending:
                 raise AuditUnavailable(self._behind())
             self._rows.append(row)
             self._subjects.append(subjects)
             self._results.append(results)
-            self._pending += n
+            self._pending += cost
             wake = self._pending >= self.high_water and not self._woken
             if wake:
                 self._woken = True
@@ -712,6 +763,43 @@ class AuditLog:
                 segs.append(np.full(len(got[0]), len(infos) - 1, dtype=np.uint32))
         return self._build(*_ordered(rows, segs), infos)
 
+    def batches(self, since_ns: int | None = None) -> list[AuditBatch]:
+        """Every durable batch of every writer in the directory (formats 2 to 4), oldest
+        first: its header's fields and how many of its tokens found a person and how many
+        were unknown cards. A full scan of the headers and the items."""
+        out = []
+        for path in _segment_paths(self.directory):
+            try:
+                size = path.stat().st_size
+                m = path.with_suffix(".items").stat().st_size // ITEM.itemsize
+            except FileNotFoundError:
+                continue
+            info = self._dictionary(path.with_suffix(".dict"))
+            if info[0] not in (2, 3, 4):
+                continue
+            dtype = _ROW if info[0] in _COMPACT else ENTRY_V2
+            heads = _join([c[c["batch_index"] != UNARY].copy() for _, c in _chunks(path, dtype, size // dtype.itemsize)], dtype)
+            if since_ns is not None:
+                heads = heads[heads["time_ns"] >= np.int64(since_ns)]
+            starts, counts = heads["subject"].astype(np.int64), heads["batch_index"].astype(np.int64)
+            heads = heads[starts + counts <= m]  # not durable
+            if not len(heads):
+                continue
+            starts, ends = heads["subject"].astype(np.int64), (heads["subject"] + heads["batch_index"]).astype(np.int64)
+            person = np.zeros(int(ends.max()) + 1, np.int64)  # items about a person before each record
+            for at, chunk in _chunks(path.with_suffix(".items"), ITEM, int(ends.max())):
+                person[at + 1 : at + 1 + len(chunk)] = chunk["subject"] != 0
+            person = np.cumsum(person)
+            known = person[ends] - person[starts]
+            unknown = heads["unknown"].astype(np.int64) if info[0] == 4 else (ends - starts) - known
+            rows = heads if dtype is _ROW else _to_rows(heads)
+            rows["batch_index"] = UNARY  # the batch's own id
+            for e, k, u in zip(self._build(rows, np.zeros(len(rows), np.uint32), [info]), known.tolist(), unknown.tolist()):
+                out.append(AuditBatch(e.decision_id, e.time, e.caller, e.method, e.scenario, e.model_version,
+                                      e.calibration_version, e.rules_version, e.position, e.as_of_day, k, u))
+        out.sort(key=lambda b: b.time)
+        return out
+
     def checks_of(self, citizen_id: str, limit: int = 100) -> list[AuditEntry]:
         """Who checked this citizen and when: newest first, at most ``limit`` entries.
         Indexed segments are searched, not read; segments are visited newest first and the
@@ -763,7 +851,7 @@ class AuditLog:
         candidates = []
         for path in _segment_paths(self.directory):
             version, _, seg_writer = self._dictionary(path.with_suffix(".dict"))
-            if version == VERSION and seg_writer == writer:
+            if version in _COMPACT and seg_writer == writer:
                 first = _pread_records(path, ENTRY, 0, 1)
                 if len(first):
                     candidates.append((int(first["seq"][0]), path))
@@ -784,6 +872,7 @@ class AuditLog:
         except FileNotFoundError:
             return None
         info = self._dictionary(path.with_suffix(".dict"))
+        items_path = path.with_suffix(".items")
         for start, chunk in _chunks(path, _ROW, n):
             hit = chunk["seq"] == np.uint64(seq)
             hit &= (chunk["batch_index"] == UNARY) if item is None else (chunk["batch_index"] != UNARY)
@@ -791,10 +880,21 @@ class AuditLog:
                 row = chunk[at : at + 1].copy()
                 if item is not None:
                     count, first = int(row["batch_index"][0]), int(row["subject"][0])
-                    if item >= count or first + count > m:
-                        continue  # no such item, or its batch is not durable
-                    found = _pread_records(path.with_suffix(".items"), ITEM, first + item, 1)
-                    if not len(found):
+                    if first + count > m:
+                        continue  # its batch is not durable
+                    offset = item  # of the item's record in its batch's
+                    if info[0] == 4 and row["unknown"][0]:  # markers before it: find its record
+                        region = _pread_records(items_path, ITEM, first, count)
+                        if len(region) != count:
+                            continue
+                        at = np.flatnonzero((_positions(region, [count], 4) == item) & (region["subject"] != 0))
+                        if not len(at):
+                            continue  # an unknown card's position (or none): concerns nobody, not kept
+                        offset = int(at[0])
+                    if offset >= count:
+                        continue  # no such item
+                    found = _pread_records(items_path, ITEM, first + offset, 1)
+                    if not len(found) or (info[0] == 4 and found["subject"][0] == 0):
                         continue
                     row["subject"], row["result"], row["batch_index"] = found["subject"], found["result"], item
                 return self._build(row, np.zeros(1, np.uint32), [info])[0]
@@ -818,14 +918,15 @@ class AuditLog:
         if version is None:  # the dictionary was lost: only format 1 has no items file
             version = 1 if m is None else VERSION
             info = (version, {}, None)
-        n = size // (ENTRY.itemsize if version == VERSION else ENTRY_V2.itemsize)  # a torn tail is ignored
+        n = size // (ENTRY.itemsize if version in _COMPACT else ENTRY_V2.itemsize)  # a torn tail is ignored
         try:
             if version == 1:
                 rows = _to_rows(_select_v1(path, n, subject, since_ns))
             elif version == 2:
-                rows = _to_rows(_select_batched(path, n, items_path, m or 0, subject, since_ns, ENTRY_V2))
+                rows = _to_rows(_select_batched(path, n, items_path, m or 0, subject, since_ns, ENTRY_V2, version=2))
             else:
-                rows = _select_batched(path, n, items_path, m or 0, subject, since_ns, _ROW, first_entry, first_item)
+                rows = _select_batched(path, n, items_path, m or 0, subject, since_ns, _ROW, first_entry, first_item,
+                                       version)
         except FileNotFoundError:
             return None  # deleted meanwhile (retention)
         return rows, info
@@ -878,12 +979,16 @@ class AuditLog:
                 block = np.frombuffer(os.pread(fd, 8 * (hi - lo), base + 8 * lo), _U64)
                 a, b = block.searchsorted(subject).tolist()
                 refs = np.frombuffer(os.pread(fd, 8 * (b - a), base + 8 * count + 8 * (lo + a)), _U64) if b > a else None
+                if refs is not None and ix.header[0] == IDX_MAGIC:
+                    offsets = np.frombuffer(os.pread(fd, 4 * (b - a), base + 16 * count + 4 * (lo + a)), "<u4")
+                elif refs is not None:
+                    offsets = (refs & np.uint64(UNARY)).astype(np.uint32)  # format 3: the batch position
             finally:
                 os.close(fd)
             if refs is not None:
-                if len(refs) != b - a:
+                if len(refs) != b - a or len(offsets) != b - a:
                     return None
-                found = self._fetch(ix, refs)
+                found = self._fetch(ix, refs, offsets)
                 if found is None:
                     self._fences.pop(path.name, None)
                     return None
@@ -899,9 +1004,10 @@ class AuditLog:
         return found, ix.info
 
     @staticmethod
-    def _fetch(ix: "_Indexed", refs: np.ndarray) -> np.ndarray | None:
+    def _fetch(ix: "_Indexed", refs: np.ndarray, offsets: np.ndarray) -> np.ndarray | None:
         """The rows of an index's references: entry ``ref >> 32``; for a batch item
-        (``ref & UNARY`` its position in the batch) its subject and result from the items."""
+        (``ref & UNARY`` its position in the batch, ``offsets`` its record's in the batch's
+        records) its subject and result from the items."""
         refs = refs.tolist()
         try:
             f = os.open(ix.bin, os.O_RDONLY)
@@ -915,6 +1021,7 @@ class AuditLog:
             return None  # the segment was cut back under its index: scan it instead
         rows = np.frombuffer(raw, _ROW).copy()
         within = np.array([ref & UNARY for ref in refs], np.uint64)
+        offsets = offsets.tolist()
         batched = np.flatnonzero(within != UNARY)
         if not len(batched):
             return rows
@@ -927,8 +1034,8 @@ class AuditLog:
             m = os.fstat(g).st_size // ITEM.itemsize
             for j in batched.tolist():
                 first, count, at = int(rows["subject"][j]), int(rows["batch_index"][j]), int(within[j])
-                item = os.pread(g, ITEM.itemsize, (first + at) * ITEM.itemsize)
-                if first + count > m or len(item) != ITEM.itemsize:
+                item = os.pread(g, ITEM.itemsize, (first + offsets[j]) * ITEM.itemsize)
+                if first + count > m or offsets[j] >= count or len(item) != ITEM.itemsize:
                     whole[j] = False  # all or nothing: a batch cut short is not shown
                     continue
                 rows["subject"][j], rows["result"][j] = struct.unpack("<QB", item)
@@ -942,7 +1049,7 @@ class AuditLog:
         cols = {name: records[name].tolist() for name in _ROW.names}
         segs = segments.tolist()
         ids: list[str | None] = [None] * len(segs)
-        v3 = [i for i, s in enumerate(segs) if infos[s][0] == VERSION and infos[s][2] is not None]
+        v3 = [i for i, s in enumerate(segs) if infos[s][0] in _COMPACT and infos[s][2] is not None]
         if v3:  # one cipher call for all of them
             writers = np.array([infos[segs[i]][2] for i in v3], dtype=np.uint64)
             for i, d in zip(v3, self.ids.encode_many(writers, records["seq"][v3])):
@@ -953,13 +1060,13 @@ class AuditLog:
             version, codes, _ = infos[s]
             decision_id = ids[i]
             if decision_id is None:
-                decision_id = (f"d-?writer-{cols['seq'][i]:x}" if version == VERSION
+                decision_id = (f"d-?writer-{cols['seq'][i]:x}" if version in _COMPACT
                                else f"d-{_name(codes, 'writer', cols['writer'][i])}-{cols['seq'][i]:x}")
             if cols["batch_index"][i] != UNARY:
                 decision_id = f"{decision_id}-{cols['batch_index'][i]}"
             release = releases.get((s, cols["release"][i]))
             if release is None:
-                words = _name(codes, "release" if version == VERSION else "model", cols["release"][i]).split(" ", 2)
+                words = _name(codes, "release" if version in _COMPACT else "model", cols["release"][i]).split(" ", 2)
                 release = releases[(s, cols["release"][i])] = (*words, "", "")[:3]
             out.append(AuditEntry(
                 decision_id=decision_id,
@@ -1009,14 +1116,14 @@ def _read_dictionary(path: Path) -> tuple[int | None, dict, int | None]:
             continue  # a torn line (crash mid-write): its codes were never used by a durable entry
         if "format" in item:
             version = item.get("version")
-            itemsize = ENTRY.itemsize if version == VERSION else ENTRY_V2.itemsize
+            itemsize = ENTRY.itemsize if version in _COMPACT else ENTRY_V2.itemsize
             if (
                 item.get("format") != FORMAT or version not in READABLE or item.get("itemsize") != itemsize
                 or (version >= 2 and (item.get("items") or {}).get("itemsize") != ITEM.itemsize)
-                or (version == VERSION and not isinstance(item.get("writer"), int))
+                or (version in _COMPACT and not isinstance(item.get("writer"), int))
             ):
                 raise ValueError(f"{path}: unsupported audit format {item!r}")
-            writer = item.get("writer") if version == VERSION else None
+            writer = item.get("writer") if version in _COMPACT else None
             continue
         codes[(item["kind"], item["code"])] = item["value"]
     return version, codes, writer
@@ -1069,12 +1176,12 @@ def _ordered(rows: list[np.ndarray], segs: list[np.ndarray]) -> tuple[np.ndarray
 
 
 def build_index(bin_path) -> Path | None:
-    """Write the subject index of a finished format-3 segment (``<stem>.idx``); None for
-    older formats (scanned instead). Written to a temporary name, fsynced and renamed, so
-    the index either exists whole or not at all."""
+    """Write the subject index of a finished format-3 or -4 segment (``<stem>.idx``); None
+    for older formats (scanned instead). Written to a temporary name, fsynced and renamed,
+    so the index either exists whole or not at all."""
     bin_path = Path(bin_path)
     version, _, _ = _read_dictionary(bin_path.with_suffix(".dict"))
-    if version != VERSION:
+    if version not in _COMPACT:
         return None
     items_path = bin_path.with_suffix(".items")
     n = bin_path.stat().st_size // ENTRY.itemsize
@@ -1087,6 +1194,7 @@ def build_index(bin_path) -> Path | None:
     mine = unary & (entries["subject"] != 0)
     subjects = [entries["subject"][mine]]
     refs = [(position[mine] << np.uint64(32)) | np.uint64(UNARY)]
+    offsets = [np.full(int(mine.sum()), UNARY, np.uint32)]
     heads = ~unary
     starts, counts = entries["subject"][heads], entries["batch_index"][heads].astype(np.uint64)
     durable = starts + counts <= np.uint64(m)  # a crashed writer's last header may lack items
@@ -1094,14 +1202,16 @@ def build_index(bin_path) -> Path | None:
     items_end = int((starts + counts).max()) if len(starts) else 0
     if len(starts):
         items = np.fromfile(items_path, ITEM, count=items_end)
-        within = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
-        item_subjects = items["subject"][np.repeat(starts, counts) + within]
-        keep = item_subjects != 0
-        subjects.append(item_subjects[keep])
+        offset = np.arange(int(counts.sum()), dtype=np.int64) - np.repeat(np.cumsum(counts) - counts, counts)
+        gathered = items[np.repeat(starts, counts) + offset]
+        within = _positions(gathered, counts, version)  # the batch position of each record
+        keep = gathered["subject"] != 0  # unknown cards (format 3) and run markers (format 4)
+        subjects.append(gathered["subject"][keep])
         refs.append((np.repeat(head_at, counts)[keep] << np.uint64(32)) | within[keep].astype(np.uint64))
-    subjects, refs = np.concatenate(subjects), np.concatenate(refs)
+        offsets.append(offset[keep].astype(np.uint32))
+    subjects, refs, offsets = np.concatenate(subjects), np.concatenate(refs), np.concatenate(offsets)
     order = np.argsort(subjects)  # the order among one subject's entries does not matter: readers sort by time
-    subjects, refs = subjects[order], refs[order]
+    subjects, refs, offsets = subjects[order], refs[order], offsets[order]
     fence = subjects[::FENCE]
     times = entries["time_ns"]
     header = _IDX_HEADER.pack(IDX_MAGIC, len(subjects), n, items_end, int(times.min()) if n else 0,
@@ -1109,7 +1219,8 @@ def build_index(bin_path) -> Path | None:
     final = bin_path.with_suffix(".idx")
     tmp = bin_path.with_name(f"{bin_path.stem}.idx.tmp-{os.getpid()}-{threading.get_ident() % 10**6}")
     with open(tmp, "wb") as f:
-        for part in (header, fence.astype(_U64).tobytes(), subjects.astype(_U64).tobytes(), refs.astype(_U64).tobytes()):
+        for part in (header, fence.astype(_U64).tobytes(), subjects.astype(_U64).tobytes(), refs.astype(_U64).tobytes(),
+                     offsets.astype("<u4").tobytes()):
             f.write(part)
         f.flush()
         os.fsync(f.fileno())
@@ -1128,9 +1239,10 @@ def _index_of(bin_path: Path) -> tuple:
                 return _NO_INDEX
             header = _IDX_HEADER.unpack(raw)
             magic, count, _, _, _, _, every, nf = header
-            if magic != IDX_MAGIC or every < 1 or nf != -(-count // every):
+            if magic not in (IDX_MAGIC, _IDX_MAGIC_03) or every < 1 or nf != -(-count // every):
                 return _NO_INDEX
-            if os.fstat(f.fileno()).st_size != _IDX_HEADER.size + 8 * (nf + 2 * count):
+            offsets = 4 * count if magic == IDX_MAGIC else 0
+            if os.fstat(f.fileno()).st_size != _IDX_HEADER.size + 8 * (nf + 2 * count) + offsets:
                 return _NO_INDEX  # torn or truncated
             fence = np.frombuffer(os.pread(f.fileno(), 8 * nf, _IDX_HEADER.size), _U64)
             if len(fence) != nf:
@@ -1217,11 +1329,13 @@ def _select_v1(path: Path, n: int, subject, since_ns) -> np.ndarray:
 
 def _select_batched(
     path: Path, n: int, items_path: Path, m: int, subject, since_ns, dtype: np.dtype, first_entry: int = 0, first_item: int = 0,
+    version: int = VERSION,
 ) -> np.ndarray:
-    """Formats 2 and 3 (entries of ``dtype``) from entry ``first_entry`` and item
+    """Formats 2, 3 and 4 (entries of ``dtype``) from entry ``first_entry`` and item
     ``first_item`` on: unary entries as stored; each batch header whose items are all
     durable (within the first ``m``) expanded into one entry per item: the header's fields
-    with the item's subject and result and batch_index = the item's position in the batch."""
+    with the item's subject and result and batch_index = the item's position in the batch.
+    Format 4's run markers are not entries (its unknown cards have none)."""
     unary, heads = [], []
     for _, seg in _chunks(path, dtype, n, first_entry):
         is_head = seg["batch_index"] != UNARY
@@ -1257,6 +1371,12 @@ def _select_batched(
             keep = np.repeat(ends - first_item <= len(items), counts)
             expanded, positions, within = expanded[keep], positions[keep], within[keep]
         found = items[positions - first_item]
+        if version == 4:
+            within = _positions(found, counts[ends - first_item <= len(items)], 4)
+            mine = found["subject"] != 0  # markers
+            expanded, found, within = expanded[mine], found[mine], within[mine]
+    elif version == 4 and subject == 0:
+        return unary  # no item of format 4 is about nobody: its markers are not items
     else:
         # One person: scan the items for the subject, map each hit to its header.
         hits, found = [], []
@@ -1274,10 +1394,63 @@ def _select_batched(
         positions, found, k = positions[ok], found[ok], k[ok]
         expanded = heads[k]
         within = positions - starts[k]
+        if version == 4:  # a batch with unknown cards: count the positions its markers stand for
+            whole = np.ones(len(k), dtype=bool)
+            for h in np.unique(k[heads["unknown"][k] != 0]).tolist():
+                mine = k == h
+                region = _pread_records(items_path, ITEM, int(starts[h]), int(counts[h]))
+                if len(region) != counts[h]:
+                    whole &= ~mine  # cut short meanwhile: only whole batches
+                    continue
+                within[mine] = _positions(region, [len(region)], 4)[within[mine]]
+            expanded, found, within = expanded[whole], found[whole], within[whole]
     expanded["subject"] = found["subject"]
     expanded["result"] = found["result"]
     expanded["batch_index"] = within
     return _join([unary, expanded], dtype)
+
+
+def _compact(subjects: np.ndarray, results: np.ndarray) -> tuple[np.ndarray, np.ndarray, int]:
+    """(item subjects, item results, unknown cards) of a batch in format 4: an item per
+    known card (subject != 0), in batch order, each preceded by ceil(g / 256) run markers
+    (subject 0, result r: r + 1 positions skipped) for the g unknown cards just before it;
+    unknown cards after the last known one are only counted. A batch of known cards only is
+    returned as is."""
+    known = subjects != 0
+    k = int(np.count_nonzero(known))
+    n = len(subjects)
+    if k == n:
+        return subjects, results, 0
+    if k == 0:
+        return np.zeros(0, _U64), np.zeros(0, _U8), n
+    at = np.flatnonzero(known)
+    gaps = np.diff(at, prepend=-1) - 1  # unknown cards just before each known one
+    runs = (gaps + 255) // 256  # markers before each known card
+    place = np.arange(k) + np.cumsum(runs)  # each known card's record
+    out_s = np.zeros(k + int(runs.sum()), _U64)
+    out_r = np.zeros(len(out_s), _U8)
+    out_s[place] = subjects[at]
+    out_r[place] = results[at]
+    m = len(out_s) - k
+    if m:
+        owner = np.repeat(np.arange(k), runs)
+        t = np.arange(m) - np.repeat(np.cumsum(runs) - runs, runs)  # 0 .. runs - 1
+        out_r[place[owner] - runs[owner] + t] = np.minimum(gaps[owner] - 256 * t, 256) - 1
+    return out_s, out_r, n - k
+
+
+def _positions(items: np.ndarray, counts: np.ndarray, version) -> np.ndarray:
+    """The batch position (batch_index) of every record of consecutive batches' item
+    records (``counts`` each): the number of positions the records before it in its batch
+    stand for (format 4: a marker r + 1, an item 1; before: every record 1). Meaningful for
+    items; markers (format 4, subject 0) are dropped by the callers."""
+    counts = np.asarray(counts, np.int64)
+    first = np.repeat(np.cumsum(counts) - counts, counts)
+    if version != 4:
+        return np.arange(len(items), dtype=np.int64) - first
+    step = np.where(items["subject"] == 0, items["result"].astype(np.int64) + 1, 1)
+    before = np.cumsum(step) - step
+    return before - before[first]
 
 
 def _layout(dtype: np.dtype) -> list:

@@ -53,8 +53,8 @@ def test_a_batch_is_one_header_and_nine_bytes_per_item(tmp_path):
     assert bin_path.stat().st_size == 3 * ENTRY.itemsize and ITEM.itemsize == 9
     assert items_path.stat().st_size == 1003 * ITEM.itemsize
     header = json.loads(bin_path.with_suffix(".dict").read_text().splitlines()[0])
-    assert (header["format"], header["version"], header["itemsize"], header["items"]["itemsize"]) == (FORMAT, 3, 56, 9)
-    assert VERSION == 3 and header["writer"] == log.writer
+    assert (header["format"], header["version"], header["itemsize"], header["items"]["itemsize"]) == (FORMAT, 4, 56, 9)
+    assert VERSION == 4 and header["writer"] == log.writer
     # The headers: batch_index = item count, subject = first item's position in the file.
     raw = np.fromfile(bin_path, ENTRY)
     assert raw["batch_index"].tolist() == [1000, UNARY, 3]
@@ -121,7 +121,8 @@ def test_checks_of_finds_every_batch_item_with_its_exact_decision_id(tmp_path):
     assert _ids(log.checks_of("c00000001", limit=2)) == [log.decision_id(3, 499), log.decision_id(2, 3)]
     assert _ids(log.checks_of("c00000002")) == [log.decision_id(4), log.decision_id(2, 0)]
     assert log.checks_of("c99999999") == []
-    assert _ids(log.entries(subject=0)) == [log.decision_id(2, 2)]  # unknown cards belong to nobody
+    assert _ids(log.entries(subject=0)) == []  # unknown cards belong to nobody: counted in the header only
+    assert log.find(log.decision_id(2, 2)) is None and log.find(log.decision_id(2, 3)).subject == alice
     # Another process (a reader of the same directory) sees the same.
     assert _ids(AuditLog(tmp_path, KEY).checks_of("c00000001")) == _ids(mine)
 
@@ -265,7 +266,7 @@ def test_an_unknown_format_version_is_refused(tmp_path):
     dict_path = next(tmp_path.glob("audit-*.dict"))
     lines = dict_path.read_text().splitlines()
     header = json.loads(lines[0])
-    dict_path.write_text("\n".join([json.dumps({**header, "version": 4})] + lines[1:]) + "\n")
+    dict_path.write_text("\n".join([json.dumps({**header, "version": 5})] + lines[1:]) + "\n")
     with pytest.raises(ValueError, match="unsupported audit format"):
         AuditLog(tmp_path, KEY).entries()
 
