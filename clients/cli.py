@@ -251,7 +251,8 @@ def serve_config(args):
         max_connection_idle_seconds=args.max_connection_idle, min_client_ping_seconds=args.min_client_ping_interval,
         seed_citizens=args.seed_citizens, seed=args.seed,
         security=args.security, tokens_path=args.tokens, cert_dir=args.certs, policy_path=args.policy,
-        audit=not args.no_audit, event_loop=args.event_loop,
+        audit=not args.no_audit, event_loop=args.event_loop, audit_max_pending=args.audit_max_pending,
+        batch_tokens_per_second=args.batch_tokens_per_second, purposes_path=args.purposes,
     )
 
 
@@ -532,7 +533,7 @@ def parser() -> argparse.ArgumentParser:
                    help="end a stream whose client sent no message for this long (reason STREAM_IDLE; 0: never)")
     p.add_argument("--max-open-service-streams", type=_at_least(0), default=16, metavar="N",
                    help="Health.Watch and reflection streams open per worker (they need no identity; 0: no limit)")
-    p.add_argument("--max-streams-per-connection", type=_at_least(1), default=100, metavar="N",
+    p.add_argument("--max-streams-per-connection", type=_at_least(1), default=1000, metavar="N",
                    help="calls open at once on one HTTP/2 connection")
     p.add_argument("--keepalive", type=_seconds, default=60.0, metavar="SECONDS",
                    help="ping a connection idle this long, to find dead peers (0: never)")
@@ -557,6 +558,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--certs", help="directory of ca.pem, server.pem, server.key (qjscore certs makes one)")
     p.add_argument("--policy", help="caller policy (default config/policy.toml)")
     p.add_argument("--no-audit", action="store_true", help="turn the audit log off (only to measure its cost)")
+    p.add_argument("--audit-max-pending", type=_at_least(1), default=1_000_000,
+                   help="disclosures a worker may hold before they are on disk; past it they are refused with "
+                        "UNAVAILABLE, never answered unaudited (default %(default)s)")
+    p.add_argument("--batch-tokens-per-second", type=float, default=200_000.0,
+                   help="card tokens a second one caller may send in batch checks, per worker; beyond it "
+                        "RESOURCE_EXHAUSTED CALLER_QUOTA (0: no limit; not applied in the insecure mode; "
+                        "default %(default)s)")
+    p.add_argument("--purposes", help="the purposes a score may be read for (default config/purposes.toml)")
     p.set_defaults(fn=cmd_serve)
 
     p = sub.add_parser("certs", help="make a development CA and certificates for the server and callers")

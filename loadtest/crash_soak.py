@@ -411,7 +411,7 @@ class Workload:
                     cid = rng.choice(recent) if recent and rng.random() < 0.7 else citizen_id(rng.randrange(N_CITIZENS))
                     counter, clean = self.ledger.read_begin(cid)
                     try:
-                        score = qj.get_score(cid, purpose="crash_soak")
+                        score = qj.get_score(cid, purpose="service_verification")
                     except grpc.RpcError as exc:
                         if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                             continue  # not authorised or under 18: nothing disclosed
@@ -503,7 +503,7 @@ def read_all(qj: QianjiangClient, ledger: Ledger) -> dict:
     counter, _ = ledger.read_begin()
     ids = [citizen_id(r) for r in range(N_CITIZENS)]
     for i in range(0, len(ids), 1000):
-        results = qj.batch_scores(ids[i:i + 1000], purpose="crash_soak_verify", timeout=30)
+        results = qj.batch_scores(ids[i:i + 1000], purpose="service_verification", timeout=30)
         at = time.monotonic()
         for res in results:
             if res.status == OK:

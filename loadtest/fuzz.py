@@ -184,7 +184,8 @@ FIXED_BUGS = {
           "then the re-score raised -> INTERNAL, every later write to that citizen INTERNAL and the "
           "next start's load failing; now refused above 1e9 (server/convert.py, server/service.py)",
     "B3": "a score read's purpose was free text: 65,536 distinct ones filled the audit dictionary -> "
-          "INTERNAL for every new one; now a short name, and a full dictionary RESOURCE_EXHAUSTED",
+          "INTERNAL for every new one; then a short name, and a full dictionary RESOURCE_EXHAUSTED; now one "
+          "of config/purposes.toml (server/purposes.py), anything else INVALID_ARGUMENT",
     "B4": "(grpcio's threaded server) malformed protobuf on a client stream could leave a call that "
           "never completed: SIGTERM never finished draining; gone with grpc.aio and the B1 fix",
     "spec": "kernel/spec.py raised UnicodeDecodeError, RecursionError, ValueError (4,300-digit "
@@ -449,12 +450,13 @@ def gen_citizen_ids(c, v: Vocab) -> list[str]:
 
 
 def gen_purpose(c, v: Vocab) -> str:
-    """Why a score is read: empty, a short name (most of them new), or junk."""
+    """Why a score is read: empty, a configured purpose, a near miss or another name, or junk."""
     branch = c.weighted((25, 15, 25, 35))
     if branch == 0:
         return ""
     if branch == 1:
-        return c.choice(("citizen_app_view", "housing_application", "unspecified", "audit"))
+        return c.choice(("citizen_app_view", "appeal_review", "service_verification", "unspecified",
+                         "housing_application", "Citizen_app_view", "citizen_app_view "))
     if branch == 2:
         return gen_id_like(c)
     return gen_text(c)

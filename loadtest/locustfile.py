@@ -88,11 +88,11 @@ class AppUser(GrpcUser):
 
     @task(5)
     def get_score(self):
-        self.call("GetScore", self.scores.GetScore, score_pb2.GetScoreRequest(citizen_id=a_citizen(), purpose="self_view"), ok_codes=REFUSED)
+        self.call("GetScore", self.scores.GetScore, score_pb2.GetScoreRequest(citizen_id=a_citizen(), purpose="citizen_app_view"), ok_codes=REFUSED)
 
     @task(3)
     def explain_score(self):
-        self.call("ExplainScore", self.scores.ExplainScore, score_pb2.GetScoreRequest(citizen_id=a_citizen(), purpose="self_view"), ok_codes=REFUSED)
+        self.call("ExplainScore", self.scores.ExplainScore, score_pb2.GetScoreRequest(citizen_id=a_citizen(), purpose="citizen_app_view"), ok_codes=REFUSED)
 
     @task(2)
     def list_checks(self):

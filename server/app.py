@@ -50,6 +50,8 @@ from server.keys import Keys, load_keys, synthetic_card_number
 from server.keys import card_token as keyed_card_token
 from server.metrics import Metrics
 from server.models import ModelRegistry, remove_pid_file, write_pid_file
+from server.purposes import load_purposes
+from server.quotas import TokenBuckets
 from server.reflection import enable_reflection
 from server.rollout import roll_out
 from server.scenarios import Outcome, load_scenarios
@@ -127,7 +129,7 @@ class ServerConfig:
     max_open_service_streams: int = 16
     # HTTP/2 streams (calls) at once on one connection (grpc.max_concurrent_streams); a
     # client queues more on its side or opens another connection.
-    max_streams_per_connection: int = 100
+    max_streams_per_connection: int = 1000
     # Connections. The server pings a connection idle this long and drops it when the ping
     # is not answered within the timeout: a gateway that vanished (power, NAT) frees its
     # streams in about 80 s instead of grpc's default two hours.
@@ -161,6 +163,10 @@ class ServerConfig:
     # Disclosures accepted but not yet on disk, per worker: past it (a disk that cannot keep
     # up) disclosures are refused with UNAVAILABLE, never answered unaudited.
     audit_max_pending: int = 1_000_000
+    # Card tokens a second one caller identity may send in batch checks, per worker (each is a
+    # disclosure the audit log writes); 0: no limit. Not applied in the insecure mode.
+    batch_tokens_per_second: float = 200_000.0
+    purposes_path: Path | None = None  # config/purposes.toml: why a score may be read
     event_loop: str = "uvloop"  # or "asyncio" (server/event_loop.py)
 
     @property
@@ -245,6 +251,7 @@ class Runtime:
         self._calibration, self.release = calibration, release
         self.calibration_path = Path(config.data_dir) / f"calibration-{spec.model_version}.npz"
         self.policy = load_policy(config.policy_path)
+        self.purposes = load_purposes(config.purposes_path)
         # the policy's grants must name this model's record types and these scenarios, each
         # record type granted only to its spec source (PolicyError otherwise: no start)
         try:
@@ -419,6 +426,8 @@ class Node:
         self.metrics = metrics or Metrics()
         self.metrics.start_flushing()
         self.pool = futures.ThreadPoolExecutor(max_workers=cfg.threads, thread_name_prefix="qj-io")
+        # per caller identity, for every model generation this node serves
+        self.batch_quota = TokenBuckets(cfg.batch_tokens_per_second) if cfg.batch_tokens_per_second > 0 else None
         self.loop = new_event_loop(cfg.event_loop)
         self._thread = threading.Thread(target=self.loop.run_forever, name="qj-grpc", daemon=True)
         self._thread.start()
@@ -558,7 +567,7 @@ class Node:
             on_rescore=m.observe_rescore, on_decisions=on_decisions, on_decision=on_decision, audit=self.audit,
             control=self.runtime.control, generation=generation,
             ids=previous.ids if previous else None, store_watch=self.store_watch,
-            releases=self.runtime.release_of,
+            releases=self.runtime.release_of, purposes=self.runtime.purposes, batch_quota=self.batch_quota,
         )
 
     def _store_changed(self, up: bool) -> None:

@@ -26,7 +26,8 @@ INVALID_ARGUMENT also carries a ``BadRequest`` with one ``FieldViolation``. The 
 * RESOURCE_EXHAUSTED: ``STREAM_LIMIT`` (``limit``: too many open streams on this worker;
   retry with backoff), ``CALL_LIMIT`` (``limit``: this worker has its most calls in flight),
   ``CALLER_QUOTA`` (``limit``, ``quota``: ``calls`` or ``streams``: this caller identity has
-  its share of the worker in flight; the others are still served), ``CAPACITY_EXHAUSTED``
+  its share of the worker in flight; ``batch_tokens``: it sent its share of card tokens a
+  second in batch checks; the others are still served), ``CAPACITY_EXHAUSTED``
   (the serving state or token index is full), ``AUDIT_FULL``
 * UNAVAILABLE (retry with backoff; clients/client.py does): ``STORE_UNAVAILABLE``,
   ``AUDIT_UNAVAILABLE``, ``NOT_READY`` (loading, draining, switching models)
@@ -154,6 +155,16 @@ class CallerQuota(ServiceError):
     def __init__(self, quota: str, limit: int):
         super().__init__(f"this caller has {limit} {quota} in flight on this worker, its quota; retry with backoff")
         self.quota, self.limit = quota, limit
+
+
+class BatchQuota(CallerQuota):
+    """The calling identity has sent more than ``limit`` card tokens a second in batch checks
+    on this worker (each token is a disclosure the audit log writes): its share."""
+
+    def __init__(self, limit: int):
+        ServiceError.__init__(self, f"this caller has sent more than {limit} card tokens a second in batch checks "
+                                    "on this worker, its quota; retry with backoff")
+        self.quota, self.limit = "batch_tokens", limit
 
 
 class DeadlineExceeded(ServiceError):

@@ -34,9 +34,11 @@ from kernel.score import Scorer
 from server.auth import Caller
 from server.decision_ids import DecisionIds
 from server.errors import (
-    CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, NothingToReplay, PermissionDenied, UnknownCitizen,
+    BatchQuota, CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, NothingToReplay, PermissionDenied, UnknownCitizen,
     UnknownDecision, UnknownScenario,
 )
+from server.purposes import UNSPECIFIED, load_purposes
+from server.quotas import TokenBuckets
 from server.replay import replay
 from server.scenarios import REASON_CODES, SCORE_EXPLAINED, SCORE_VIEWED, Outcome, Scenario
 from server.token_index import Checker
@@ -202,7 +204,8 @@ class CreditService:
         self, state: ServingState, store: Store, scorer: Scorer, scenarios: dict[str, Scenario],
         on_rescore=None, on_decisions=None, on_decision=None, audit=None,
         control: Control | None = None, generation: int = 0, ids: DecisionIds | None = None,
-        store_watch: StoreWatch | None = None, releases=None,
+        store_watch: StoreWatch | None = None, releases=None, purposes=None,
+        batch_quota: TokenBuckets | None = None,
     ):
         """``on_rescore(seconds)``, ``on_decisions(scenario, counts)`` (counts: how many
         decisions had each outcome value, 8 entries) and
@@ -211,7 +214,10 @@ class CreditService:
         one's decision ``ids`` (ids stay unique). ``store_watch`` fails writes fast while
         the store is unreachable (server/store_watch.py). ``releases(model_version,
         calibration_version)`` gives the (spec, calibration) of another release, for replaying
-        a decision an earlier release made (server/replay.py)."""
+        a decision an earlier release made (server/replay.py). ``purposes``: the names a score
+        read may give (config/purposes.toml by default). ``batch_quota``: card tokens a second
+        each caller identity may send in batch checks (None: no limit; the development mode
+        has one identity)."""
         self.state = state
         self.control = control
         self.generation = generation
@@ -226,6 +232,8 @@ class CreditService:
         # the audit log's ids (it finds a past decision by its id); without it, any key will do
         self.ids = ids or self.audit.ids or DecisionIds(secrets.token_bytes(16))
         self.releases = releases
+        self.purposes = frozenset(purposes if purposes is not None else load_purposes())
+        self.batch_quota = batch_quota
         self.score_release = Release.of(self.model_version, self.calibration_version)
         self._release = {name: Release.of(self.model_version, self.calibration_version, sc.rules_version)
                          for name, sc in scenarios.items()}
@@ -259,7 +267,7 @@ class CreditService:
     # --- scores -----------------------------------------------------------------------
 
     def get_score(self, citizen_id: str, caller: Caller, purpose: str = "", method: str = "ScoreService/GetScore") -> ScoreView:
-        purpose = check_purpose(purpose)
+        purpose = check_purpose(purpose, self.purposes)
         row = self.row_of(citizen_id)
         return self._disclose(self._view(citizen_id, row), row, caller, purpose, method, SCORE_VIEWED)
 
@@ -305,7 +313,7 @@ class CreditService:
         return variable_points(self.spec, self.state.features[row : row + 1])[0]
 
     def explain(self, citizen_id: str, caller: Caller, purpose: str = "") -> tuple[ScoreView, list[Contribution]]:
-        purpose = check_purpose(purpose)
+        purpose = check_purpose(purpose, self.purposes)
         row = self.row_of(citizen_id)
         view = self._disclose(self._view(citizen_id, row), row, caller, purpose, "ScoreService/ExplainScore", SCORE_EXPLAINED)
         pts = self._row_points(row)
@@ -386,6 +394,9 @@ class CreditService:
         n = len(tokens) // TOKEN_BYTES
         if n > MAX_BATCH_TOKENS:
             raise InvalidArgument("card_tokens", f"{n} tokens exceed the limit of {MAX_BATCH_TOKENS}")
+        # every token is a disclosure written to the audit log: a caller's volume is bounded
+        if self.batch_quota is not None and not caller.unrestricted and not self.batch_quota.take(caller.identity, n):
+            raise BatchQuota(int(self.batch_quota.rate))
         counts = np.empty(8, np.int64)
         outcomes, subjects, allowed = self._check_tokens(scenario, tokens, counts)
         position, day = self.state.position, self.state.as_of_day
@@ -649,7 +660,13 @@ def check_value(value: float, field: str) -> float:
     return value
 
 
-def check_purpose(purpose: str) -> str:
-    """The purpose of a score read, as audited: empty is "unspecified"; otherwise a short
-    name like an id (free text would let one caller fill the audit log's dictionary)."""
-    return check_id(purpose, "purpose") if purpose else "unspecified"
+def check_purpose(purpose: str, purposes) -> str:
+    """The purpose of a score read, as audited: empty is "unspecified"; otherwise one of the
+    configured ``purposes`` (free text would let one caller fill the audit log's dictionary,
+    and tell a citizen nothing)."""
+    if not purpose:
+        return UNSPECIFIED
+    if purpose not in purposes:
+        shown = purpose if len(purpose) <= 64 else purpose[:64] + "..."
+        raise InvalidArgument("purpose", f"{shown!r} is not a configured purpose (one of {', '.join(sorted(purposes))})")
+    return purpose

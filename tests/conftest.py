@@ -96,9 +96,9 @@ class SecureServer:
     """A real server in token mode with a client for every caller identity of
     config/policy.toml and one the policy does not name (``STRANGER``)."""
 
-    def __init__(self, data_dir, n_citizens: int = 1500, extra_policy: str = ""):
+    def __init__(self, data_dir, n_citizens: int = 1500, extra_policy: str = "", **config):
         """``extra_policy``: TOML appended to config/policy.toml for this server (e.g. an
-        operator role a test needs)."""
+        operator role a test needs); ``config``: other ServerConfig fields."""
         import numpy as np
         from prometheus_client import CollectorRegistry
 
@@ -114,7 +114,7 @@ class SecureServer:
         tokens.write_text("".join(f'"{dev_token(i)}" = "{i}"\n' for i in self.identities))
         self.config = ServerConfig(
             data_dir=data_dir, seed_citizens=n_citizens, metrics_port=0, port=0, security="token", tokens_path=tokens,
-            policy_path=policy,
+            policy_path=policy, **config,
         )
         self.runtime = Runtime.prepare(self.config)
         self.node = Node(self.runtime, port=0, metrics=Metrics(CollectorRegistry())).start()

@@ -472,7 +472,7 @@ def test_batch_get_scores_in_request_order_with_statuses(served):
     minor = ROWS.one(served, adult=0, hard_rule=None)
     ids = [served.citizen(ok_rows[0]), "c99999998", served.citizen(no_consent), served.citizen(minor),
            served.citizen(ok_rows[1]), served.citizen(ok_rows[0])]
-    results = served.client.batch_scores(ids, purpose="itest")
+    results = served.client.batch_scores(ids, purpose="service_verification")
     assert [r.citizen_id for r in results] == ids
     assert [r.status for r in results] == [
         ScoreStatus.OK, ScoreStatus.NOT_FOUND, ScoreStatus.NOT_AUTHORISED, ScoreStatus.UNDER_18, ScoreStatus.OK, ScoreStatus.OK,

@@ -1,0 +1,54 @@
+"""The purposes a score may be read for (config/purposes.toml).
+
+    >>> purposes = load_purposes()
+    >>> purposes["citizen_app_view"].en
+    'the citizen views their own score in a city app'
+
+A score read names one of them (or none: "unspecified"); anything else is INVALID_ARGUMENT,
+so the audit log's dictionary of purposes is as small as this file, whoever calls.
+"""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_PURPOSES_PATH = Path(__file__).resolve().parent.parent / "config" / "purposes.toml"
+
+#: What an empty purpose is audited as (it must be in the file).
+UNSPECIFIED = "unspecified"
+
+_NAME = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+
+class PurposeConfigError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Purpose:
+    name: str
+    zh: str
+    en: str
+
+
+def load_purposes(path: str | Path | None = None) -> dict[str, Purpose]:
+    path = Path(path) if path else DEFAULT_PURPOSES_PATH
+    try:
+        with open(path, "rb") as fh:
+            doc = tomllib.load(fh)
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise PurposeConfigError(f"{path}: {exc}") from exc
+    out = {}
+    for name, item in doc.items():
+        where = f"{path.name}: {name}"
+        if not _NAME.fullmatch(name):
+            raise PurposeConfigError(f"{where}: a purpose's name is 1-64 of [a-z0-9_], starting with a letter")
+        if not isinstance(item, dict) or set(item) != {"zh", "en"} or not all(isinstance(v, str) and v for v in item.values()):
+            raise PurposeConfigError(f"{where}: expected a table with a non-empty zh and en, nothing else")
+        out[name] = Purpose(name, item["zh"], item["en"])
+    if UNSPECIFIED not in out:
+        raise PurposeConfigError(f"{path.name}: {UNSPECIFIED!r} must be listed (what an empty purpose is audited as)")
+    return out
