@@ -338,6 +338,9 @@ class PostgresStore(SQLStore):
     def _acquire(self) -> None:
         """Take the connection's lock, waiting at most the bound for another thread's call
         (itself bounded) unless this call is a bulk one."""
+        # Before any lock: one inherited through fork may have been held by a thread of the
+        # parent (the watchdog) at that instant, and would never be released in the child.
+        self._check_process()
         if getattr(self._unbounded, "on", False):
             self._lock.acquire()
         elif not self._lock.acquire(blocking=False):
@@ -407,12 +410,15 @@ class PostgresStore(SQLStore):
 
     # Connections ------------------------------------------------------------------------
 
-    def _connection(self) -> psycopg.Connection:
-        if self._closed:
-            raise StoreError(f"store {self.name} is closed")
+    def _check_process(self) -> None:
         if os.getpid() != self._pid:
             raise StoreError(f"store {self.name} was opened in process {self._pid}; "
                              "open a new one after fork")
+
+    def _connection(self) -> psycopg.Connection:
+        if self._closed:
+            raise StoreError(f"store {self.name} is closed")
+        self._check_process()
         if self._db is None or self._db.closed or self._db.broken:
             if self._db is not None:
                 self._db.close()
@@ -702,6 +708,11 @@ class PostgresStore(SQLStore):
         return dict(zip(queries, values))
 
     def close(self) -> None:
+        if os.getpid() != self._pid:
+            # Inherited through fork: the parent's locks may be held forever here, and its
+            # connection must not be touched (closing it would end the parent's session).
+            self._closed, self._db = True, None
+            return
         with self._alarm:
             self._closed = True  # the watchdog thread ends
             self._alarm.notify()
