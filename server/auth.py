@@ -32,11 +32,12 @@ from __future__ import annotations
 import contextvars
 import hmac
 import ipaddress
+import time
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from server.errors import PermissionDenied, Unauthenticated
+from server.errors import DeadlineExceeded, PermissionDenied, Unauthenticated
 
 DEFAULT_POLICY_PATH = Path(__file__).resolve().parent.parent / "config" / "policy.toml"
 
@@ -210,6 +211,24 @@ def current_caller() -> Caller:
 
 def set_current_caller(caller: Caller) -> None:
     _current.set(caller)
+
+
+#: When the call being handled stops being worth answering (time.monotonic(); None: never).
+_deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("qianjiang_deadline", default=None)
+
+
+def set_call_deadline(remaining: float | None) -> None:
+    """The interceptor: the call must be answered within ``remaining`` seconds (None: no
+    bound). Travels with the call into the threads it is offloaded to (servicers.py)."""
+    _deadline.set(None if remaining is None else time.monotonic() + remaining)
+
+
+def check_call_deadline() -> None:
+    """Right before a disclosure is audited: a call whose deadline has passed gets no answer,
+    so nothing is disclosed and nothing is audited (DeadlineExceeded)."""
+    deadline = _deadline.get()
+    if deadline is not None and time.monotonic() >= deadline:
+        raise DeadlineExceeded(started=True)
 
 
 class Authenticator:

@@ -168,8 +168,9 @@ class BatchQuota(CallerQuota):
 
 
 class DeadlineExceeded(ServiceError):
-    def __init__(self):
-        super().__init__("deadline exceeded before the call started")
+    def __init__(self, started: bool = False):
+        super().__init__("deadline exceeded before the answer: nothing was disclosed" if started
+                         else "deadline exceeded before the call started")
 
 
 class ServerDeadline(ServiceError):

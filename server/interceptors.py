@@ -48,7 +48,7 @@ from typing import Callable
 
 import grpc
 
-from server.auth import OPEN_SERVICES, Authenticator, PermissionDenied, set_current_caller
+from server.auth import OPEN_SERVICES, Authenticator, PermissionDenied, set_call_deadline, set_current_caller
 from server.errors import (
     CallerQuota, CallLimit, DeadlineExceeded, InvalidArgument, NotReady, ServerDeadline, StreamIdle, StreamLimit, status_of,
 )
@@ -337,6 +337,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
                 raise DeadlineExceeded()
+            if call_seconds and not request_streaming and not (remaining is not None and remaining <= call_seconds):
+                remaining = call_seconds  # the server's own bound on a unary call (SERVER_DEADLINE)
+            set_call_deadline(remaining)  # no disclosure past it (auth.check_call_deadline)
             return caller
 
         async def fail(exc: Exception, context, t0: float) -> None:

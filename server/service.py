@@ -31,7 +31,7 @@ import numpy as np
 from kernel.columns import FLAG_HARD_RULE, NO_REASON
 from kernel.reference import variable_points
 from kernel.score import Scorer
-from server.auth import Caller
+from server.auth import Caller, check_call_deadline
 from server.decision_ids import DecisionIds
 from server.errors import (
     BatchQuota, CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, NothingToReplay, PermissionDenied, UnknownCitizen,
@@ -272,6 +272,7 @@ class CreditService:
         return self._disclose(self._view(citizen_id, row), row, caller, purpose, method, SCORE_VIEWED)
 
     def _disclose(self, view: ScoreView, row: int, caller: Caller, purpose: str, method: str, result: int) -> ScoreView:
+        check_call_deadline()  # an answer nobody waits for any more is no disclosure
         seq, disclosure_id = self.ids.next()
         self.audit.record(seq, caller.identity, method, purpose, int(self.state.subject[row]), result,
                           self.score_release.audit, view.records_position, view.as_of_day)
@@ -325,17 +326,24 @@ class CreditService:
             raise InvalidArgument("citizen_ids", f"{len(citizen_ids)} ids exceed the limit of {MAX_BATCH_SCORES}")
         for i, cid in enumerate(citizen_ids):  # all before any disclosure: none is audited for a refused batch
             check_id(cid, f"citizen_ids[{i}]")
-        out = []
+        purpose = check_purpose(purpose, self.purposes)
+        views = []  # every answer first, then the disclosures: all of them, or (deadline) none
         for cid in citizen_ids:
             try:
-                out.append(("OK", self.get_score(cid, caller, purpose, "ScoreService/BatchGetScores")))
+                row = self.row_of(cid)
+                views.append(("OK", (self._view(cid, row), row)))
             except UnknownCitizen:
-                out.append(("NOT_FOUND", None))
+                views.append(("NOT_FOUND", None))
             except NotAuthorised:
-                out.append(("NOT_AUTHORISED", None))
+                views.append(("NOT_AUTHORISED", None))
             except NoScore:
-                out.append(("UNDER_18", None))
-        return out
+                views.append(("UNDER_18", None))
+        check_call_deadline()
+        return [
+            (status, None if found is None else self._disclose(found[0], found[1], caller, purpose,
+                                                               "ScoreService/BatchGetScores", SCORE_VIEWED))
+            for status, found in views
+        ]
 
     # --- eligibility ------------------------------------------------------------------
 
@@ -360,6 +368,7 @@ class CreditService:
             codes = tuple(f"HARD_RULE:{self.spec.variables[v].reason.code}" for v in self._hard_rules(state.tokens.get(token)))
         release = self._release[scenario.name]
         day = state.as_of_day
+        check_call_deadline()
         seq, decision_id = self.ids.next()
         self.audit.record(seq, caller.identity, method, scenario.name, subject, value, release.audit, position, day)
         return DecisionView(outcome, codes, decision_id, release, scenario.name, position, day)
@@ -402,6 +411,7 @@ class CreditService:
         position, day = self.state.position, self.state.as_of_day
         self._on_decisions(scenario.name, counts)
         release = self._release[scenario.name]
+        check_call_deadline()
         seq, batch_id = self.ids.next()
         self.audit.record_batch(seq, caller.identity, "EligibilityService/BatchCheck", scenario.name, subjects, outcomes,
                                 release.audit, position, day)

@@ -87,3 +87,35 @@ def test_the_purposes_file_is_checked(tmp_path):
         bad.write_text(text)
         with pytest.raises(PurposeConfigError, match=message):
             load_purposes(bad)
+
+
+def test_an_answer_past_its_deadline_is_not_disclosed(secure):
+    """A call whose deadline passed before its answer (a score read queued behind slow work,
+    a batch of a thousand reads) gets DEADLINE_EXCEEDED, and nothing of it is audited."""
+    import contextvars
+
+    from server.app import citizen_id
+    from server.auth import set_call_deadline
+    from server.errors import DeadlineExceeded
+
+    service, audit = secure.service, secure.node.audit
+    caller = secure.runtime.policy.caller("citizen_app")
+    cids = [citizen_id(secure.fresh_row()) for _ in range(3)]
+    audit.flush()
+    before = len(audit.entries())
+
+    def late(call):
+        set_call_deadline(-0.001)  # as the interceptor sets it for a call that is already late
+        return call()
+
+    for call in (lambda: service.get_score(cids[0], caller, "citizen_app_view"),
+                 lambda: service.batch_scores(cids, caller, "citizen_app_view"),
+                 lambda: service.check("campus_fitness", secure.token(0), secure.runtime.policy.caller("campus_fitness_app"))):
+        with pytest.raises(DeadlineExceeded, match="nothing was disclosed"):
+            contextvars.copy_context().run(late, call)
+    audit.flush()
+    assert len(audit.entries()) == before
+    # in time, the same calls disclose (and are audited) as usual
+    assert len(contextvars.copy_context().run(lambda: service.batch_scores(cids, caller, "citizen_app_view"))) == 3
+    audit.flush()
+    assert len(audit.entries()) == before + 3
