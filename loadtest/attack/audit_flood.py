@@ -17,12 +17,13 @@ import argparse
 import collections
 import json
 import os
-import tempfile
 import threading
 import time
 from pathlib import Path
 
 import grpc
+
+from loadtest.attack import token_server
 
 PARTNER, FLOODER = "metro_gateway", "bus_gateway"
 
@@ -37,73 +38,56 @@ def _bytes(directory: Path) -> int:
 
 def run(seconds: float = 10.0, batch: int = 100_000, citizens: int = 1500) -> dict:
     import numpy as np
-    from prometheus_client import CollectorRegistry
 
     from clients.client import QianjiangClient
-    from server.app import Node, Runtime, ServerConfig
-    from server.auth import load_policy
-    from server.metrics import Metrics
 
-    with tempfile.TemporaryDirectory(prefix="qj-attack-audit-") as tmp:
-        data = Path(tmp)
-        tokens = data / "tokens.toml"
-        tokens.write_text("".join(f'"{_token(i)}" = "{i}"\n' for i in sorted(load_policy().callers)))
-        config = ServerConfig(data_dir=data, seed_citizens=citizens, metrics_port=0, port=0, host="127.0.0.1",
-                              security="token", tokens_path=tokens)
-        runtime = Runtime.prepare(config)
-        node = Node(runtime, port=0, metrics=Metrics(CollectorRegistry())).start()
+    with token_server("qj-attack-audit-", _token, citizens) as (_, runtime, node, target):
+        audit_dir = node.audit.directory
+        card = runtime.synthetic_card_token(0)
+        stop = threading.Event()
+        flood = collections.Counter()
+
+        def flooder():
+            with QianjiangClient(target, timeout=10, token=_token(FLOODER)) as qj:
+                while not stop.is_set():
+                    try:
+                        qj.check_batch("bus_pay_later", os.urandom(16 * batch))
+                        flood["OK"] += 1
+                    except grpc.RpcError as exc:
+                        flood[exc.code().name] += 1
+                        time.sleep(0.05)
+
+        node.audit.flush()
+        before, t0 = _bytes(audit_dir), time.monotonic()
+        thread = threading.Thread(target=flooder, daemon=True)
+        thread.start()
+        latencies, failed = [], collections.Counter()
         try:
-            runtime.load()
-            node.attach()
-            target = f"127.0.0.1:{node.port}"
-            audit_dir = data / "audit"
-            card = runtime.synthetic_card_token(0)
-            stop = threading.Event()
-            flood = collections.Counter()
-
-            def flooder():
-                with QianjiangClient(target, timeout=10, token=_token(FLOODER)) as qj:
-                    while not stop.is_set():
-                        try:
-                            qj.check_batch("bus_pay_later", os.urandom(16 * batch))
-                            flood["OK"] += 1
-                        except grpc.RpcError as exc:
-                            flood[exc.code().name] += 1
-                            time.sleep(0.05)
-
-            node.audit.flush()
-            before, t0 = _bytes(audit_dir), time.monotonic()
-            thread = threading.Thread(target=flooder, daemon=True)
-            thread.start()
-            latencies, failed = [], collections.Counter()
-            try:
-                with QianjiangClient(target, timeout=2, token=_token(PARTNER)) as gateway:
-                    while time.monotonic() - t0 < seconds:
-                        t = time.perf_counter()
-                        try:
-                            gateway.check("metro_pay_later", card)
-                            latencies.append(time.perf_counter() - t)
-                        except grpc.RpcError as exc:
-                            failed[exc.code().name] += 1
-                        time.sleep(0.002)
-            finally:
-                stop.set()
-                thread.join(30)
-            elapsed = time.monotonic() - t0
-            node.audit.flush()
-            grown = _bytes(audit_dir) - before
-            return {
-                "seconds": round(elapsed, 2),
-                "batch_tokens": batch,
-                "audit_growth_bytes_per_s": round(grown / elapsed),
-                "flood_batches": dict(flood),
-                "flood_tokens_per_s": round(flood["OK"] * batch / elapsed),
-                "checks_ok": len(latencies),
-                "checks_failed": dict(failed),
-                "check_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2) if latencies else None,
-            }
+            with QianjiangClient(target, timeout=2, token=_token(PARTNER)) as gateway:
+                while time.monotonic() - t0 < seconds:
+                    t = time.perf_counter()
+                    try:
+                        gateway.check("metro_pay_later", card)
+                        latencies.append(time.perf_counter() - t)
+                    except grpc.RpcError as exc:
+                        failed[exc.code().name] += 1
+                    time.sleep(0.002)
         finally:
-            node.drain(0)
+            stop.set()
+            thread.join(30)
+        elapsed = time.monotonic() - t0
+        node.audit.flush()
+        grown = _bytes(audit_dir) - before
+        return {
+            "seconds": round(elapsed, 2),
+            "batch_tokens": batch,
+            "audit_growth_bytes_per_s": round(grown / elapsed),
+            "flood_batches": dict(flood),
+            "flood_tokens_per_s": round(flood["OK"] * batch / elapsed),
+            "checks_ok": len(latencies),
+            "checks_failed": dict(failed),
+            "check_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2) if latencies else None,
+        }
 
 
 def main(argv=None) -> int:

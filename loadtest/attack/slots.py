@@ -27,12 +27,12 @@ import argparse
 import asyncio
 import collections
 import json
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import grpc
+
+from loadtest.attack import token_server
 from grpc_health.v1 import health_pb2
 
 CHECK = "/qianjiang.v1.EligibilityService/Check"
@@ -125,70 +125,53 @@ class _Attack:
 def run(seconds: float = 10.0, citizens: int = 1500) -> dict:
     """The attack of the module's docstring for ``seconds``; returns its figures."""
     import numpy as np
-    from prometheus_client import CollectorRegistry
 
     from clients.client import QianjiangClient
-    from server.app import Node, Runtime, ServerConfig
-    from server.auth import load_policy
-    from server.metrics import Metrics
 
-    with tempfile.TemporaryDirectory(prefix="qj-attack-slots-") as tmp:
-        data = Path(tmp)
-        tokens = data / "tokens.toml"
-        tokens.write_text("".join(f'"{_token(i)}" = "{i}"\n' for i in sorted(load_policy().callers)))
-        config = ServerConfig(data_dir=data, seed_citizens=citizens, metrics_port=0, port=0, host="127.0.0.1",
-                              security="token", tokens_path=tokens)
-        runtime = Runtime.prepare(config)
-        node = Node(runtime, port=0, metrics=Metrics(CollectorRegistry())).start()
+    with token_server("qj-attack-slots-", _token, citizens) as (config, runtime, node, target):
+        limits = config.limits
+        attack = _Attack(target, limits.open_streams, limits.caller_calls)
+        latencies, failed = [], collections.Counter()
+        health = collections.Counter()
+        card = runtime.synthetic_card_token(0)
+        stop = threading.Event()
+
+        def probe():
+            with QianjiangClient(target, timeout=2) as qj:
+                while not stop.wait(0.1):
+                    try:
+                        health[qj.health()] += 1
+                    except grpc.RpcError as exc:
+                        health[exc.code().name] += 1
+
+        prober = threading.Thread(target=probe, daemon=True)
         try:
-            runtime.load()
-            node.attach()
-            target = f"127.0.0.1:{node.port}"
-            limits = config.limits
-            attack = _Attack(target, limits.open_streams, limits.caller_calls)
-            latencies, failed = [], collections.Counter()
-            health = collections.Counter()
-            card = runtime.synthetic_card_token(0)
-            stop = threading.Event()
-
-            def probe():
-                with QianjiangClient(target, timeout=2) as qj:
-                    while not stop.wait(0.1):
-                        try:
-                            health[qj.health()] += 1
-                        except grpc.RpcError as exc:
-                            health[exc.code().name] += 1
-
-            prober = threading.Thread(target=probe, daemon=True)
-            try:
-                time.sleep(0.5)  # the attack in place first
-                prober.start()
-                with QianjiangClient(target, timeout=2, token=_token(PARTNER)) as gateway:
-                    end = time.monotonic() + seconds
-                    while time.monotonic() < end:
-                        t0 = time.perf_counter()
-                        try:
-                            gateway.check("metro_pay_later", card)
-                            latencies.append(time.perf_counter() - t0)
-                        except grpc.RpcError as exc:
-                            failed[exc.code().name] += 1
-                        time.sleep(0.002)  # a gate's pace, not a benchmark
-            finally:
-                stop.set()
-                if prober.is_alive():
-                    prober.join(5)
-                attack.close()
-            return {
-                "seconds": seconds,
-                "checks_ok": len(latencies),
-                "checks_failed": dict(failed),
-                "check_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2) if latencies else None,
-                "health_ok": health.get("SERVING", 0),
-                "health_failed": {k: v for k, v in health.items() if k != "SERVING"},
-                "attack_calls": dict(sorted(attack.codes.items())),
-            }
+            time.sleep(0.5)  # the attack in place first
+            prober.start()
+            with QianjiangClient(target, timeout=2, token=_token(PARTNER)) as gateway:
+                end = time.monotonic() + seconds
+                while time.monotonic() < end:
+                    t0 = time.perf_counter()
+                    try:
+                        gateway.check("metro_pay_later", card)
+                        latencies.append(time.perf_counter() - t0)
+                    except grpc.RpcError as exc:
+                        failed[exc.code().name] += 1
+                    time.sleep(0.002)  # a gate's pace, not a benchmark
         finally:
-            node.drain(0)
+            stop.set()
+            if prober.is_alive():
+                prober.join(5)
+            attack.close()
+        return {
+            "seconds": seconds,
+            "checks_ok": len(latencies),
+            "checks_failed": dict(failed),
+            "check_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2) if latencies else None,
+            "health_ok": health.get("SERVING", 0),
+            "health_failed": {k: v for k, v in health.items() if k != "SERVING"},
+            "attack_calls": dict(sorted(attack.codes.items())),
+        }
 
 
 def main(argv=None) -> int:
