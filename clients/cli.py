@@ -280,6 +280,13 @@ def _seconds(value: str) -> float:
 
 
 def cmd_serve(args) -> int:
+    from server.models import DataDirInUse, lock_data_dir
+
+    try:  # first: a second server must not touch the running one's files (its metrics, pid file)
+        lock_data_dir(args.data_dir)
+    except DataDirInUse as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if args.workers > 1 and "PROMETHEUS_MULTIPROC_DIR" not in os.environ:
         # prometheus_client picks multiprocess mode at import: set it before anything imports it
         mp = Path(args.data_dir) / "prometheus"

@@ -49,7 +49,7 @@ from server.interceptors import Limits, ServiceInterceptor
 from server.keys import Keys, load_keys, synthetic_card_number
 from server.keys import card_token as keyed_card_token
 from server.metrics import Metrics
-from server.models import ModelRegistry, remove_pid_file, write_pid_file
+from server.models import ModelRegistry, lock_data_dir, remove_pid_file, write_pid_file
 from server.purposes import load_purposes
 from server.quotas import TokenBuckets
 from server.reflection import enable_reflection
@@ -757,6 +757,7 @@ def serve(config: ServerConfig, on_ready=None) -> None:
     answers (the CLI prints how to query it)."""
     if config.workers > 1 and config.port == 0:
         raise ValueError("--workers > 1 needs a fixed --port (every worker binds the same one)")
+    lock_data_dir(config.data_dir)  # one server per data directory, before anything touches it
     runtime = Runtime.prepare(config)
     write_pid_file(config.data_dir)  # `qjscore model activate|restore` signals this process
     atexit.register(remove_pid_file, config.data_dir)

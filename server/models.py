@@ -413,6 +413,36 @@ def _start_time(pid: int) -> str | None:
     return fields[19] if len(fields) > 19 else None
 
 
+#: Held for as long as a server runs on the data directory (and its forked workers live).
+LOCK_FILE = "qjscore.lock"
+_held: dict[Path, int] = {}  # data directories this process holds, with the lock file's fd
+
+
+class DataDirInUse(RuntimeError):
+    """Another server is running on this data directory."""
+
+
+def lock_data_dir(data_dir: str | Path) -> int:
+    """Take the data directory for this process's server, before anything else touches it:
+    an exclusive flock on ``<data_dir>/qjscore.lock``, kept until the process (and every
+    worker it forks, which shares the open file) ends. Taking it again in the same process is
+    a no-op. DataDirInUse names the running server's pid."""
+    path = Path(data_dir).resolve()
+    if path in _held:
+        return _held[path]
+    path.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        pid = server_pid(path)
+        raise DataDirInUse(f"a server is already running on {data_dir} (pid {pid if pid else 'unknown'}); "
+                           "stop it first, or give this one another --data-dir") from None
+    _held[path] = fd
+    return fd
+
+
 def write_pid_file(data_dir: str | Path) -> Path:
     """Record this process as the data directory's server: ``<data_dir>/qjscore.pid`` holds
     the pid and the process's start time (so a stale file never signals a reused pid)."""

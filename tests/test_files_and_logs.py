@@ -1,6 +1,6 @@
 """What the server leaves on disk and in its log: no citizen id or card token in the start
-banner unless stdout is a terminal, a private data directory and store files, and a metrics
-endpoint on loopback unless told otherwise."""
+banner unless stdout is a terminal, a private data directory and store files, a metrics
+endpoint on loopback unless told otherwise, and one server per data directory."""
 
 from __future__ import annotations
 
@@ -64,6 +64,17 @@ def test_serve_logs_no_citizen_or_card_when_stdout_is_a_file_and_metrics_stay_on
             time.sleep(0.1)
         assert "Qianjiang Score serving" in log.read_text(), log.read_text()
         assert listening(metrics_port) == {"127.0.0.1"}
+        # one server per data directory: a second one says so and touches nothing
+        pid_file = (data / "qjscore.pid").read_text()
+        second = subprocess.run(
+            [sys.executable, "-m", "clients.cli", "serve", "--data-dir", str(data), "--port", str(free_port()),
+             "--metrics-port", "0", "--seed-citizens", "300"],
+            capture_output=True, text=True, timeout=60, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        assert second.returncode == 1, second.stderr
+        assert f"a server is already running on {data} (pid {proc.pid})" in second.stderr
+        assert "Traceback" not in second.stderr
+        assert (data / "qjscore.pid").read_text() == pid_file and proc.poll() is None
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
