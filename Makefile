@@ -5,6 +5,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
+LOADTEST_STAMP = $(VENV)/.loadtest-installed
 
 .PHONY: run test build venv bench calibrate loadbench loadtest-deps clean
 
@@ -13,7 +14,7 @@ STAMP   = $(VENV)/.installed
 run: build
 	$(VENV)/bin/qjscore serve $(ARGS)
 
-test: build
+test: build $(LOADTEST_STAMP)
 	$(PY) -m pytest -q
 
 bench: build
@@ -22,9 +23,12 @@ bench: build
 loadbench: build
 	$(PY) -m loadtest.bench
 
-# Locust and its gevent stack are only for load tests, not the main suite.
-loadtest-deps: build
+# Locust and its gevent stack: for load tests, and for the suite's Locust test.
+loadtest-deps: $(LOADTEST_STAMP)
+
+$(LOADTEST_STAMP): requirements-loadtest.txt $(STAMP)
 	$(PY) -m pip install -q -r requirements-loadtest.txt
+	touch $@
 
 calibrate: build
 	$(PY) -m kernel.calibrate --citizens 1000000 --out data/calibration-report.npz --png data/calibration-report.png
