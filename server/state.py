@@ -383,10 +383,10 @@ class ServingState:
         self.advance(snap.position)  # first: a reader that sees the new row reads a position as new
         if birth_day is not None:
             self.birth_day[row] = birth_day
-        records, bits = self.to_records(snap.active, scenarios)
+        records, bits = to_records(self.spec, snap.active, default_bits(scenarios))
         local = Records(np.zeros(len(records), np.int64), records.variable, records.day, records.value)
         self.features[row] = build_features(self.spec, local, 1, self.as_of_day)[0]
-        self.defaults[row] = self.default_masks(local, bits, 1, self.as_of_day)[0]
+        self.defaults[row] = default_masks(self.spec, local, bits, 1, self.as_of_day)[0]
         self.adult[row] = adults(self.birth_day[row : row + 1], self.as_of_day)[0]
         rows.rescore(row)
         self.refresh_gate(slice(row, row + 1))
@@ -408,9 +408,9 @@ class ServingState:
 
     def _rescore_all(self, active: ActiveRecords, scorer: Scorer, scenarios, as_of_day: int, n_threads: int) -> None:
         n = self.n_citizens
-        records, scenario_bits = self.to_records(active, scenarios)
+        records, scenario_bits = to_records(self.spec, active, default_bits(scenarios))
         build_features(self.spec, records, n, as_of_day, out=self.features[:n])
-        self.defaults[:n] = self.default_masks(records, scenario_bits, n, as_of_day)
+        self.defaults[:n] = default_masks(self.spec, records, scenario_bits, n, as_of_day)
         self.adult[:n] = adults(self.birth_day[:n], as_of_day)
         self.meta[AS_OF_DAY] = as_of_day
         self._score(scorer, n_threads)
@@ -445,22 +445,19 @@ class ServingState:
         pack_gate(self.adult[rows], self.consent[rows], self.columns.score[rows], self.columns.flags[rows],
                   self.defaults[rows], out=self.gate[rows])
 
-    # --- helpers shared with single-citizen updates ------------------------------------
 
-    def to_records(self, active: ActiveRecords, scenarios: dict[str, Scenario]) -> tuple[Records, np.ndarray]:
-        return to_records(self.spec, active, {name: s.default_bit for name, s in scenarios.items()})
-
-    def default_masks(self, records: Records, bits: np.ndarray, n: int, as_of_day: int) -> np.ndarray:
-        return default_masks(self.spec, records, bits, n, as_of_day)
+def default_bits(scenarios: dict[str, Scenario]) -> dict[str, int]:
+    """Each scenario's bit in the unpaid-default mask (-1: not pay-later)."""
+    return {name: s.default_bit for name, s in scenarios.items()}
 
 
-def to_records(spec: ModelSpec, active: ActiveRecords, default_bits: dict[str, int]) -> tuple[Records, np.ndarray]:
+def to_records(spec: ModelSpec, active: ActiveRecords, bits_of: dict[str, int]) -> tuple[Records, np.ndarray]:
     """Store records -> kernel Records (variables the spec does not score are dropped) and
-    each record's pay-later default bit (``default_bits[scenario]``; -1: none)."""
+    each record's pay-later default bit (``bits_of[scenario]``; -1: none)."""
     index = {v.name: i for i, v in enumerate(spec.variables)}
     var = np.array([index.get(v, -1) for v in active.variable], np.int16)
     bits = np.array(
-        [default_bits.get(s, -1) if s is not None else -1 for s in active.scenario], np.int64
+        [bits_of.get(s, -1) if s is not None else -1 for s in active.scenario], np.int64
     ) if len(active) else np.zeros(0, np.int64)
     keep = var >= 0
     records = Records.from_arrays(active.citizen_row[keep], var[keep], active.day[keep], active.value[keep])
