@@ -33,13 +33,13 @@ import contextvars
 import hmac
 import ipaddress
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from server.config_files import DEFAULT_CONFIG_DIR, read_toml
 from server.errors import DeadlineExceeded, PermissionDenied, Unauthenticated
 
-DEFAULT_POLICY_PATH = Path(__file__).resolve().parent.parent / "config" / "policy.toml"
+DEFAULT_POLICY_PATH = DEFAULT_CONFIG_DIR / "policy.toml"
 
 #: Always reachable without an identity: load balancers and tooling need them, and they
 #: disclose nothing about a person.
@@ -117,12 +117,7 @@ class Policy:
 
 
 def load_policy(path: str | Path | None = None) -> Policy:
-    path = Path(path) if path else DEFAULT_POLICY_PATH
-    try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PolicyError(f"{path}: {exc}") from exc
+    path, doc = read_toml(path, DEFAULT_POLICY_PATH, PolicyError)
     callers = {}
     extra = set(doc) - {"callers"}
     if extra:
@@ -182,8 +177,7 @@ def check_policy(policy: Policy, variable_sources: dict[str, str], scenarios, wh
 
 def load_tokens(path: str | Path) -> dict[str, str]:
     """Development bearer tokens: a TOML file of ``"<token>" = "<identity>"``."""
-    with open(path, "rb") as fh:
-        doc = tomllib.load(fh)
+    path, doc = read_toml(path, None, PolicyError)
     tokens = {}
     for token, identity in doc.items():
         if not isinstance(identity, str) or len(token) < 16:

@@ -11,11 +11,12 @@ so the audit log's dictionary of purposes is as small as this file, whoever call
 from __future__ import annotations
 
 import re
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-DEFAULT_PURPOSES_PATH = Path(__file__).resolve().parent.parent / "config" / "purposes.toml"
+from server.config_files import DEFAULT_CONFIG_DIR, read_toml
+
+DEFAULT_PURPOSES_PATH = DEFAULT_CONFIG_DIR / "purposes.toml"
 
 #: What an empty purpose is audited as (it must be in the file).
 UNSPECIFIED = "unspecified"
@@ -35,12 +36,7 @@ class Purpose:
 
 
 def load_purposes(path: str | Path | None = None) -> dict[str, Purpose]:
-    path = Path(path) if path else DEFAULT_PURPOSES_PATH
-    try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise PurposeConfigError(f"{path}: {exc}") from exc
+    path, doc = read_toml(path, DEFAULT_PURPOSES_PATH, PurposeConfigError)
     out = {}
     for name, item in doc.items():
         where = f"{path.name}: {name}"

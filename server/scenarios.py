@@ -14,12 +14,13 @@ token.
 from __future__ import annotations
 
 import enum
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
+from server.config_files import DEFAULT_CONFIG_DIR, read_toml
 
-DEFAULT_SCENARIOS_PATH = Path(__file__).resolve().parent.parent / "config" / "scenarios.toml"
+
+DEFAULT_SCENARIOS_PATH = DEFAULT_CONFIG_DIR / "scenarios.toml"
 
 #: At most this many pay-later scenarios: each has one bit of the per-citizen default mask.
 MAX_PAY_LATER = 32
@@ -106,12 +107,7 @@ def parse_rules_version(version: str) -> tuple[int, bool]:
 
 
 def load_scenarios(path: str | Path | None = None) -> dict[str, Scenario]:
-    path = Path(path) if path else DEFAULT_SCENARIOS_PATH
-    try:
-        with open(path, "rb") as fh:
-            doc = tomllib.load(fh)
-    except (OSError, tomllib.TOMLDecodeError) as exc:
-        raise ScenarioConfigError(f"{path}: {exc}") from exc
+    path, doc = read_toml(path, DEFAULT_SCENARIOS_PATH, ScenarioConfigError)
     out, bit = {}, 0
     for name, item in doc.items():
         where = f"{path.name}: {name}"
