@@ -164,6 +164,20 @@ async def _valid_stream(requests, idle: float = 0.0):
         handle.cancel()
 
 
+async def _respond(behaviour, requests, context, request_streaming: bool, idle: float, call_seconds: float):
+    """The answer of a single-response call: a client stream's requests, bounded by the idle
+    limit between messages, or a unary call's one request, the whole call bounded by
+    ``call_seconds`` when the client set no earlier deadline."""
+    if request_streaming:
+        return await behaviour(_valid_stream(requests, idle), context)
+    bound = _bound(context, call_seconds)
+
+    async def answer():
+        return await behaviour(await _first(context), context)
+
+    return await (_bounded(answer(), bound) if bound else answer())
+
+
 async def _first(context):
     """A unary call's request (its handler is request-streaming for grpc: see the module's
     docstring), read through the safe deserializer."""
@@ -369,11 +383,6 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if not handler.response_streaming:
             behaviour = handler.unary_unary or handler.stream_unary
 
-            async def answer(requests, context):
-                if request_streaming:
-                    return await behaviour(_valid_stream(requests, idle), context)
-                return await behaviour(await _first(context), context)
-
             async def unary(requests, context):
                 count(started)
                 t0 = time.perf_counter()
@@ -384,9 +393,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     caller = precheck(context)
                     held = admit(caller, request_streaming)
                     admitted = True
-                    # a client stream is bounded by its idle limit, a unary call as a whole
-                    bound = 0.0 if request_streaming else _bound(context, call_seconds)
-                    response = await (_bounded(answer(requests, context), bound) if bound else answer(requests, context))
+                    response = await _respond(behaviour, requests, context, request_streaming, idle, call_seconds)
                     code = _ended(context)
                     return response
                 except asyncio.CancelledError:
@@ -469,15 +476,9 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if not handler.response_streaming:  # Health.Check
             behaviour = handler.unary_unary or handler.stream_unary
 
-            async def answer(requests, context):
-                if request_streaming:
-                    return await behaviour(_valid_stream(requests, idle), context)
-                return await behaviour(await _first(context), context)
-
             async def unary(requests, context):
                 try:
-                    bound = 0.0 if request_streaming else _bound(context, call_seconds)
-                    return await (_bounded(answer(requests, context), bound) if bound else answer(requests, context))
+                    return await _respond(behaviour, requests, context, request_streaming, idle, call_seconds)
                 except (asyncio.CancelledError, grpc.aio.AbortError):
                     raise
                 except Exception as exc:  # noqa: BLE001 - mapped by the table
