@@ -194,6 +194,30 @@ def pg_server():
 
 
 @pytest.fixture
+def own_pg():
+    """A PostgreSQL server of this test alone, which it may stop, pause or freeze: (its
+    directory for scripts/pg_test_server.sh, its DSN, a list of pids the test froze with
+    loadtest.attack.store_hang.freeze — resumed at the end even if the test failed)."""
+    from loadtest.attack.store_hang import pg, thaw
+
+    if os.environ.get("QJ_TEST_PG_DSN", "").lower() == "off":
+        pytest.skip("QJ_TEST_PG_DSN=off")
+    where = tempfile.mkdtemp(prefix="qj-pg-own-")
+    started = pg("start", where)
+    if started.returncode != 0:
+        pg("stop", where)
+        if os.environ.get("QJ_TEST_PG_DSN"):  # CI: PostgreSQL is there, so this must work
+            pytest.fail(f"could not start a PostgreSQL server: {started.stderr[-500:]}")
+        pytest.skip("no PostgreSQL server can be started here")
+    frozen: list[int] = []
+    try:
+        yield where, started.stdout.strip(), frozen
+    finally:
+        thaw(frozen)  # never leave it stopped
+        pg("stop", where)
+
+
+@pytest.fixture
 def pg_url(pg_server):
     """A URL to a new, empty database on the session's server; dropped after the test."""
     import psycopg

@@ -11,8 +11,6 @@ watchdog), and the freshness rule of applying a write (server/state.py)."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import tempfile
 import threading
 import time
 
@@ -20,32 +18,12 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from loadtest.attack.store_hang import freeze, pg, thaw
+from loadtest.attack.store_hang import freeze, thaw
 from server.store import NotFound, RecordIn, StoreUnavailable, open_store
 
 RECORDS = "qianjiang.v1.RecordsService"
 SOURCE = "itest"
 BOUND = 2.0  # QJ_STORE_TIMEOUT for this test: shorter than the default 3 s, same code
-
-
-@pytest.fixture
-def own_pg():
-    """A PostgreSQL server of this test alone (it will be frozen)."""
-    if os.environ.get("QJ_TEST_PG_DSN", "").lower() == "off":
-        pytest.skip("QJ_TEST_PG_DSN=off")
-    where = tempfile.mkdtemp(prefix="qj-pg-hang-")
-    started = pg("start", where)
-    if started.returncode != 0:
-        pg("stop", where)
-        if os.environ.get("QJ_TEST_PG_DSN"):  # CI: PostgreSQL is there, so this must work
-            pytest.fail(f"could not start a PostgreSQL server: {started.stderr[-500:]}")
-        pytest.skip("no PostgreSQL server can be started here")
-    frozen: list[int] = []
-    try:
-        yield where, started.stdout.strip(), frozen
-    finally:
-        thaw(frozen)  # never leave it stopped, even when the test failed
-        pg("stop", where)
 
 
 def _until(predicate, seconds: float = 20.0):

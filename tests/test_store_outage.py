@@ -9,49 +9,20 @@ itself: writes are accepted again and health is SERVING, with no restart."""
 from __future__ import annotations
 
 import datetime as dt
-import os
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
 from clients.client import QianjiangClient
+from loadtest.attack.store_hang import pg
 from qianjiang.v1.records_pb2 import Record
 from server.app import Node, Runtime, ServerConfig, citizen_id
 from server.metrics import Metrics
 from server.store import open_store
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "pg_test_server.sh"
 RECORDS = "qianjiang.v1.RecordsService"
-
-
-def _pg(cmd: str, where: str) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(SCRIPT), cmd, where], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "QJ_PG_NO_INSTALL": "1"})
-
-
-@pytest.fixture
-def own_pg():
-    """A PostgreSQL server of this test alone (it will be stopped and restarted)."""
-    if os.environ.get("QJ_TEST_PG_DSN", "").lower() == "off":
-        pytest.skip("QJ_TEST_PG_DSN=off")
-    where = tempfile.mkdtemp(prefix="qj-pg-outage-")
-    started = _pg("start", where)
-    if started.returncode != 0:
-        _pg("stop", where)
-        if os.environ.get("QJ_TEST_PG_DSN"):  # CI: PostgreSQL is there, so this must work
-            pytest.fail(f"could not start a PostgreSQL server: {started.stderr[-500:]}")
-        pytest.skip("no PostgreSQL server can be started here")
-    try:
-        yield where, started.stdout.strip()
-    finally:
-        _pg("stop", where)
-
-
 SOURCE = "itest"  # the development mode's caller writes under the source it names
 
 
@@ -68,7 +39,7 @@ def _until(predicate, seconds: float = 20.0):
 
 
 def test_reads_go_on_writes_fail_fast_and_it_recovers_by_itself(own_pg, tmp_path):
-    where, dsn = own_pg
+    where, dsn, _ = own_pg
     registry = CollectorRegistry()
     config = ServerConfig(data_dir=tmp_path, store_url=dsn, seed_citizens=1500, metrics_port=0, port=0)
     runtime = Runtime.prepare(config)
@@ -87,7 +58,7 @@ def test_reads_go_on_writes_fail_fast_and_it_recovers_by_itself(own_pg, tmp_path
         assert qj.ingest([_record(0, consenting)])[0].status == 1  # ACCEPTED
         assert qj.health(RECORDS) == "SERVING"
 
-        assert _pg("pause", where).returncode == 0  # the outage begins
+        assert pg("pause", where).returncode == 0  # the outage begins
 
         t0 = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
@@ -117,7 +88,7 @@ def test_reads_go_on_writes_fail_fast_and_it_recovers_by_itself(own_pg, tmp_path
         assert qj.health(RECORDS) == "NOT_SERVING"
         assert registry.get_sample_value("qianjiang_store_up") == 0
 
-        assert _pg("resume", where).returncode == 0  # the outage ends
+        assert pg("resume", where).returncode == 0  # the outage ends
         _until(lambda: qj.health(RECORDS) == "SERVING")
         assert registry.get_sample_value("qianjiang_store_up") == 1
         assert qj.ingest([_record(3, consenting)])[0].status == 1
