@@ -23,7 +23,7 @@ from pathlib import Path
 
 import grpc
 
-from loadtest.attack import token_server
+from loadtest.attack import gateway_checks, token_server
 
 PARTNER, FLOODER = "metro_gateway", "bus_gateway"
 
@@ -37,8 +37,6 @@ def _bytes(directory: Path) -> int:
 
 
 def run(seconds: float = 10.0, batch: int = 100_000, citizens: int = 1500) -> dict:
-    import numpy as np
-
     from clients.client import QianjiangClient
 
     with token_server("qj-attack-audit-", _token, citizens) as (_, runtime, node, target):
@@ -61,17 +59,8 @@ def run(seconds: float = 10.0, batch: int = 100_000, citizens: int = 1500) -> di
         before, t0 = _bytes(audit_dir), time.monotonic()
         thread = threading.Thread(target=flooder, daemon=True)
         thread.start()
-        latencies, failed = [], collections.Counter()
         try:
-            with QianjiangClient(target, timeout=2, token=_token(PARTNER)) as gateway:
-                while time.monotonic() - t0 < seconds:
-                    t = time.perf_counter()
-                    try:
-                        gateway.check("metro_pay_later", card)
-                        latencies.append(time.perf_counter() - t)
-                    except grpc.RpcError as exc:
-                        failed[exc.code().name] += 1
-                    time.sleep(0.002)
+            checks = gateway_checks(target, _token(PARTNER), card, seconds)
         finally:
             stop.set()
             thread.join(30)
@@ -84,9 +73,7 @@ def run(seconds: float = 10.0, batch: int = 100_000, citizens: int = 1500) -> di
             "audit_growth_bytes_per_s": round(grown / elapsed),
             "flood_batches": dict(flood),
             "flood_tokens_per_s": round(flood["OK"] * batch / elapsed),
-            "checks_ok": len(latencies),
-            "checks_failed": dict(failed),
-            "check_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2) if latencies else None,
+            **checks,
         }
 
 

@@ -32,7 +32,7 @@ import time
 
 import grpc
 
-from loadtest.attack import token_server
+from loadtest.attack import gateway_checks, token_server
 from grpc_health.v1 import health_pb2
 
 CHECK = "/qianjiang.v1.EligibilityService/Check"
@@ -124,14 +124,11 @@ class _Attack:
 
 def run(seconds: float = 10.0, citizens: int = 1500) -> dict:
     """The attack of the module's docstring for ``seconds``; returns its figures."""
-    import numpy as np
-
     from clients.client import QianjiangClient
 
     with token_server("qj-attack-slots-", _token, citizens) as (config, runtime, node, target):
         limits = config.limits
         attack = _Attack(target, limits.open_streams, limits.caller_calls)
-        latencies, failed = [], collections.Counter()
         health = collections.Counter()
         card = runtime.synthetic_card_token(0)
         stop = threading.Event()
@@ -148,16 +145,7 @@ def run(seconds: float = 10.0, citizens: int = 1500) -> dict:
         try:
             time.sleep(0.5)  # the attack in place first
             prober.start()
-            with QianjiangClient(target, timeout=2, token=_token(PARTNER)) as gateway:
-                end = time.monotonic() + seconds
-                while time.monotonic() < end:
-                    t0 = time.perf_counter()
-                    try:
-                        gateway.check("metro_pay_later", card)
-                        latencies.append(time.perf_counter() - t0)
-                    except grpc.RpcError as exc:
-                        failed[exc.code().name] += 1
-                    time.sleep(0.002)  # a gate's pace, not a benchmark
+            checks = gateway_checks(target, _token(PARTNER), card, seconds)
         finally:
             stop.set()
             if prober.is_alive():
@@ -165,9 +153,7 @@ def run(seconds: float = 10.0, citizens: int = 1500) -> dict:
             attack.close()
         return {
             "seconds": seconds,
-            "checks_ok": len(latencies),
-            "checks_failed": dict(failed),
-            "check_p99_ms": round(float(np.percentile(latencies, 99)) * 1000, 2) if latencies else None,
+            **checks,
             "health_ok": health.get("SERVING", 0),
             "health_failed": {k: v for k, v in health.items() if k != "SERVING"},
             "attack_calls": dict(sorted(attack.codes.items())),
