@@ -173,6 +173,14 @@ def check_policy(policy: Policy, variable_sources: dict[str, str], scenarios, wh
                 raise PolicyError(
                     f"{at}.variables: {variable!r} comes from source {source!r} in the model spec, not from {identity!r}"
                 )
+    for variable, source in variable_sources.items():  # and the other way: every record type has its writer
+        writer = policy.callers.get(source)
+        if writer is None or variable not in writer.variables:
+            raise PolicyError(
+                f"{where}: the model's variable {variable!r} comes from source {source!r}, which the policy does not let "
+                f"write it: add {variable!r} to callers.{source}.variables"
+                + ("" if writer is not None else f" (there is no [callers.{source}]; a source's identity is its caller name)")
+            )
 
 
 def load_tokens(path: str | Path) -> dict[str, str]:

@@ -92,3 +92,16 @@ def test_the_server_refuses_to_start_on_a_policy_that_disagrees_with_the_model(t
     bad.write_text(SHIPPED.replace('variables = ["volunteer_hours"]', 'variables = ["volunteer_hours", "honours"]'))
     with pytest.raises(PolicyError, match=r"policy.toml: callers.volunteer_platform.variables: 'honours' comes from source 'civil_affairs'"):
         Runtime.prepare(ServerConfig(data_dir=tmp_path / "data", seed_citizens=10, policy_path=bad, metrics_port=0, port=0))
+
+
+def test_a_record_type_no_caller_may_write_is_refused(tmp_path):
+    """The other direction: the spec names a source the policy does not let write it (a record
+    type nobody can send, so its citizens could never be corrected or repaired)."""
+    text = SHIPPED.replace('variables = ["tax_arrears"]', "variables = []", 1)
+    assert text != SHIPPED
+    with pytest.raises(PolicyError, match=r"policy.toml: the model's variable 'tax_arrears' comes from source 'tax_bureau', "
+                                          r"which the policy does not let write it: add 'tax_arrears' to callers.tax_bureau.variables"):
+        check_policy(_policy(tmp_path, text), _sources(), load_scenarios())
+    gone = text.replace("[callers.tax_bureau]", "[callers.tax_office]", 1)
+    with pytest.raises(PolicyError, match=r"'tax_arrears' comes from source 'tax_bureau'.*there is no \[callers.tax_bureau\]"):
+        check_policy(_policy(tmp_path, gone), _sources(), load_scenarios())
