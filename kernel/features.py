@@ -69,20 +69,25 @@ def variable_tables(spec: ModelSpec):
 
 
 def record_weights(spec: ModelSpec, records: Records, as_of_day: int) -> np.ndarray:
-    """Weight in [0, 1] of each record on ``as_of_day`` (0: expired or outside the window)."""
+    """Weight in [0, 1] of each record on ``as_of_day`` (0: expired, outside the window, or
+    not in effect yet). A record dated after ``as_of_day`` counts from its day on: a store may
+    hold one (a host clock set back, a source in another zone) and it must never stop a
+    whole-population load (:func:`future_records` counts them for the log)."""
     negative, lifetime, linear, _ = variable_tables(spec)
     var = records.variable.astype(np.intp)
     age = (as_of_day - records.day.astype(np.int64)).astype(np.float64)
-    if (age < 0).any():
-        i = int(np.flatnonzero(age < 0)[0])
-        raise ValueError(f"records[{i}].day: {int(records.day[i])} is after the scoring date {as_of_day}")
     life = lifetime[var]
     no_window = ~negative[var] & (life == 0)
-    alive = no_window | (age < life)
+    alive = (no_window | (age < life)) & (age >= 0)
     w = np.where(alive, 1.0, 0.0)
     lin = alive & linear[var] & negative[var]
     w[lin] = 1.0 - age[lin] / life[lin]
     return w
+
+
+def future_records(records: Records, as_of_day: int) -> int:
+    """How many records are dated after ``as_of_day`` (they do not count yet)."""
+    return int(np.count_nonzero(records.day > as_of_day)) if len(records) else 0
 
 
 def build_features(

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
+import logging
 import mmap
 import multiprocessing
 import os
@@ -39,15 +40,17 @@ from typing import NamedTuple
 import numpy as np
 
 from kernel.columns import ScoreColumns
-from kernel.features import Records, build_features, record_weights
+from kernel.features import Records, build_features, future_records, record_weights
 from kernel.score import Scorer
 from kernel.spec import ModelSpec
+from server.city_time import EPOCH, today  # noqa: F401 - today: the city's day, used with these helpers
 from server.keys import subject_of
 from server.scenarios import Scenario
 from server.store import ActiveRecords, Store
 from server.token_index import TokenIndex, pack_gate
 
-EPOCH = _dt.date(1970, 1, 1)
+log = logging.getLogger("qianjiang.state")
+
 
 # meta slots. POSITION: the store's change sequence the state reflects (every write up to it
 # is applied); a writer sets it before it touches the rows, so a reader that saw a row's new
@@ -61,9 +64,6 @@ def citizen_key(citizen_id: str) -> bytes:
     return hashlib.blake2b(citizen_id.encode(), digest_size=16, person=b"qj-citizen-row").digest()
 
 
-def today() -> int:
-    """Days since 1970-01-01, the unit of every date in the store."""
-    return (_dt.date.today() - EPOCH).days
 
 
 def day_of(iso: str) -> int:
@@ -409,6 +409,10 @@ class ServingState:
     def _rescore_all(self, active: ActiveRecords, scorer: Scorer, scenarios, as_of_day: int, n_threads: int) -> None:
         n = self.n_citizens
         records, scenario_bits = to_records(self.spec, active, default_bits(scenarios))
+        future = future_records(records, as_of_day)
+        if future:
+            log.warning("%d stored records are dated after today (%s in the city): they count from their day on; "
+                        "check the clocks and time zones of the host and of the sources", future, iso_of(as_of_day))
         build_features(self.spec, records, n, as_of_day, out=self.features[:n])
         self.defaults[:n] = default_masks(self.spec, records, scenario_bits, n, as_of_day)
         self.adult[:n] = adults(self.birth_day[:n], as_of_day)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from kernel.columns import FLAG_HARD_RULE
-from kernel.features import Records, build_features
+from kernel.features import Records, build_features, future_records
 from kernel.score import Scorer
 from kernel.spec import DEFAULT_SPEC_PATH, PROTECTED_WORDS, parse_spec
 from kernel.synthetic import AS_OF_DAY, generate_city, generate_features
@@ -41,10 +41,19 @@ def test_positive_records_sum_inside_their_window_and_max_aggregates(spec):
     assert f[hours] == 10 and f[months] == 30
 
 
+def test_a_record_dated_after_the_scoring_day_counts_from_its_day_on(spec):
+    """A store may hold one (a clock set back, a source in another zone): it must not stop a
+    whole-population load, and it must not count before its day."""
+    v = spec.variable_index("tax_arrears")
+    recs = Records.from_arrays([0, 0], [v, v], [AS_OF_DAY, AS_OF_DAY + 1], [1, 1])
+    assert future_records(recs, AS_OF_DAY) == 1
+    assert build_features(spec, recs, 1, AS_OF_DAY)[0, v] == 1
+    assert build_features(spec, recs, 1, AS_OF_DAY + 1)[0, v] == pytest.approx(1 + (1 - 1 / 365))  # linear decay
+    assert future_records(recs, AS_OF_DAY + 1) == 0
+
+
 def test_bad_records_are_named(spec):
     v = spec.variable_index("tax_arrears")
-    with pytest.raises(ValueError, match=r"records\[1\].day: .* is after the scoring date"):
-        build_features(spec, Records.from_arrays([0, 0], [v, v], [AS_OF_DAY, AS_OF_DAY + 1], [1, 1]), 1, AS_OF_DAY)
     with pytest.raises(ValueError, match=r"records\[0\].value: nan"):
         build_features(spec, Records.from_arrays([0], [v], [AS_OF_DAY], [np.nan]), 1, AS_OF_DAY)
     with pytest.raises(ValueError, match=r"records.citizen: indices must lie in \[0, 1\)"):
