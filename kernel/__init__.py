@@ -10,6 +10,7 @@ Layout:
     calibration.py   raw-points histogram -> frozen calibration table
     columns.py       the kernel's output columns (also the serving state)
     synthetic.py     deterministic synthetic city
-    report.py        calibration report (level shares, PNG histogram)
+    calibrate.py     python -m kernel.calibrate: calibration report (level shares, PNG histogram)
+    rollout.py       PSI and level migration between two releases
     bench.py         python -m kernel.bench
 """
