@@ -5,7 +5,8 @@
 Scores the population uncalibrated (raw points), builds and freezes the histogram
 (kernel/calibration.py), re-scores through the frozen table, and prints the level shares,
 the mean and σ of the scores, and the seed's checks (docs/product.md §2). The PNG shows the
-score histogram with the five level bands and the target normal curve N(μ, σ).
+share of adults per 5-point score bin, the five level bands with their shares, and the
+target normal curve N(μ, σ).
 """
 
 from __future__ import annotations
@@ -85,37 +86,45 @@ def report(spec: ModelSpec, table: CalibrationTable, cols: ScoreColumns, feature
     )
 
 
-def plot(spec: ModelSpec, scores: np.ndarray, path: str | Path, title: str) -> Path:
-    """Histogram of scores, the level bands shaded, and the target N(μ, σ) curve."""
-    import matplotlib
+def figure(spec: ModelSpec, scores: np.ndarray, title: str):
+    """Share of adults per 5-point bin, the level bands shaded and labelled with their shares,
+    and the target N(μ, σ) on the same scale. The band labels sit in headroom above the tallest
+    bar and the legend below the axes, so that neither covers the data."""
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
-    fig, ax = plt.subplots(figsize=(10, 5.5), dpi=110)
+    lo, hi, width = 400, 900, 5
+    scores = np.asarray(scores, np.float64)
+    fig = Figure(figsize=(10, 5.5), dpi=100, layout="constrained")
+    ax = fig.add_subplot()
     bounds = [lv.min for lv in spec.levels] + [spec.scale_max + 1]
     colours = ["#f4cccc", "#fce5cd", "#d9ead3", "#cfe2f3", "#d9d2e9"]
-    lo, hi = 400, 900
     for i, lv in enumerate(spec.levels):
         a, b = max(bounds[i], lo), min(bounds[i + 1], hi)
         if a < b:
+            share = 100 * np.mean((scores >= bounds[i]) & (scores < bounds[i + 1]))
             ax.axvspan(a, b, color=colours[i % len(colours)], alpha=0.7, lw=0)
-            ax.text((a + b) / 2, 0.98, f"{lv.en}\n≥{lv.min}" if lv.min else lv.en, ha="center", va="top",
-                    transform=ax.get_xaxis_transform(), fontsize=8)
-    ax.hist(scores, bins=np.arange(lo, hi + 1, 5), density=True, color="#3c78d8", alpha=0.85, label="scores")
+            ax.text((a + b) / 2, 0.98, f"{lv.en}\n{f'≥{lv.min}' if lv.min else f'<{bounds[i + 1]}'}\n{share:.1f} %",
+                    ha="center", va="top", transform=ax.get_xaxis_transform(), fontsize=8)
+    counts, _, _ = ax.hist(scores, bins=np.arange(lo, hi + 1, width), weights=np.full(len(scores), 100 / len(scores)),
+                           color="#3c78d8", alpha=0.85,
+                           label=f"adults' scores (mean {scores.mean():.1f}, σ {scores.std():.1f} points)")
     x = np.linspace(lo, hi, 500)
     pdf = np.exp(-0.5 * ((x - spec.mu) / spec.sigma) ** 2) / (spec.sigma * math.sqrt(2 * math.pi))
-    ax.plot(x, pdf, color="black", lw=1.5, label=f"target N({spec.mu:g}, {spec.sigma:g}²)")
+    ax.plot(x, 100 * width * pdf, color="black", lw=1.5, label=f"target N({spec.mu:g}, {spec.sigma:g}²)")
     ax.set_xlim(lo, hi)
-    ax.set_xlabel("Qianjiang score")
-    ax.set_ylabel("density")
+    ax.set_ylim(0, 1.3 * max(counts.max(), 100 * width * pdf.max()))
+    ax.set_xlabel("score (points)")
+    ax.set_ylabel(f"adults per {width}-point bin (%)")
     ax.set_title(title, fontsize=10)
-    ax.legend(loc="center right")
-    fig.tight_layout()
+    fig.legend(loc="outside lower center", ncols=2, frameon=False)
+    return fig
+
+
+def plot(spec: ModelSpec, scores: np.ndarray, path: str | Path, title: str) -> Path:
+    """Write ``figure`` as a PNG (about 60 KB)."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
+    figure(spec, scores, title).savefig(path)
     return path
 
 

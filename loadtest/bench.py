@@ -25,8 +25,9 @@ more than grpc alone), and the load generator's (``*_client_cpu_us``), which run
 same cores. On a shared machine a call's CPU moves less than the calls a second, and it is
 what capacity planning needs: cores = calls a second x CPU a call.
 
-The last line printed is one JSON object with every figure; ``<data-dir>/report.html`` and
-``report.png`` plot the open-loop latency distribution beside them (loadtest/report.py).
+The last line printed is one JSON object with every figure; ``<data-dir>/report.html`` tables
+the service's figures beside the baseline's, with units and ratios, and it and ``report.png``
+plot both open-loop latency distributions and the throughput ratios (loadtest/report.py).
 """
 
 from __future__ import annotations
@@ -226,7 +227,8 @@ def main(argv=None) -> dict:
             except subprocess.TimeoutExpired:
                 proc.kill()
     result["cpu_count"] = os.cpu_count()
-    png, page = write_report(result, Histogram.from_dict(ol["histogram"]), Path(data) / "report")
+    png, page = write_report(result, Histogram.from_dict(ol["histogram"]), Path(data) / "report",
+                             baseline=Histogram.from_dict(base_ol["histogram"]))
     log(f"report: {page} ({png})")
     print(json.dumps(result))
     return result
