@@ -193,3 +193,35 @@ class CalibrationTable:
         if spec is not None:
             table.check_model(spec)
         return table
+
+
+#: The synthetic population a spec's reference calibration is frozen from (its size and seed):
+#: ``scripts/gen_reference_calibration.sh`` writes ``<spec>.calibration.npz`` beside the spec.
+REFERENCE_CITIZENS, REFERENCE_SEED = 1_000_000, 2018
+
+
+def reference_path(spec_path: str | Path | None = None) -> Path:
+    from kernel.spec import DEFAULT_SPEC_PATH
+
+    spec_path = Path(spec_path) if spec_path is not None else DEFAULT_SPEC_PATH
+    return spec_path.with_name(spec_path.stem + ".calibration.npz")
+
+
+def reference_table(spec: ModelSpec, spec_path: str | Path | None = None) -> CalibrationTable:
+    """The model's reference calibration, shipped with its spec: what a server with no
+    population to calibrate on (an empty production store) serves until an operator stages
+    one frozen from the city (``qjscore model stage``). CalibrationError if the spec has none
+    or it was built for another model version."""
+    path = reference_path(spec_path)
+    if not path.exists():
+        raise CalibrationError(
+            f"{path}: no reference calibration for model {spec.model_version}, and no adult in the store to calibrate "
+            "on: load the population first, or stage a calibration (qjscore model stage SPEC --calibration TABLE)"
+        )
+    table = CalibrationTable.load(path)
+    if table.model_version != spec.model_version:
+        raise CalibrationError(
+            f"{path}: the reference calibration is for model {table.model_version}, not {spec.model_version}: "
+            "regenerate it with scripts/gen_reference_calibration.sh"
+        )
+    return table

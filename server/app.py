@@ -34,7 +34,7 @@ import grpc
 import numpy as np
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from kernel.calibration import CalibrationTable, RawHistogram
+from kernel.calibration import CalibrationTable, RawHistogram, reference_table
 from kernel.score import Scorer
 from kernel.spec import ModelSpec, load_spec
 from kernel.synthetic import generate_city
@@ -57,9 +57,8 @@ from server.rollout import roll_out
 from server.scenarios import Outcome, load_scenarios
 from server.service import CreditService
 from server.servicers import AuditServicer, EligibilityServicer, RecordsServicer, ScoreServicer
-from server.state import (
-    ACTIVE_GENERATION, CONTROL_WORKERS_SERVING, PREPARED_GENERATION, WARMED, Control, ServingState, today,
-)
+from server.city_time import set_city_zone, today
+from server.state import ACTIVE_GENERATION, CONTROL_WORKERS_SERVING, PREPARED_GENERATION, WARMED, Control, ServingState
 from server.store import Store, open_store
 from server.store_watch import StoreWatch
 
@@ -151,8 +150,16 @@ class ServerConfig:
     # calls that the server tolerates (more often: GOAWAY too_many_pings). Below the client
     # library's 30 s (clients/client.py KEEPALIVE_SECONDS), so its pings are always welcome.
     min_client_ping_seconds: float = 20.0
-    seed_citizens: int = 100_000  # synthetic city written to an empty store
+    # Development only: an EMPTY store is seeded with a synthetic city of this many people
+    # (``make run`` asks for 100,000). 0: never; a production store is never seeded.
+    seed_citizens: int = 0
     seed: int = 2018
+    # The production stance: never seeds (seed_citizens must be 0), never insecure, and an
+    # empty store serves an empty city (saying so) with the model's reference calibration.
+    production: bool = False
+    # The city's time zone: its calendar days are the days of ages, record ageing and the
+    # daily refresh, whatever the host's zone (server/city_time.py).
+    city_timezone: str = "Asia/Shanghai"
     grace_seconds: float = 5.0
     security: str = "insecure"  # insecure (loopback only), token, or mtls
     tokens_path: Path | None = None  # development bearer tokens (token mode)
@@ -294,8 +301,10 @@ class Runtime:
 
     @classmethod
     def prepare(cls, config: ServerConfig) -> "Runtime":
-        """Open the store (seeding an empty one) and allocate the shared state. Cheap
-        enough to run before the workers fork; loading comes after (:meth:`load`)."""
+        """Open the store (seeding an empty one when asked) and allocate the shared state.
+        Cheap enough to run before the workers fork; loading comes after (:meth:`load`)."""
+        check_stance(config)
+        set_city_zone(config.city_timezone)  # before any day is computed; the workers inherit it
         scenarios = load_scenarios(config.scenarios_path)
         private_dir(Path(config.data_dir))
         registry = ModelRegistry(config.data_dir)
@@ -312,6 +321,10 @@ class Runtime:
             if store.counts()["citizens"] == 0 and config.seed_citizens > 0:
                 seed_store(store, spec, config.seed_citizens, config.seed, keys)
             counts = store.counts()
+            if counts["citizens"] == 0:
+                log.warning("the store %s has no citizens: serving an empty city (every card is unknown) until "
+                            "sources add people (UpsertCitizen, RegisterCard, IngestRecords)%s", store.name,
+                            "" if config.production else "; --seed-citizens N seeds a synthetic one for development")
         finally:
             store.close()
         capacity = max(1024, int(counts["citizens"] * 1.25) + 1024)
@@ -350,11 +363,18 @@ class Runtime:
             n = self.state.n_citizens
             hist = RawHistogram.empty(self.spec)
             hist.add(self.state.columns.raw[:n][self.state.adult[:n] == 1])
-            hist.freeze().save(self.calibration_path)
-            log.info("calibrated model %s on %d adults", self.spec.model_version, int(hist.counts.sum()))
+            if hist.counts.sum():
+                hist.freeze().save(self.calibration_path)
+                log.info("calibrated model %s on %d adults", self.spec.model_version, int(hist.counts.sum()))
+            else:  # nobody to calibrate on (an empty production store): never a synthetic population
+                self._calibration = reference_table(self.spec, self.config.spec_path)
+                log.warning("no adult in the store to calibrate model %s on: serving its reference calibration %s "
+                            "until an operator stages one frozen from the city (qjscore model stage)",
+                            self.spec.model_version, self._calibration.calibration_version)
             self.state.rescore(Scorer(self.spec, self.calibration()))  # the features are derived already
         if self.release is None:
             self.release = self.registry.bootstrap(self.spec, self.calibration(), self.config.spec_path)
+        self.registry.record_served(self.release, self.registry.active(), "serving")  # what `model status` shows
         if metrics:
             metrics.kernel_batch_seconds.observe(self.state.last_batch_seconds)
             metrics.citizens.set(self.state.n_citizens)
@@ -375,33 +395,57 @@ class Runtime:
         return True
 
 
+def check_stance(config: ServerConfig) -> None:
+    """The production stance (``--production``) refuses what only development may do:
+    ValueError naming the option."""
+    if not config.production:
+        return
+    if config.seed_citizens:
+        raise ValueError(f"--production never seeds a synthetic city: drop --seed-citizens {config.seed_citizens}")
+    if config.security != "mtls":
+        raise ValueError(f"--production serves with mutual TLS (--security mtls --certs DIR), not --security {config.security}")
+
+
 def citizen_id(row: int) -> str:
     return f"c{row:08d}"
 
 
 def seed_store(store: Store, spec: ModelSpec, n: int, seed: int, keys: Keys, authorised_share: float = 0.85) -> None:
     """Write a synthetic city (as of today) into an empty store: citizens, card tokens (keyed
-    hashes of synthetic card numbers), the consents of about 85 % of them, and their records."""
+    hashes of synthetic card numbers), the consents of about 85 % of them, and their records.
+    Development only (``--seed-citizens``). Progress: a bar on a terminal, a log line per step."""
+    from tqdm import tqdm
+
     t0 = time.perf_counter()
     as_of = today()
-    city = generate_city(spec, n, seed=seed, as_of_day=as_of, progress=n >= 500_000)
-    rng = np.random.default_rng(seed)
-    age_days = city.people.age.astype(np.int64) * 365 + rng.integers(0, 365, n)
-    store.upsert_citizens_bulk([citizen_id(i) for i in range(n)], (as_of - age_days).astype(np.int32))
-    tokens = np.frombuffer(b"".join(keyed_card_token(keys.card, synthetic_card_number(i)) for i in range(n)), np.uint8).reshape(n, 16)
-    store.register_cards_bulk(tokens, np.arange(n))
-    store.set_consents_bulk(np.flatnonzero(rng.random(n) < authorised_share), True)
+    show = sys.stderr.isatty()
+    log.info("seeding %s with a synthetic city of %d people (development: --seed-citizens): generating", store.name, n)
+    city = generate_city(spec, n, seed=seed, as_of_day=as_of, progress=show)
     recs = city.records
-    names = np.array([v.name for v in spec.variables], dtype=object)
-    sources = np.array([v.source for v in spec.variables], dtype=object)
-    variable = names[recs.variable.astype(np.intp)]
-    for src in np.unique(sources[recs.variable.astype(np.intp)]):
-        sel = sources[recs.variable.astype(np.intp)] == src
-        idx = np.flatnonzero(sel)
-        store.add_records_bulk(
-            recs.citizen[sel], list(variable[sel]), recs.day[sel], recs.value[sel], str(src),
-            [f"syn-{seed}-{i}" for i in idx],
-        )
+    log.info("seeding: writing %d citizens, their cards and consents, and %d records", n, len(recs))
+    with tqdm(total=3 * n + len(recs), unit="rows", unit_scale=True, desc="writing", disable=not show) as bar:
+        rng = np.random.default_rng(seed)
+        age_days = city.people.age.astype(np.int64) * 365 + rng.integers(0, 365, n)
+        store.upsert_citizens_bulk([citizen_id(i) for i in range(n)], (as_of - age_days).astype(np.int32))
+        bar.update(n)
+        tokens = np.frombuffer(b"".join(keyed_card_token(keys.card, synthetic_card_number(i)) for i in range(n)),
+                               np.uint8).reshape(n, 16)
+        store.register_cards_bulk(tokens, np.arange(n))
+        bar.update(n)
+        store.set_consents_bulk(np.flatnonzero(rng.random(n) < authorised_share), True)
+        bar.update(n)
+        names = np.array([v.name for v in spec.variables], dtype=object)
+        sources = np.array([v.source for v in spec.variables], dtype=object)
+        variable = names[recs.variable.astype(np.intp)]
+        for src in np.unique(sources[recs.variable.astype(np.intp)]):
+            sel = sources[recs.variable.astype(np.intp)] == src
+            idx = np.flatnonzero(sel)
+            store.add_records_bulk(
+                recs.citizen[sel], list(variable[sel]), recs.day[sel], recs.value[sel], str(src),
+                [f"syn-{seed}-{i}" for i in idx],
+            )
+            bar.update(len(idx))
+            log.info("seeding: %d records of %s written", len(idx), src)
     log.info("seeded %d citizens and %d records in %.1f s", n, len(recs), time.perf_counter() - t0)
 
 
@@ -715,11 +759,17 @@ def start_banner(runtime: Runtime, port: int, examples: bool) -> str:
         f"Qianjiang Score serving {runtime.state.n_citizens:,} citizens on {cfg.host}:{port} "
         f"({cfg.workers} worker(s); model {runtime.spec.model_version}; security {cfg.security}; metrics on {metrics})",
     ]
-    if examples:
-        state = runtime.state
-        n = state.n_citizens
-        ok = np.flatnonzero((state.consent[:n] == 1) & (state.adult[:n] == 1))
-        row = int(ok[0]) if len(ok) else 0
+    state = runtime.state
+    n = state.n_citizens
+    ok = np.flatnonzero((state.consent[:n] == 1) & (state.adult[:n] == 1))
+    row = int(ok[0]) if len(ok) else -1
+    # examples only from a synthetic city: a real citizen's card token is not ours to print
+    synthetic = row >= 0 and state.tokens.get(runtime.synthetic_card_token(row)) == row
+    if n == 0:
+        lines.append("The store has no citizens: an empty city, every card unknown, until sources add people "
+                     "(UpsertCitizen, RegisterCard, IngestRecords)."
+                     + ("" if cfg.production else " Development: --seed-citizens N seeds a synthetic city."))
+    if examples and synthetic:
         host = cfg.host if is_loopback(cfg.host) else "127.0.0.1"
         target = f"{host}:{port}"
         flags = "" if target == "127.0.0.1:50051" else f" --target {target}"
@@ -741,7 +791,7 @@ def start_banner(runtime: Runtime, port: int, examples: bool) -> str:
                 scores += f"{flags}{certs} --caller {reader}"
                 notes.append(f"(their certificates: qjscore certs --out {cfg.cert_dir} makes them with the CA)")
         lines += ["Try, in another shell:", f"  {checks}", f"  {scores}", *(f"  {n}" for n in notes)]
-    else:
+    elif synthetic:
         lines.append("(not a terminal: no example citizen or card token printed; `qjscore token CITIZEN_ID` gives one)")
     lines.append("Stop with Ctrl-C (drains gracefully).")
     return "\n".join(lines)
@@ -787,8 +837,9 @@ def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event, relo
             reload.clear()
             try:
                 roll_out(runtime, nodes, metrics)
-            except Exception:  # keep serving the release that serves now
+            except Exception as exc:  # keep serving the release that serves now
                 log.exception("model rollout failed")
+                runtime.registry.record_served(runtime.release, runtime.registry.active(), "failed", repr(exc))
         if time.monotonic() >= next_refresh:
             next_refresh = time.monotonic() + 60
             try:

@@ -18,6 +18,7 @@ and are safe as directory names. Layout::
     <data_dir>/models/ACTIVE                        the release id the server serves
     <data_dir>/models/PREVIOUS                      the one before (what restore goes back to)
     <data_dir>/models/HISTORY                       append-only: one JSON line per change
+    <data_dir>/models/SERVED                        the server's acknowledgement: what it serves
     <data_dir>/qjscore.pid                          the running server (write_pid_file)
 
 Every change is atomic: a file is written under a temporary name, fsynced, renamed over the
@@ -31,7 +32,9 @@ Staging validates the spec (:class:`kernel.spec.SpecError` names the bad key, an
 written), calibrates it on the store's population when no table is given (as the server does
 at first start), and compares it with the active release on the same population
 (:func:`kernel.rollout.compare`). Activating and restoring only move the pointers; the server
-is told to switch by SIGHUP (:func:`signal_server`).
+is told to switch by SIGHUP (:func:`signal_server`) and answers in ``SERVED`` (the release it
+serves, and whether the switch was made or why not), which ``qjscore model activate`` waits
+for (:func:`wait_for_served`): it never reports a switch that did not happen.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ import re
 import secrets
 import shutil
 import signal
+import time
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,7 +64,7 @@ from server.state import ServingState, today
 #: What a release id looks like: ``<model_version>~<calibration_version>``.
 RELEASE_ID_RE = re.compile(r"\A[0-9]{1,20}\+[0-9a-f]{12}~cal-[0-9a-f]{12}\Z")
 SPEC_FILE, CALIBRATION_FILE, RELEASE_FILE = "spec.toml", "calibration.npz", "release.json"
-ACTIVE, PREVIOUS, HISTORY = "ACTIVE", "PREVIOUS", "HISTORY"
+ACTIVE, PREVIOUS, HISTORY, SERVED = "ACTIVE", "PREVIOUS", "HISTORY", "SERVED"
 PID_FILE = "qjscore.pid"
 
 
@@ -237,6 +241,25 @@ class ModelRegistry:
             with contextlib.suppress(ValueError):
                 out.append(json.loads(line))
         return out
+
+    def served(self) -> dict | None:
+        """The running server's last acknowledgement (:meth:`record_served`), or None."""
+        try:
+            doc = json.loads((self.root / SERVED).read_text())
+        except (OSError, ValueError):
+            return None
+        return doc if isinstance(doc, dict) and isinstance(doc.get("seq"), int) else None
+
+    def record_served(self, release: str | None, requested: str | None, result: str, error: str | None = None) -> dict:
+        """The server says what it serves, after its start (``result`` "serving") or a switch
+        request ("switched", "unchanged", "rejected", "failed" with ``error``). Only the
+        server on this data directory writes it (it holds the directory's lock)."""
+        last = self.served()
+        doc = {"seq": (last["seq"] + 1) if last else 1, "pid": os.getpid(), "release": release, "requested": requested,
+               "result": result, "error": error, "at": _now()}
+        self.root.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.root / SERVED, json.dumps(doc).encode())
+        return doc
 
     # --- writing -------------------------------------------------------------------------
 
@@ -481,6 +504,19 @@ def server_pid(data_dir: str | Path) -> int | None:
     if started != "-" and now is not None and now != started:
         return None  # the pid was reused by another process
     return pid
+
+
+def wait_for_served(registry: ModelRegistry, after_seq: int, pid: int, timeout: float) -> dict | None:
+    """The server's first acknowledgement newer than ``after_seq`` (:meth:`ModelRegistry.served`),
+    or None if the server ``pid`` gave none within ``timeout`` seconds or is gone."""
+    deadline = time.monotonic() + timeout
+    while True:
+        doc = registry.served()
+        if doc is not None and doc["seq"] > after_seq and doc.get("pid") == pid:
+            return doc
+        if time.monotonic() >= deadline or server_pid(registry.data_dir) != pid:
+            return None
+        time.sleep(0.1)
 
 
 def signal_server(data_dir: str | Path, sig: int = signal.SIGHUP) -> bool:

@@ -59,8 +59,10 @@ def roll_out(runtime, nodes: int, metrics=None, warm_timeout: float = 60.0) -> R
     """Serve the registry's ACTIVE release if it is not the one being served. ``nodes``:
     how many nodes (worker processes, or 1 in-process) must warm the new state up. Returns
     the report of the switch, or None when there was nothing to do or it was rejected."""
-    rid = runtime.registry.active()
+    registry = runtime.registry
+    rid = registry.active()
     if rid is None or rid == runtime.release:
+        registry.record_served(runtime.release, rid, "unchanged")
         return None
 
     def count(result: str) -> None:
@@ -72,6 +74,7 @@ def roll_out(runtime, nodes: int, metrics=None, warm_timeout: float = 60.0) -> R
     except (SpecError, CalibrationError, RegistryError, OSError) as exc:
         log.error("rollout of release %s rejected: %s; still serving %s", rid, exc, runtime.release)
         count("rejected")
+        registry.record_served(runtime.release, rid, "rejected", str(exc))
         return None
     t0 = time.perf_counter()
     control, old = runtime.control, runtime.state
@@ -125,6 +128,7 @@ def roll_out(runtime, nodes: int, metrics=None, warm_timeout: float = 60.0) -> R
         new.release_fd()
         log.error("rollout of release %s failed: %s; still serving %s", rid, exc, runtime.release)
         count("failed")
+        registry.record_served(runtime.release, rid, "failed", str(exc))
         return None
     finally:
         store.close()
@@ -132,6 +136,7 @@ def roll_out(runtime, nodes: int, metrics=None, warm_timeout: float = 60.0) -> R
     previous = runtime.release
     runtime.serve_release(spec, table, rid, new)
     count("switched")
+    registry.record_served(rid, rid, "switched")
     log.info("now serving release %s (was %s): %d rows written meanwhile re-derived; lock held %.1f ms; %.1f s in all",
              rid, previous, len(rows), held * 1000, time.perf_counter() - t0)
     return report

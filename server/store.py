@@ -368,6 +368,9 @@ class Store(abc.ABC):
     Usable as a context manager (``with open_store(url) as store: ...``) to close it.
     """
 
+    #: Where the store is, for messages and logs (never a password).
+    name: str = "store"
+
     @abc.abstractmethod
     def migrate(self) -> None:
         """Create or upgrade the schema (version in table ``schema_version``). Idempotent;
@@ -970,6 +973,7 @@ class SQLiteStore(SQLStore):
 
     def __init__(self, path: str | Path, on_write: Callable[[str, float], None] | None = None):
         self.path = Path(path)
+        self.name = f"sqlite:///{self.path}"  # for messages, as PostgresStore.name
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         _private(self.path, create=True)  # before SQLite makes -wal and -shm with its mode
         self._on_write = on_write
