@@ -1,7 +1,8 @@
 """qjscore: the command-line tool of the Qianjiang Score service.
 
-    qjscore serve                                  # the service on data/ (seeds a synthetic city once)
+    qjscore serve                                  # the service on data/
     qjscore check campus_fitness --card 3f2a...    # may this card use campus fitness?
+    qjscore check-stream metro_pay_later --cards - # a gateway's stream: a card token a line in, a decision out
     qjscore score c00000003                        # a citizen's score, level and reasons
     qjscore ingest --record-id r-1 --citizen c00000003 --variable utility_arrears_serious --date 2026-11-20
     qjscore consent revoke c00000003
@@ -13,15 +14,107 @@ Readable tables by default, one JSON object per answer with --json. Client comma
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import logging
+import math
 import os
+import re
 import sys
 from pathlib import Path
 
 from server.event_loop import EVENT_LOOPS
 
 DEFAULT_TARGET = os.environ.get("QJ_TARGET", "127.0.0.1:50051")
+
+
+class UsageError(Exception):
+    """A mistake in what was asked, found by the command itself: one line on stderr
+    ("error: ..."), exit status 2, never a traceback."""
+
+
+# --- argument values: each parser's ValueError says what is wrong with the value ---------------
+
+CARD_HEX_DIGITS = 32
+_HEX_DIGITS = frozenset("0123456789abcdefABCDEF")
+_DATE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+
+
+def parse_card(text: str) -> bytes:
+    """A card token from its 32 hex digits."""
+    text = text.strip()
+    bad = next((i for i, ch in enumerate(text) if ch not in _HEX_DIGITS), None)
+    if bad is not None:
+        raise ValueError(f"{text[bad]!r} (character {bad + 1}) is not a hex digit")
+    if len(text) != CARD_HEX_DIGITS:
+        raise ValueError(f"expected {CARD_HEX_DIGITS} hex digits, got {len(text)}")
+    return bytes.fromhex(text)
+
+
+def parse_date(text: str) -> str:
+    """A YYYY-MM-DD date of the calendar, as given."""
+    if not _DATE.fullmatch(text):
+        raise ValueError(f"{text!r} is not a date (YYYY-MM-DD)")
+    try:
+        dt.date.fromisoformat(text)
+    except ValueError as exc:
+        raise ValueError(f"{text!r} is not a date of the calendar ({exc})") from None
+    return text
+
+
+def check_record_value(value: float) -> float:
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"must be a finite number >= 0, got {value:g}")
+    return value
+
+
+def parse_record_value(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number") from None
+    return check_record_value(value)
+
+
+def parse_timeout(text: str) -> float:
+    try:
+        s = float(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a number of seconds") from None
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"must be a finite number of seconds > 0, got {text}")
+    return s
+
+
+def parse_target(text: str) -> str:
+    """host:port (grpc would wrap a port past 65535 around), or a grpc URI (dns:, unix:, ...)."""
+    if text.startswith(("dns:", "unix:", "ipv4:", "ipv6:", "unix-abstract:", "vsock:")):
+        return text
+    host, _, port = text.rpartition(":")
+    if not host or not port:
+        raise ValueError(f"expected host:port, got {text!r}")
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{port!r} is not a port (1-65535)")
+    return text
+
+
+def parse_caller(text: str) -> str:
+    from server.tls import check_caller_name
+
+    return check_caller_name(text)
+
+
+def _arg(parse):
+    """An argparse type from a parser whose ValueError says what is wrong."""
+
+    def typed(value: str):
+        try:
+            return parse(value)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+
+    typed.__name__ = parse.__name__
+    return typed
 
 
 # --- output -----------------------------------------------------------------------------------
@@ -58,22 +151,47 @@ def emit(args, obj, text: str) -> None:
 
 
 def _client(args):
-    from clients.client import QianjiangClient
+    from clients.client import CertsError, QianjiangClient
 
-    return QianjiangClient(
-        args.target, timeout=args.timeout, token=args.token or os.environ.get("QJ_TOKEN"),
-        cert_dir=args.certs, caller=args.caller,
-    )
-
-
-def _token(value: str) -> bytes:
+    if args.caller and not args.certs:
+        raise UsageError(f"--caller {args.caller}: give --certs DIR too, the directory of ca.pem and {args.caller}.pem/.key")
+    token = args.token or os.environ.get("QJ_TOKEN")
+    if token and not all(0x21 <= ord(ch) <= 0x7E for ch in token):
+        given = "--token" if args.token else "$QJ_TOKEN"
+        raise UsageError(f"{given}: a bearer token is printable ASCII without spaces (it travels in a header)")
     try:
-        token = bytes.fromhex(value)
-    except ValueError:
-        raise SystemExit(f"--card: {value!r} is not hexadecimal") from None
-    if len(token) != 16:
-        raise SystemExit(f"--card: expected 16 bytes (32 hex digits), got {len(token)}")
-    return token
+        return QianjiangClient(args.target, timeout=args.timeout, token=token, cert_dir=args.certs, caller=args.caller)
+    except CertsError as exc:
+        raise UsageError(str(exc)) from None
+
+
+def connection_problem(args, error) -> str | None:
+    """What a call that failed while connecting means, where grpc says only UNAVAILABLE
+    ("Socket closed", a failed handshake): the server's transport, probed, against the
+    credentials given. None when that is not it."""
+    import grpc
+
+    from clients.client import server_transport
+
+    if error.code() != grpc.StatusCode.UNAVAILABLE or error.reason or not getattr(args, "target", None):
+        return None  # a reason: the server itself answered
+    transport = server_transport(args.target)
+    if transport == "mtls" and not args.caller:
+        return "the server requires a client certificate (mutual TLS): give --certs DIR --caller IDENTITY"
+    if transport == "tls" and not args.certs:
+        return "the server speaks TLS: give --certs DIR (the directory with ca.pem, the CA of its certificate)"
+    if transport == "plaintext" and args.certs:
+        return "the server speaks plain text, not TLS: leave out --certs and --caller"
+    return None
+
+
+def _read_lines(path: str, option: str) -> list[bytes]:
+    """The lines of a file the user named ('-': stdin), as bytes: a line that is not UTF-8
+    is that line's problem, not the whole file's."""
+    try:
+        return (sys.stdin.buffer.read() if path == "-" else Path(path).read_bytes()).splitlines()
+    except OSError as exc:
+        raise UsageError(f"{option} {path}: {exc.strerror}") from None
 
 
 def score_text(s) -> str:
@@ -87,8 +205,8 @@ def score_text(s) -> str:
         ("model", f"{s.model_version}  calibration {s.calibration_version}"),
         ("computed", s.computed_at.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC")),
     ])
-    dims = table([(d.dimension, d.name_zh, f"{d.points:8.2f}") for d in s.dimensions] + [("total", "", f"{s.raw_points:8.2f}")],
-                 ("dimension", "维度", "points"))
+    dims = table([(d.dimension, d.name_zh, f"{d.weight:g}", f"{d.points:8.2f}") for d in s.dimensions]
+                 + [("total", "", "", f"{s.raw_points:8.2f}")], ("dimension", "维度", "weight", "points"))
     reasons = table([(r.code, r.text_en, f"{r.points_lost:.2f}", r.improve_en) for r in s.reasons],
                     ("reason", "why", "lost", "how to improve")) if s.reasons else "no reasons: nothing to improve"
     return f"{head}\n\n{dims}\n\n{reasons}"
@@ -104,8 +222,12 @@ def cmd_score(args) -> int:
 def cmd_explain(args) -> int:
     with _client(args) as qj:
         e = qj.explain(args.citizen, purpose=args.purpose)
-    rows = [(v.variable, v.dimension, v.direction, f"{v.feature:.3f}", f"{v.points:.2f}", f"{v.best_points:.2f}") for v in e.variables]
-    text = score_text(e.score) + "\n\n" + table(rows, ("variable", "dimension", "direction", "feature", "points", "best"))
+    rows = [(v.variable, v.dimension, f"{v.weight:g}", f"{v.feature:.3f}", f"{v.points:.2f}", f"{v.weighted_points:.2f}",
+             f"{v.best_points:.2f}", f"{v.points_lost:.2f}") for v in e.variables]
+    text = (score_text(e.score) + "\n\n"
+            + table(rows, ("variable", "dimension", "weight", "feature", "points", "weighted", "best", "lost"))
+            + "\n\nweighted = weight x points; a dimension's points are its variables' weighted points summed."
+            + "\nlost = weight x (best - points): a reason's points lost is its variable's.")
     emit(args, as_dict(e), text)
     return 0
 
@@ -114,7 +236,7 @@ def cmd_check(args) -> int:
     from qianjiang.v1 import eligibility_pb2
 
     with _client(args) as qj:
-        d = qj.check(args.scenario, _token(args.card))
+        d = qj.check(args.scenario, args.card)
     text = table([
         ("scenario", d.scenario),
         ("decision", f"{'ALLOW' if d.allowed else 'DENY'}  ({eligibility_pb2.Outcome.Name(d.outcome)})"),
@@ -126,6 +248,140 @@ def cmd_check(args) -> int:
     return 0
 
 
+def _outcome_name(outcome: int) -> str:
+    from qianjiang.v1 import eligibility_pb2
+
+    try:
+        return eligibility_pb2.Outcome.Name(outcome)
+    except ValueError:  # a newer server's outcome: no decision for this client (docs/partners.md)
+        return str(outcome)
+
+
+#: The outcomes that decide about a card (1-7): ALLOW, or a denial. Any other (StreamCheck's
+#: answers to a message that asks nothing answerable, a newer server's) is no decision.
+_ALLOW, _DENIALS = 1, frozenset(range(2, 8))
+
+
+def _shown(text: str) -> str:
+    """A card token's first digits: enough to find the line, not the whole token."""
+    return text[:8] + "..." if len(text) > 8 else text
+
+
+def _card_result(line: int, text: str, outcome: int | None, decision_id: str, error: str) -> dict:
+    """One line's answer; ``outcome`` None: the line was not sent (``error`` says why)."""
+    decision = "ALLOW" if outcome == _ALLOW else "DENY" if outcome in _DENIALS else "-"
+    return {"line": line, "token": _shown(text), "decision": "-" if error else decision,
+            "outcome": "INVALID" if outcome is None else _outcome_name(outcome), "decision_id": decision_id, "error": error}
+
+
+def _card_row(r: dict) -> tuple:
+    return r["line"], r["token"], r["decision"], r["outcome"], r["decision_id"] or "-", r["error"]
+
+
+CARD_HEADERS = ("line", "token", "decision", "outcome", "decision id", "problem")
+
+
+def cmd_check_batch(args) -> int:
+    """BatchCheck for a file of card tokens, one a line: in requests of at most the
+    contract's limit of tokens; a line that is no token is reported and not sent."""
+    from clients.client import MAX_BATCH_TOKENS
+
+    lines, tokens = [], []  # (line number, text, problem) of each line; (index into lines, token) to send
+    for number, raw in enumerate(_read_lines(args.cards, "--cards"), 1):
+        text = raw.decode("utf-8", "replace").strip()
+        if not text:
+            continue
+        try:
+            tokens.append((len(lines), parse_card(text)))
+            lines.append((number, text, ""))
+        except ValueError as exc:
+            lines.append((number, text, str(exc)))
+    answers: dict[int, tuple[int, str]] = {}
+    if tokens:
+        with _client(args) as qj:
+            for start in range(0, len(tokens), MAX_BATCH_TOKENS):
+                chunk = tokens[start:start + MAX_BATCH_TOKENS]
+                batch = qj.check_batch(args.scenario, [t for _, t in chunk])
+                for i, (k, _) in enumerate(chunk):
+                    answers[k] = (batch.outcome(i), batch.decision_id(i))
+    results = []
+    for k, (number, text, problem) in enumerate(lines):
+        outcome, decision_id = answers.get(k, (None, ""))
+        results.append(_card_result(number, text, outcome, decision_id, problem))
+    if args.json:
+        for r in results:
+            print(json.dumps(r))
+    else:
+        print(table([_card_row(r) for r in results], CARD_HEADERS) if results else f"no card tokens in {args.cards}")
+    invalid = [r["line"] for r in results if r["error"]]
+    if invalid:
+        print(f"error: {len(invalid)} of {len(results)} lines are no card token (lines {_numbers(invalid)})", file=sys.stderr)
+    return 1 if invalid else 0
+
+
+def cmd_check_stream(args) -> int:
+    """StreamCheck, a line of --cards at a time, each answer printed as it comes. A line that
+    is no card token goes as an empty token, so the server answers it in its place (the
+    stream goes on) and the line's own problem is shown."""
+    sent: dict[int, tuple[int, str, str]] = {}  # request id -> (line number, text, problem)
+
+    def requests(source):
+        request_id = 0  # as the client numbers them
+        for number, raw in enumerate(source, 1):
+            text = raw.decode("utf-8", "replace").strip()
+            if not text:
+                continue
+            try:
+                token, problem = parse_card(text), ""
+            except ValueError as exc:
+                token, problem = b"", str(exc)
+            request_id += 1
+            sent[request_id] = (number, text, problem)  # before the request goes: its answer comes after
+            yield args.scenario, token
+
+    if args.cards != "-" and Path(args.cards).is_dir():
+        raise UsageError(f"--cards {args.cards}: is a directory")
+    try:
+        source = sys.stdin.fileno() if args.cards == "-" else os.open(args.cards, os.O_RDONLY)
+    except OSError as exc:
+        raise UsageError(f"--cards {args.cards}: {exc.strerror}") from None
+    invalid, answered = [], 0
+    try:
+        with _client(args) as qj:
+            if not args.json:
+                print("  ".join(CARD_HEADERS), flush=True)
+            for d in qj.check_stream(requests(_lines_as_they_come(source))):
+                number, text, problem = sent.pop(d.request_id)
+                r = _card_result(number, text, d.outcome, d.decision_id, problem or d.detail)
+                answered += 1
+                if r["decision"] == "-":
+                    invalid.append(number)
+                print(json.dumps(r) if args.json else "  ".join(str(c) for c in _card_row(r)), flush=True)
+    finally:
+        if args.cards != "-":
+            os.close(source)
+    if invalid:
+        print(f"error: {len(invalid)} of {answered} lines got no decision (lines {_numbers(invalid)})", file=sys.stderr)
+    return 1 if invalid else 0
+
+
+def _lines_as_they_come(fd: int):
+    """The lines of a file descriptor as they arrive, read without a buffered reader: grpc
+    reads the requests on a thread of its own, and one blocked in sys.stdin's reader holds
+    its lock, which aborts the interpreter's exit when the stream ends with an error."""
+    rest = b""
+    while chunk := os.read(fd, 1 << 16):
+        *lines, rest = (rest + chunk).split(b"\n")
+        yield from lines
+    if rest:
+        yield rest
+
+
+def _numbers(lines: list[int], most: int = 10) -> str:
+    shown = ", ".join(map(str, lines[:most]))
+    return shown + (f" and {len(lines) - most} more" if len(lines) > most else "")
+
+
 def cmd_scenarios(args) -> int:
     with _client(args) as qj:
         scenarios = qj.scenarios()
@@ -134,24 +390,147 @@ def cmd_scenarios(args) -> int:
     return 0
 
 
+#: A line of `ingest --file` (what `generate` writes): its required fields, and the optional
+#: ones with their defaults (value as --value's).
+RECORD_REQUIRED = ("record_id", "citizen_id", "variable", "date")
+RECORD_OPTIONAL = {"value": 1.0, "source": "", "scenario": ""}
+_RECORD_FIELDS = (*RECORD_REQUIRED, *RECORD_OPTIONAL)
+
+
+class LineError(ValueError):
+    """What is wrong with one line of records; ``record_id`` when the line names one."""
+
+    def __init__(self, problem: str, record_id: str | None = None):
+        super().__init__(problem)
+        self.record_id = record_id
+
+
+def _quoted(names) -> str:
+    return ", ".join(repr(n) for n in names)
+
+
+def record_of(line: bytes):
+    """The Record of one JSON line; LineError saying what is wrong with it."""
+    from clients.client import Record
+
+    try:
+        obj = json.loads(line.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise LineError(f"not UTF-8 text (byte {exc.start + 1})") from None
+    except json.JSONDecodeError as exc:
+        raise LineError(f"not JSON: {exc.msg} (column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise LineError(f"not a JSON object of record fields but {type(obj).__name__} {json.dumps(obj)[:40]}")
+    rid = obj.get("record_id") if isinstance(obj.get("record_id"), str) else None
+    unknown = [k for k in obj if k not in _RECORD_FIELDS]
+    if unknown:
+        raise LineError(f"unknown field{'s' if len(unknown) > 1 else ''} {_quoted(unknown)} "
+                        f"(a record has {', '.join(_RECORD_FIELDS)})", rid)
+    missing = [k for k in RECORD_REQUIRED if k not in obj]
+    if missing:
+        raise LineError(f"missing field{'s' if len(missing) > 1 else ''} {_quoted(missing)}", rid)
+    fields = {**RECORD_OPTIONAL, **obj}
+    for k in (*RECORD_REQUIRED, "source", "scenario"):
+        if not isinstance(fields[k], str):
+            raise LineError(f"field {k!r}: expected a string, got {json.dumps(fields[k])[:40]}", rid)
+    value = fields["value"]
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise LineError(f"field 'value': expected a number, got {json.dumps(value)[:40]}", rid)
+    try:
+        check_record_value(float(value))
+    except ValueError as exc:
+        raise LineError(f"field 'value': {exc}", rid) from None
+    try:
+        parse_date(fields["date"])
+    except ValueError as exc:
+        raise LineError(f"field 'date': {exc}", rid) from None
+    return Record(**{**fields, "value": float(value)})
+
+
+#: ErrorInfo reasons of a refused record: the server ends the stream with it
+#: (proto/qianjiang/v1/records.proto), and the records after it go on a new stream.
+RECORD_REFUSALS = frozenset({"INVALID_ARGUMENT", "UNKNOWN_CITIZEN", "RECORD_CONFLICT", "PERMISSION_DENIED", "STORE_REJECTED"})
+
+
+def send_records(qj, pending: list[tuple[dict, object]]):
+    """Stream ``pending`` ((result, Record)) in order, filling in each result: its ack, or
+    the refusal of that one record. Returns the error that ended a stream for every record
+    after it (an unreachable server, an unknown caller), or None."""
+    from clients.client import QianjiangError
+    from qianjiang.v1 import records_pb2
+
+    status = records_pb2.RecordAck.Status.Name
+    start = 0
+    while start < len(pending):
+        done = start
+        try:
+            for ack in qj.ingest_stream(pending[i][1] for i in range(start, len(pending))):
+                pending[done][0].update(status=status(ack.status), detail="", ack=as_dict(ack))
+                done += 1
+            return None
+        except QianjiangError as exc:
+            if exc.reason not in RECORD_REFUSALS or done == len(pending):
+                return exc
+            pending[done][0].update(status=exc.code().name, reason=exc.reason, detail=exc.details())
+            start = done + 1
+    return None
+
+
 def cmd_ingest(args) -> int:
     from clients.client import Record
     from qianjiang.v1 import records_pb2
 
+    flags = [f"--{k.replace('_', '-')}" for k in ("record_id", "citizen", "variable", "date") if getattr(args, k)]
     if args.file:
-        lines = Path(args.file).read_text().splitlines() if args.file != "-" else sys.stdin.read().splitlines()
-        records = [Record(**json.loads(line)) for line in lines if line.strip()]
-    else:
-        missing = [f"--{k.replace('_', '-')}" for k in ("record_id", "citizen", "variable", "date") if not getattr(args, k)]
-        if missing:
-            raise SystemExit(f"ingest: give --file, or {', '.join(missing)}")
-        records = [Record(record_id=args.record_id, citizen_id=args.citizen, variable=args.variable, date=args.date,
-                          value=args.value, source=args.source, scenario=args.scenario or "")]
+        if flags:
+            raise UsageError(f"ingest: give --file or {', '.join(flags)}, not both")
+        return ingest_file(args)
+    missing = [f"--{k.replace('_', '-')}" for k in ("record_id", "citizen", "variable", "date") if not getattr(args, k)]
+    if missing:
+        raise UsageError(f"ingest: give --file, or {', '.join(missing)}")
+    records = [Record(record_id=args.record_id, citizen_id=args.citizen, variable=args.variable, date=args.date,
+                      value=args.value, source=args.source, scenario=args.scenario or "")]
     with _client(args) as qj:
         acks = qj.ingest(records)
     status = records_pb2.RecordAck.Status.Name
     emit(args, [as_dict(a) for a in acks], table([(a.record_id, status(a.status)) for a in acks], ("record", "ack")))
     return 0
+
+
+def ingest_file(args) -> int:
+    """Every record line's result: its ack, or why it was not taken (a line that does not
+    parse is not sent; one the server refuses does not stop the ones after it). Exit status
+    1 if any record failed, 2 if the server could not be asked about some."""
+    results, pending = [], []
+    for number, line in enumerate(_read_lines(args.file, "--file"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = record_of(line)
+        except LineError as exc:
+            results.append({"line": number, "record_id": exc.record_id, "status": "INVALID", "detail": str(exc)})
+            continue
+        results.append({"line": number, "record_id": record.record_id, "status": "NOT_ACKNOWLEDGED", "detail": ""})
+        pending.append((results[-1], record))
+    ended = None
+    if pending:
+        with _client(args) as qj:
+            ended = send_records(qj, pending)
+    if args.json:
+        for r in results:
+            print(json.dumps(r, ensure_ascii=False))
+    else:
+        rows = [(r["line"], r["record_id"] or "-", r["status"], r["detail"]) for r in results]
+        print(table(rows, ("line", "record", "status", "detail")) if rows else f"no records in {args.file}")
+    if ended is not None:
+        unacked = [r["line"] for r in results if r["status"] == "NOT_ACKNOWLEDGED"]
+        resend = f"; not acknowledged: lines {_numbers(unacked)} (resending is safe: a stored record is a DUPLICATE)"
+        print(f"error: {connection_problem(args, ended) or ended}{resend if unacked else ''}", file=sys.stderr)
+        return 2
+    failed = [r["line"] for r in results if r["status"] not in ("ACCEPTED", "DUPLICATE")]
+    if failed:
+        print(f"error: {len(failed)} of {len(results)} records failed (lines {_numbers(failed)})", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def cmd_consent(args) -> int:
@@ -221,13 +600,25 @@ def cmd_certs(args) -> int:
     argv = ["--out", args.out] + (["--force"] if args.force else [])
     for caller in args.caller or []:
         argv += ["--caller", caller]
-    tls.main(argv)
-    return 0
+    try:
+        return tls.main(argv)
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: {exc.strerror}: {exc.filename}") from None
 
 
 def cmd_health(args) -> int:
+    import grpc
+
+    from clients.client import QianjiangError
+
     with _client(args) as qj:
-        status = qj.health(args.service)
+        try:
+            status = qj.health(args.service)
+        except QianjiangError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            raise UsageError(f"--service {args.service!r}: the server reports on no such service "
+                             "(e.g. qianjiang.v1.EligibilityService; default: the whole server)") from None
     emit(args, {"service": args.service, "status": status}, status)
     return 0 if status == "SERVING" else 1
 
@@ -249,14 +640,14 @@ def serve_config(args):
         max_streams_per_connection=args.max_streams_per_connection, keepalive_seconds=args.keepalive, keepalive_timeout_seconds=args.keepalive_timeout,
         max_connection_age_seconds=args.max_connection_age, max_connection_age_grace_seconds=args.max_connection_age_grace,
         max_connection_idle_seconds=args.max_connection_idle, min_client_ping_seconds=args.min_client_ping_interval,
-        seed_citizens=args.seed_citizens, seed=args.seed,
+        seed_citizens=args.seed_citizens, seed=args.seed, production=args.production, city_timezone=args.city_timezone,
         security=args.security, tokens_path=args.tokens, cert_dir=args.certs, policy_path=args.policy,
         audit=not args.no_audit, event_loop=args.event_loop, audit_max_pending=args.audit_max_pending,
         batch_tokens_per_second=args.batch_tokens_per_second, purposes_path=args.purposes,
     )
 
 
-def _at_least(low: int):
+def _at_least(low: int, high: int | None = None):
     def parse(value: str) -> int:
         try:
             n = int(value)
@@ -264,9 +655,21 @@ def _at_least(low: int):
             raise argparse.ArgumentTypeError(f"{value!r} is not a whole number") from None
         if n < low:
             raise argparse.ArgumentTypeError(f"must be at least {low}, got {n}")
+        if high is not None and n > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {n}")
         return n
 
     return parse
+
+
+def _rate(value: str) -> float:
+    try:
+        r = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
+    if not (math.isfinite(r) and r >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {value}")
+    return r
 
 
 def _seconds(value: str) -> float:
@@ -301,28 +704,69 @@ def cmd_serve(args) -> int:
     return 0
 
 
+#: A synthetic citizen's id (server/app.py citizen_id), or just its row number.
+_SYNTHETIC_CITIZEN = re.compile(r"c?([0-9]{1,9})")
+
+
 def cmd_token(args) -> int:
     """The synthetic city's card token of a seeded citizen (for trying the service): the
-    keyed hash of its synthetic card number, with the key of --data-dir."""
-    from server.keys import card_token, load_keys, synthetic_card_number
+    keyed hash of its synthetic card number, with the key of --data-dir. Only a token the
+    store binds to that citizen: a key made here, or a citizen that is not there, would give
+    a token of no card, and every check of it would say UNKNOWN_CARD."""
+    import numpy as np
 
-    row = int(args.citizen.lstrip("c")) if args.citizen.startswith("c") else int(args.citizen)
-    token = card_token(load_keys(Path(args.data_dir)).card, synthetic_card_number(row)).hex()
-    emit(args, {"citizen_id": args.citizen, "card_token": token}, token)
+    from server.app import citizen_id
+    from server.keys import card_token, existing_card_key, synthetic_card_number
+    from server.store import NotFound, StoreError, open_store
+
+    found = _SYNTHETIC_CITIZEN.fullmatch(args.citizen)
+    if not found:
+        raise UsageError(f"token: {args.citizen!r} is not a synthetic citizen id (c and 8 digits, e.g. c00000003)")
+    row = int(found[1])
+    cid = citizen_id(row)
+    keys = Path(args.data_dir) / "keys"
+    try:
+        key = existing_card_key(Path(args.data_dir))
+    except FileNotFoundError:
+        raise UsageError(f"no keys in {keys}: start the server once on this data directory, or give --data-dir") from None
+    except ValueError as exc:  # QJ_CARD_KEY, or a key file, that is not hex
+        raise UsageError(f"the card-token key: {exc}") from None
+    token = card_token(key, synthetic_card_number(row))
+    db = Path(args.data_dir).resolve() / "qianjiang.db"
+    if not args.store and not db.exists():
+        raise UsageError(f"no store at {db}: start the server once on this data directory, or give --store")
+    url = _store_url(args)
+    try:
+        store = open_store(url)
+        try:
+            owner = store.citizen_row(cid)
+            cards = store.cards()
+        finally:
+            store.close()
+    except NotFound:
+        raise UsageError(f"no citizen {cid} in the store {url}") from None
+    except StoreError as exc:
+        raise UsageError(f"the store {url}: {exc}") from None
+    holders = cards.citizen_row[(cards.tokens == np.frombuffer(token, np.uint8)).all(axis=1)]
+    if owner not in holders:
+        raise UsageError(f"{cid} holds no synthetic card keyed with {keys}: not seeded with this data directory's keys")
+    emit(args, {"citizen_id": cid, "card_token": token.hex()}, token.hex())
     return 0
 
 
 def cmd_generate(args) -> int:
     """Write a synthetic city's records as JSON lines (the format `ingest --file` reads)."""
-    from kernel.spec import load_spec
     from kernel.synthetic import generate_city
     from server.app import citizen_id
     from server.state import iso_of, today
 
-    spec = load_spec(args.spec)
+    spec = _spec(args.spec)
     city = generate_city(spec, args.citizens, seed=args.seed, as_of_day=today(), progress=None)
     recs = city.records
-    out = sys.stdout if args.out == "-" else open(args.out, "w")
+    try:
+        out = sys.stdout if args.out == "-" else open(args.out, "w")
+    except OSError as exc:
+        raise UsageError(f"--out {args.out}: {exc.strerror}") from None
     try:
         for i in range(len(recs)):
             var = spec.variables[int(recs.variable[i])]
@@ -338,16 +782,32 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def _spec(path: str | None):
+    """The model spec at --spec (default: the v1 model's)."""
+    from kernel.spec import SpecError, load_spec
+
+    try:
+        return load_spec(path)
+    except OSError as exc:
+        raise UsageError(f"--spec {path}: {exc.strerror}") from None
+    except SpecError as exc:
+        raise UsageError(f"--spec {path}: {exc}") from None
+
+
 def cmd_calibrate(args) -> int:
     from kernel import calibrate
 
+    _spec(args.spec)  # a bad spec before a million synthetic people are made
     argv = ["--citizens", str(args.citizens), "--seed", str(args.seed)]
     for flag, value in (("--out", args.out), ("--png", args.png), ("--spec", args.spec)):
         if value:
             argv += [flag, value]
     if args.json:
         argv.append("--json")
-    calibrate.main(argv)
+    try:
+        calibrate.main(argv)
+    except OSError as exc:  # --out or --png
+        raise UsageError(f"{exc.filename}: {exc.strerror}") from None
     return 0
 
 
@@ -359,7 +819,7 @@ def _store_url(args) -> str:
         return args.store
     db = Path(args.data_dir).resolve() / "qianjiang.db"
     if not db.exists():
-        raise SystemExit(f"model stage: no store at {db}: start the server once (it seeds one), or give --store")
+        raise SystemExit(f"model stage: no store at {db}: start the server once on this data directory, or give --store")
     return f"sqlite:///{db}"
 
 
@@ -455,73 +915,109 @@ def cmd_model(args) -> int:
 # --- parser -------------------------------------------------------------------------------------
 
 
+class _Help(argparse.HelpFormatter):
+    """Every option's help shows its default: the help says it (``%(default)s``), or it is
+    added at the end."""
+
+    def _get_help_string(self, action) -> str:
+        text = action.help or ""
+        default = action.default
+        if (action.option_strings and "%(default)" not in text and default is not None and default is not False
+                and default != "" and default is not argparse.SUPPRESS):
+            text += " (default %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose subcommands' parsers (its own class) show defaults too."""
+
+    def __init__(self, *args, formatter_class=_Help, **kwargs):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog="qjscore", description="Qianjiang Score service: serve it, query it, feed it.")
+    ap = _Parser(prog="qjscore", description="Qianjiang Score service: serve it, query it, feed it.")
     sub = ap.add_subparsers(dest="command", required=True)
 
     def client_cmd(name, fn, help):
         p = sub.add_parser(name, help=help)
-        p.add_argument("--target", default=DEFAULT_TARGET, help="host:port of the service (default %(default)s)")
-        p.add_argument("--timeout", type=float, default=5.0, help="deadline of each call in seconds")
+        p.add_argument("--target", type=_arg(parse_target), default=DEFAULT_TARGET,
+                       help="host:port of the service ($QJ_TARGET sets the default)")
+        p.add_argument("--timeout", type=_arg(parse_timeout), default=5.0, metavar="SECONDS",
+                       help="deadline of each call (a stream's: 100 times it)")
         p.add_argument("--json", action="store_true", help="print JSON instead of a table")
-        p.add_argument("--token", help="development bearer token (or $QJ_TOKEN)")
-        p.add_argument("--certs", help="directory with ca.pem and the caller's certificate (mutual TLS)")
-        p.add_argument("--caller", help="the caller identity whose <caller>.pem/.key to present")
+        p.add_argument("--token", help="development bearer token (default: $QJ_TOKEN)")
+        p.add_argument("--certs", metavar="DIR",
+                       help="TLS: the directory with ca.pem (the server's CA) and the caller's <caller>.pem/.key "
+                            "(default: plain text)")
+        p.add_argument("--caller", type=_arg(parse_caller), metavar="IDENTITY",
+                       help="mutual TLS: present the certificate DIR/<caller>.pem and its key (needs --certs)")
         p.set_defaults(fn=fn)
         return p
 
+    citizen = "the citizen's id, e.g. c00000003"
+    source = "the record's source (default: the caller's own identity)"
+    purpose = "why the score is read (audited); config/purposes.toml lists them"
+    cards = "card tokens, 32 hex digits a line ('-': stdin)"
     p = client_cmd("score", cmd_score, "a citizen's score, level, dimensions and reasons")
-    p.add_argument("citizen")
-    p.add_argument("--purpose", default="citizen_app_view")
-    p = client_cmd("explain", cmd_explain, "the score with every variable's feature and points")
-    p.add_argument("citizen")
-    p.add_argument("--purpose", default="citizen_app_view")
+    p.add_argument("citizen", help=citizen)
+    p.add_argument("--purpose", default="citizen_app_view", help=purpose)
+    p = client_cmd("explain", cmd_explain, "the score with every variable's weight, feature and points")
+    p.add_argument("citizen", help=citizen)
+    p.add_argument("--purpose", default="citizen_app_view", help=purpose)
     p = client_cmd("check", cmd_check, "an eligibility decision for a card in a scenario")
-    p.add_argument("scenario")
-    p.add_argument("--card", required=True, help="the card token, 32 hex digits")
+    p.add_argument("scenario", help="e.g. campus_fitness (qjscore scenarios lists them)")
+    p.add_argument("--card", required=True, type=_arg(parse_card), help="the card token, 32 hex digits")
+    p = client_cmd("check-batch", cmd_check_batch, "a gateway's batch: a decision for every card token of a file (BatchCheck)")
+    p.add_argument("scenario", help="the scenario of every token, e.g. metro_pay_later")
+    p.add_argument("--cards", required=True, metavar="FILE", help=cards)
+    p = client_cmd("check-stream", cmd_check_stream, "a gateway's stream: a decision for each card token line as it comes (StreamCheck)")
+    p.add_argument("scenario", help="the scenario of every token, e.g. metro_pay_later")
+    p.add_argument("--cards", required=True, metavar="FILE", help=cards)
     client_cmd("scenarios", cmd_scenarios, "the scenarios and their thresholds")
     p = client_cmd("ingest", cmd_ingest, "send records (one by flags, or JSON lines with --file)")
-    p.add_argument("--file", help="JSON lines of Record fields ('-': stdin)")
-    p.add_argument("--record-id")
-    p.add_argument("--citizen")
-    p.add_argument("--variable")
-    p.add_argument("--date", help="YYYY-MM-DD")
-    p.add_argument("--value", type=float, default=1.0)
-    p.add_argument("--source", default="", help="the record's source (default: the caller's own identity)")
+    p.add_argument("--file", help="JSON lines of records ('-': stdin), each with record_id, citizen_id, variable, date and "
+                                  "optionally value (default 1), source, scenario; every line's result is printed")
+    p.add_argument("--record-id", help="the record's id, unique within its source")
+    p.add_argument("--citizen", help=citizen)
+    p.add_argument("--variable", help="a model variable, e.g. utility_arrears_serious")
+    p.add_argument("--date", type=_arg(parse_date), help="the event's date, YYYY-MM-DD, not in the future")
+    p.add_argument("--value", type=_arg(parse_record_value), default=1.0, help="amount (hours, months, ...): 1 for a plain event")
+    p.add_argument("--source", default="", help=source)
     p.add_argument("--scenario", help="pay-later scenario of an unpaid default")
     p = client_cmd("consent", cmd_consent, "grant or revoke a citizen's authorisation")
-    p.add_argument("action", choices=("grant", "revoke"))
-    p.add_argument("citizen")
+    p.add_argument("action", choices=("grant", "revoke"), help="grant or revoke")
+    p.add_argument("citizen", help=citizen)
     p = client_cmd("withdraw", cmd_withdraw, "withdraw a record, or mark it repaired (--repaired)")
-    p.add_argument("record_id")
+    p.add_argument("record_id", help="the record's id")
     p.add_argument("--repaired", action="store_true", help="credit repair: the citizen remedied it (default: withdrawn as an error)")
-    p.add_argument("--source", default="", help="the record's source (default: the caller's own identity)")
+    p.add_argument("--source", default="", help=source)
     p = client_cmd("correct", cmd_correct, "correct a record's date and value (a new version)")
-    p.add_argument("record_id")
-    p.add_argument("--date", required=True, help="YYYY-MM-DD")
-    p.add_argument("--value", type=float, required=True)
-    p.add_argument("--source", default="", help="the record's source (default: the caller's own identity)")
+    p.add_argument("record_id", help="the record's id")
+    p.add_argument("--date", required=True, type=_arg(parse_date), help="the event's date, YYYY-MM-DD, not in the future")
+    p.add_argument("--value", required=True, type=_arg(parse_record_value), help="the new amount, a finite number >= 0")
+    p.add_argument("--source", default="", help=source)
     p = client_cmd("history", cmd_history, "every version of a record: when received, who sent it")
-    p.add_argument("record_id")
-    p.add_argument("--source", default="", help="the record's source (default: the caller's own identity)")
+    p.add_argument("record_id", help="the record's id")
+    p.add_argument("--source", default="", help=source)
     p = client_cmd("replay", cmd_replay, "an appeal: recompute a past decision from the record history (exit 1 if it differs)")
-    p.add_argument("decision_id")
+    p.add_argument("decision_id", help="a decision's or a score disclosure's id, e.g. d-4ac28e248e3f9eb40e54ceb86ad3b9a8")
     p = client_cmd("checks", cmd_checks, "who checked a citizen: the audit log's disclosures about them")
-    p.add_argument("citizen")
-    p.add_argument("--limit", type=int, default=100)
+    p.add_argument("citizen", help=citizen)
+    p.add_argument("--limit", type=_at_least(0, 1000), default=100, help="the most entries to list, newest first (at most 1000)")
     p = client_cmd("health", cmd_health, "the server's health status")
-    p.add_argument("--service", default="")
+    p.add_argument("--service", default="", help="one service, e.g. qianjiang.v1.EligibilityService (default: the whole server)")
 
-    p = sub.add_parser("serve", help="run the service (seeds a synthetic city into an empty store)")
-    p.add_argument("--data-dir", default="data")
+    p = sub.add_parser("serve", help="run the service")
+    p.add_argument("--data-dir", default="data", help="where the server keeps its store, keys, audit log and model registry")
     p.add_argument("--store", default=None, help="store URL: sqlite:///path or postgresql://user@host/db (default sqlite:///<data-dir>/qianjiang.db)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=50051)
-    p.add_argument("--metrics-port", type=int, default=9464, help="Prometheus endpoint (0: off)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (the insecure mode: loopback only)")
+    p.add_argument("--port", type=_at_least(0, 65535), default=50051, help="port to listen on (0: any free one)")
+    p.add_argument("--metrics-port", type=_at_least(0, 65535), default=9464, help="Prometheus endpoint (0: off)")
     p.add_argument("--metrics-host", default="127.0.0.1",
-                   help="address the Prometheus endpoint (plain HTTP, no authentication) listens on; loopback by default")
-    p.add_argument("--workers", type=int, default=1, help="processes sharing the port (SO_REUSEPORT)")
-    p.add_argument("--threads", type=int, default=16, help="handler threads per worker")
+                   help="address the Prometheus endpoint (plain HTTP, no authentication) listens on")
+    p.add_argument("--workers", type=_at_least(1), default=1, help="processes sharing the port (SO_REUSEPORT)")
+    p.add_argument("--threads", type=_at_least(1), default=16, help="handler threads per worker")
     p.add_argument("--max-concurrent-rpcs", type=_at_least(0), default=128, help="calls in flight per worker; beyond this, RESOURCE_EXHAUSTED (0: no limit)")
     p.add_argument("--max-pending-calls", type=_at_least(1), default=128,
                    help="calls waiting for a busy worker in grpc core; beyond this grpc refuses them (CANCELLED) at once")
@@ -557,8 +1053,16 @@ def parser() -> argparse.ArgumentParser:
                    help="the most often a client may send keepalive pings without calls (the client library: every 30 s)")
     p.add_argument("--event-loop", choices=EVENT_LOOPS, default=EVENT_LOOPS[0],
                    help="the loop each worker serves grpc on (uvloop: more calls a second)")
-    p.add_argument("--seed-citizens", type=int, default=100_000, help="size of the synthetic city for an empty store")
-    p.add_argument("--seed", type=int, default=2018)
+    p.add_argument("--production", action="store_true",
+                   help="the production stance: never seeds a synthetic city, refuses --security insecure; "
+                        "an empty store serves an empty city and says so")
+    p.add_argument("--city-timezone", default="Asia/Shanghai", metavar="ZONE",
+                   help="the city's time zone (IANA name): its calendar days are the days of ages, record ageing "
+                        "and the daily refresh")
+    p.add_argument("--seed-citizens", type=_at_least(0), default=0, metavar="N",
+                   help="development only: seed an EMPTY store with a synthetic city of N people "
+                        "(default %(default)s: never; `make run` asks for 100000)")
+    p.add_argument("--seed", type=int, default=2018, help="the synthetic city's random seed")
     p.add_argument("--security", choices=("insecure", "token", "mtls"), default="insecure",
                    help="insecure: loopback only, no authentication (development); token: bearer tokens; mtls: client certificates")
     p.add_argument("--tokens", help="TOML file of development bearer tokens: '<token>' = '<caller identity>'")
@@ -568,39 +1072,42 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-max-pending", type=_at_least(1), default=1_000_000,
                    help="disclosures a worker may hold before they are on disk; past it they are refused with "
                         "UNAVAILABLE, never answered unaudited (default %(default)s)")
-    p.add_argument("--batch-tokens-per-second", type=float, default=200_000.0,
+    p.add_argument("--batch-tokens-per-second", type=_rate, default=200_000.0,
                    help="card tokens a second one caller may send in batch checks, per worker; beyond it "
                         "RESOURCE_EXHAUSTED CALLER_QUOTA (0: no limit; not applied in the insecure mode; "
                         "default %(default)s)")
     p.add_argument("--purposes", help="the purposes a score may be read for (default config/purposes.toml)")
     p.set_defaults(fn=cmd_serve)
 
+    spec = "model spec TOML (default: the v1 model, kernel/models/v1.toml)"
     p = sub.add_parser("certs", help="make a development CA and certificates for the server and callers")
-    p.add_argument("--out", default="data/certs")
-    p.add_argument("--caller", action="append", help="a caller identity (repeatable; default: the policy's examples)")
-    p.add_argument("--force", action="store_true")
+    p.add_argument("--out", default="data/certs", metavar="DIR", help="directory for ca, server and <caller> .pem/.key")
+    p.add_argument("--caller", action="append", type=_arg(parse_caller), metavar="IDENTITY",
+                   help="a caller identity (repeatable; default: the policy's examples)")
+    p.add_argument("--force", action="store_true", help="replace an existing CA (every certificate it signed stops working)")
     p.set_defaults(fn=cmd_certs)
 
     p = sub.add_parser("token", help="the card token of a seeded synthetic citizen")
-    p.add_argument("citizen", help="e.g. c00000003")
-    p.add_argument("--data-dir", default="data", help="where the server keeps its keys")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("citizen", help="a seeded citizen's id, e.g. c00000003")
+    p.add_argument("--data-dir", default="data", help="the server's data directory: its keys are <data-dir>/keys")
+    p.add_argument("--store", default=None, help="store URL (default sqlite:///<data-dir>/qianjiang.db)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of the token alone")
     p.set_defaults(fn=cmd_token)
 
     p = sub.add_parser("generate", help="write a synthetic city's records as JSON lines")
-    p.add_argument("--citizens", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=2018)
-    p.add_argument("--spec", default=None)
-    p.add_argument("--out", default="-")
+    p.add_argument("--citizens", type=_at_least(1), default=1000, metavar="N", help="people in the synthetic city")
+    p.add_argument("--seed", type=int, default=2018, help="the synthetic city's random seed")
+    p.add_argument("--spec", default=None, help=spec)
+    p.add_argument("--out", default="-", metavar="FILE", help="where to write the lines ('-': stdout)")
     p.set_defaults(fn=cmd_generate)
 
     p = sub.add_parser("calibrate", help="calibrate the model on a synthetic city and report")
-    p.add_argument("--citizens", type=int, default=1_000_000)
-    p.add_argument("--seed", type=int, default=2018)
-    p.add_argument("--spec", default=None)
-    p.add_argument("--out", default=None)
-    p.add_argument("--png", default=None)
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--citizens", type=_at_least(1), default=1_000_000, metavar="N", help="people in the synthetic city")
+    p.add_argument("--seed", type=int, default=2018, help="the synthetic city's random seed")
+    p.add_argument("--spec", default=None, help=spec)
+    p.add_argument("--out", default=None, metavar="FILE", help="save the calibration table here, .npz (default: not saved)")
+    p.add_argument("--png", default=None, metavar="FILE", help="write the score histogram here (default: none)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(fn=cmd_calibrate)
 
     model = sub.add_parser("model", help="model releases: status, stage (with a rollout report), activate, restore")
@@ -635,10 +1142,14 @@ def main(argv=None) -> int:
     except BrokenPipeError:  # `qjscore ... | head`: the reader has what it wanted
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
         return 0
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except grpc.RpcError as exc:
         from clients.client import QianjiangError
 
-        print(f"error: {QianjiangError.of(exc)}", file=sys.stderr)  # CODE [REASON]: message
+        error = QianjiangError.of(exc)
+        print(f"error: {connection_problem(args, error) or error}", file=sys.stderr)  # CODE [REASON]: message
         return 2
 
 

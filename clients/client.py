@@ -25,7 +25,10 @@ from __future__ import annotations
 
 import functools
 import json
+import socket
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Iterable, Iterator
 
 import grpc
@@ -65,6 +68,9 @@ RETRY_POLICY = {
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
+#: The most card tokens one BatchCheck may carry (proto/qianjiang/v1/eligibility.proto).
+MAX_BATCH_TOKENS = 100_000
+
 #: Keepalive pings: a dead server or a silently dropped connection (NAT, firewall) is found
 #: in at most 40 s, not after the OS's TCP timeout. The server permits pings without calls
 #: down to every 20 s (ServerConfig.min_client_ping_seconds); more often, it would GOAWAY.
@@ -76,6 +82,79 @@ KEEPALIVE_OPTIONS = [
     ("grpc.keepalive_permit_without_calls", 1),
     ("grpc.http2.max_pings_without_data", 0),  # keep pinging an idle connection
 ]
+
+
+class CertsError(ValueError):
+    """A client certificate directory that cannot be used: the message names the directory
+    and what is missing in it."""
+
+
+def caller_identities(cert_dir: Path) -> list[str]:
+    """The caller identities whose certificate and key are in ``cert_dir``."""
+    return sorted(p.stem for p in Path(cert_dir).glob("*.pem")
+                  if p.stem not in ("ca", "server") and p.with_suffix(".key").exists())
+
+
+def check_cert_dir(cert_dir: str | Path, caller: str | None) -> None:
+    """CertsError unless ``cert_dir`` holds ca.pem and, for ``caller``, its .pem and .key: a
+    sentence naming what is missing where, instead of a FileNotFoundError from deep inside."""
+    from server.tls import check_caller_name
+
+    d = Path(cert_dir)
+    if not d.is_dir():
+        raise CertsError(f"--certs {d}: directory missing" if not d.exists() else f"--certs {d}: not a directory")
+    if not (d / "ca.pem").is_file():
+        raise CertsError(f"--certs {d}: ca.pem missing (the CA that signed the server's certificate)")
+    if caller is None:
+        return
+    try:
+        check_caller_name(caller)
+    except ValueError as exc:
+        raise CertsError(f"--caller: {exc}") from None
+    if not (d / f"{caller}.pem").is_file():
+        known = caller_identities(d)
+        there = f"the identities there: {', '.join(known)}" if known else "no caller identities there"
+        raise CertsError(f"--certs {d}: {caller}.pem missing: no certificate for caller {caller!r} in {d} ({there})")
+    if not (d / f"{caller}.key").is_file():
+        raise CertsError(f"--certs {d}: {caller}.key missing (the private key of {caller}.pem)")
+
+
+#: What an HTTP/2 client sends first (RFC 9113 3.4); a gRPC server answers it with SETTINGS.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def server_transport(target: str, timeout: float = 2.0) -> str | None:
+    """What the server at ``target`` (host:port) speaks, found with a TLS handshake of our
+    own (grpc reports a refused handshake only as UNAVAILABLE "Socket closed"):
+    ``"plaintext"``; ``"tls"`` (no client certificate asked for); ``"mtls"`` (it ends a
+    connection that presents no client certificate); None: unreachable, or not host:port."""
+    host, _, port = target.removeprefix("dns:///").rpartition(":")
+    if not host or not port.isdigit():
+        return None
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE  # only what it speaks, not whom we trust
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        raw = socket.create_connection((host.strip("[]"), int(port)), timeout=timeout)
+    except OSError:
+        return None
+    with raw:
+        try:
+            conn = ctx.wrap_socket(raw, server_hostname=host.strip("[]"))
+        except ssl.SSLError as exc:  # TLS 1.2 refuses in the handshake; plain HTTP/2 is no TLS record
+            return "mtls" if "CERTIFICATE" in str(exc.reason) else "plaintext"
+        except OSError:
+            return "plaintext"
+        with conn:
+            try:
+                # TLS 1.3 checks the client's certificate after our side of the handshake: the
+                # server answers the HTTP/2 preface with its SETTINGS, or closes the connection
+                conn.sendall(HTTP2_PREFACE)
+                return "tls" if conn.recv(9) else "mtls"
+            except ssl.SSLError:
+                return "mtls"
+            except OSError:
+                return None
 
 
 class QianjiangError(grpc.RpcError, grpc.Call):
@@ -199,7 +278,7 @@ class QianjiangClient:
 
     Credentials: ``cert_dir`` + ``caller`` present that caller's client certificate (mutual
     TLS, production); ``token`` sends a development bearer token; neither: plain text to a
-    server in its insecure loopback mode.
+    server in its insecure loopback mode. A ``cert_dir`` without what it needs is a CertsError.
     """
 
     def __init__(self, target: str, timeout: float = 2.0, channel: grpc.Channel | None = None,
@@ -214,11 +293,13 @@ class QianjiangClient:
         ]
         if channel is None:
             if cert_dir:
-                from pathlib import Path
-
                 from server.tls import channel_credentials
 
-                creds = channel_credentials(Path(cert_dir), caller)
+                check_cert_dir(cert_dir, caller)
+                try:
+                    creds = channel_credentials(Path(cert_dir), caller)
+                except OSError as exc:
+                    raise CertsError(f"--certs {cert_dir}: {Path(exc.filename or '').name} unreadable: {exc.strerror}") from None
                 if token:
                     creds = grpc.composite_channel_credentials(creds, grpc.access_token_call_credentials(token))
                 channel = grpc.secure_channel(target, creds, options=options)
@@ -289,6 +370,12 @@ class QianjiangClient:
     def ingest(self, records: Iterable[records_pb2.Record], timeout: float | None = None) -> list[records_pb2.RecordAck]:
         """Stream records; returns the acknowledgements (each one durable on the server)."""
         return list(self.records.IngestRecords(iter(records), timeout=self.timeout * 100 if timeout is None else timeout))
+
+    def ingest_stream(self, records: Iterable[records_pb2.Record], timeout: float | None = None) -> Iterator[records_pb2.RecordAck]:
+        """Stream records; the acknowledgements as they come, in order. A refused record ends
+        the stream with its error (a QianjiangError) after the acknowledgements of the
+        records before it: the i-th record sent failed when i acknowledgements came."""
+        return _TypedStream(self.records.IngestRecords(iter(records), timeout=self.timeout * 100 if timeout is None else timeout))
 
     @_typed
     def correct_record(self, record_id: str, date: str, value: float, source: str = "",

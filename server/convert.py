@@ -96,7 +96,7 @@ def score_message(view: ScoreView, spec: ModelSpec) -> score_pb2.Score:
         percentile=view.percentile,
         raw_points=view.raw_points,
         dimensions=[
-            common_pb2.DimensionPoints(dimension=d.name, name_zh=d.zh, name_en=d.en, points=p)
+            common_pb2.DimensionPoints(dimension=d.name, name_zh=d.zh, name_en=d.en, points=p, weight=d.weight)
             for d, p in zip(spec.dimensions, view.dimension_points)
         ],
         reasons=[reason_message(spec, v, lost) for v, lost in view.reasons],
@@ -130,6 +130,9 @@ def explanation_message(view: ScoreView, contributions: list[Contribution], spec
                 feature=c.feature,
                 points=c.points,
                 best_points=spec.variables[c.variable].best_points,
+                weight=c.weight,
+                weighted_points=c.weighted_points,
+                points_lost=c.points_lost,
             )
             for c in contributions
         ],

@@ -117,9 +117,16 @@ class RecordAck:
 
 @dataclass(frozen=True)
 class Contribution:
+    """One variable's part in a score, in the kernel's own arithmetic: the dimension's points
+    are the sum of its variables' ``weighted_points``; a reason's points lost is its
+    variable's ``points_lost``."""
+
     variable: int
     feature: float
-    points: float
+    points: float  # unweighted
+    weight: float  # the variable's dimension's weight
+    weighted_points: float  # weight * points
+    points_lost: float  # weight * (best - points), as the reasons are ranked
 
 
 class DecisionView(NamedTuple):
@@ -319,7 +326,12 @@ class CreditService:
         view = self._disclose(self._view(citizen_id, row), row, caller, purpose, "ScoreService/ExplainScore", SCORE_EXPLAINED)
         pts = self._row_points(row)
         feats = self.state.features[row]
-        return view, [Contribution(v, float(feats[v]), float(pts[v])) for v in range(len(pts))]
+        w = self._loss_weight
+        return view, [
+            Contribution(v, float(feats[v]), float(pts[v]), float(w[v]), float(pts[v] * w[v]),
+                         float((self._best[v] - pts[v]) * w[v]))
+            for v in range(len(pts))
+        ]
 
     def batch_scores(self, citizen_ids: list[str], caller: Caller, purpose: str = "") -> list[tuple[str, ScoreView | None]]:
         if len(citizen_ids) > MAX_BATCH_SCORES:

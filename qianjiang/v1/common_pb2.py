@@ -24,17 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19qianjiang/v1/common.proto\x12\x0cqianjiang.v1\"V\n\x0f\x44imensionPoints\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\x0f\n\x07name_zh\x18\x02 \x01(\t\x12\x0f\n\x07name_en\x18\x03 \x01(\t\x12\x0e\n\x06points\x18\x04 \x01(\x01\"\x87\x01\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08variable\x18\x02 \x01(\t\x12\x0f\n\x07text_zh\x18\x03 \x01(\t\x12\x0f\n\x07text_en\x18\x04 \x01(\t\x12\x12\n\nimprove_zh\x18\x05 \x01(\t\x12\x12\n\nimprove_en\x18\x06 \x01(\t\x12\x13\n\x0bpoints_lost\x18\x07 \x01(\x01*i\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\x15\n\x11NEEDS_IMPROVEMENT\x10\x01\x12\x08\n\x04\x46\x41IR\x10\x02\x12\x08\n\x04GOOD\x10\x03\x12\r\n\tEXCELLENT\x10\x04\x12\x0f\n\x0bOUTSTANDING\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19qianjiang/v1/common.proto\x12\x0cqianjiang.v1\"f\n\x0f\x44imensionPoints\x12\x11\n\tdimension\x18\x01 \x01(\t\x12\x0f\n\x07name_zh\x18\x02 \x01(\t\x12\x0f\n\x07name_en\x18\x03 \x01(\t\x12\x0e\n\x06points\x18\x04 \x01(\x01\x12\x0e\n\x06weight\x18\x05 \x01(\x01\"\x87\x01\n\x06Reason\x12\x0c\n\x04\x63ode\x18\x01 \x01(\t\x12\x10\n\x08variable\x18\x02 \x01(\t\x12\x0f\n\x07text_zh\x18\x03 \x01(\t\x12\x0f\n\x07text_en\x18\x04 \x01(\t\x12\x12\n\nimprove_zh\x18\x05 \x01(\t\x12\x12\n\nimprove_en\x18\x06 \x01(\t\x12\x13\n\x0bpoints_lost\x18\x07 \x01(\x01*i\n\x05Level\x12\x15\n\x11LEVEL_UNSPECIFIED\x10\x00\x12\x15\n\x11NEEDS_IMPROVEMENT\x10\x01\x12\x08\n\x04\x46\x41IR\x10\x02\x12\x08\n\x04GOOD\x10\x03\x12\r\n\tEXCELLENT\x10\x04\x12\x0f\n\x0bOUTSTANDING\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'qianjiang.v1.common_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LEVEL']._serialized_start=269
-  _globals['_LEVEL']._serialized_end=374
+  _globals['_LEVEL']._serialized_start=285
+  _globals['_LEVEL']._serialized_end=390
   _globals['_DIMENSIONPOINTS']._serialized_start=43
-  _globals['_DIMENSIONPOINTS']._serialized_end=129
-  _globals['_REASON']._serialized_start=132
-  _globals['_REASON']._serialized_end=267
+  _globals['_DIMENSIONPOINTS']._serialized_end=145
+  _globals['_REASON']._serialized_start=148
+  _globals['_REASON']._serialized_end=283
 # @@protoc_insertion_point(module_scope)

@@ -21,16 +21,18 @@ EXCELLENT: Level
 OUTSTANDING: Level
 
 class DimensionPoints(_message.Message):
-    __slots__ = ("dimension", "name_zh", "name_en", "points")
+    __slots__ = ("dimension", "name_zh", "name_en", "points", "weight")
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     NAME_ZH_FIELD_NUMBER: _ClassVar[int]
     NAME_EN_FIELD_NUMBER: _ClassVar[int]
     POINTS_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
     dimension: str
     name_zh: str
     name_en: str
     points: float
-    def __init__(self, dimension: _Optional[str] = ..., name_zh: _Optional[str] = ..., name_en: _Optional[str] = ..., points: _Optional[float] = ...) -> None: ...
+    weight: float
+    def __init__(self, dimension: _Optional[str] = ..., name_zh: _Optional[str] = ..., name_en: _Optional[str] = ..., points: _Optional[float] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class Reason(_message.Message):
     __slots__ = ("code", "variable", "text_zh", "text_en", "improve_zh", "improve_en", "points_lost")

@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from qianjiang.v1 import common_pb2 as qianjiang_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qianjiang/v1/score.proto\x12\x0cqianjiang.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19qianjiang/v1/common.proto\"6\n\x0fGetScoreRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"\xa7\x03\n\x05Score\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x05\x12\"\n\x05level\x18\x03 \x01(\x0e\x32\x13.qianjiang.v1.Level\x12\x10\n\x08level_zh\x18\x04 \x01(\t\x12\x12\n\npercentile\x18\x05 \x01(\x01\x12\x12\n\nraw_points\x18\x06 \x01(\x01\x12\x31\n\ndimensions\x18\x07 \x03(\x0b\x32\x1d.qianjiang.v1.DimensionPoints\x12%\n\x07reasons\x18\x08 \x03(\x0b\x32\x14.qianjiang.v1.Reason\x12\x19\n\x11hard_rule_applied\x18\t \x01(\x08\x12\x15\n\rmodel_version\x18\n \x01(\t\x12\x1b\n\x13\x63\x61libration_version\x18\x0b \x01(\t\x12/\n\x0b\x63omputed_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rdisclosure_id\x18\r \x01(\t\x12\x18\n\x10records_position\x18\x0e \x01(\x04\x12\x12\n\nas_of_date\x18\x0f \x01(\t\"\x84\x01\n\x14VariableContribution\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x04 \x01(\x01\x12\x0e\n\x06points\x18\x05 \x01(\x01\x12\x13\n\x0b\x62\x65st_points\x18\x06 \x01(\x01\"h\n\x0b\x45xplanation\x12\"\n\x05score\x18\x01 \x01(\x0b\x32\x13.qianjiang.v1.Score\x12\x35\n\tvariables\x18\x02 \x03(\x0b\x32\".qianjiang.v1.VariableContribution\"=\n\x15\x42\x61tchGetScoresRequest\x12\x13\n\x0b\x63itizen_ids\x18\x01 \x03(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"\xd2\x01\n\x0bScoreResult\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32 .qianjiang.v1.ScoreResult.Status\x12\"\n\x05score\x18\x03 \x01(\x0b\x32\x13.qianjiang.v1.Score\"Y\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x12\n\x0eNOT_AUTHORISED\x10\x03\x12\x0c\n\x08UNDER_18\x10\x04\"D\n\x16\x42\x61tchGetScoresResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.qianjiang.v1.ScoreResult2\xf5\x01\n\x0cScoreService\x12>\n\x08GetScore\x12\x1d.qianjiang.v1.GetScoreRequest\x1a\x13.qianjiang.v1.Score\x12H\n\x0c\x45xplainScore\x12\x1d.qianjiang.v1.GetScoreRequest\x1a\x19.qianjiang.v1.Explanation\x12[\n\x0e\x42\x61tchGetScores\x12#.qianjiang.v1.BatchGetScoresRequest\x1a$.qianjiang.v1.BatchGetScoresResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qianjiang/v1/score.proto\x12\x0cqianjiang.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19qianjiang/v1/common.proto\"6\n\x0fGetScoreRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"\xa7\x03\n\x05Score\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x05\x12\"\n\x05level\x18\x03 \x01(\x0e\x32\x13.qianjiang.v1.Level\x12\x10\n\x08level_zh\x18\x04 \x01(\t\x12\x12\n\npercentile\x18\x05 \x01(\x01\x12\x12\n\nraw_points\x18\x06 \x01(\x01\x12\x31\n\ndimensions\x18\x07 \x03(\x0b\x32\x1d.qianjiang.v1.DimensionPoints\x12%\n\x07reasons\x18\x08 \x03(\x0b\x32\x14.qianjiang.v1.Reason\x12\x19\n\x11hard_rule_applied\x18\t \x01(\x08\x12\x15\n\rmodel_version\x18\n \x01(\t\x12\x1b\n\x13\x63\x61libration_version\x18\x0b \x01(\t\x12/\n\x0b\x63omputed_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rdisclosure_id\x18\r \x01(\t\x12\x18\n\x10records_position\x18\x0e \x01(\x04\x12\x12\n\nas_of_date\x18\x0f \x01(\t\"\xc2\x01\n\x14VariableContribution\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x04 \x01(\x01\x12\x0e\n\x06points\x18\x05 \x01(\x01\x12\x13\n\x0b\x62\x65st_points\x18\x06 \x01(\x01\x12\x0e\n\x06weight\x18\x07 \x01(\x01\x12\x17\n\x0fweighted_points\x18\x08 \x01(\x01\x12\x13\n\x0bpoints_lost\x18\t \x01(\x01\"h\n\x0b\x45xplanation\x12\"\n\x05score\x18\x01 \x01(\x0b\x32\x13.qianjiang.v1.Score\x12\x35\n\tvariables\x18\x02 \x03(\x0b\x32\".qianjiang.v1.VariableContribution\"=\n\x15\x42\x61tchGetScoresRequest\x12\x13\n\x0b\x63itizen_ids\x18\x01 \x03(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"\xd2\x01\n\x0bScoreResult\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32 .qianjiang.v1.ScoreResult.Status\x12\"\n\x05score\x18\x03 \x01(\x0b\x32\x13.qianjiang.v1.Score\"Y\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x12\n\x0eNOT_AUTHORISED\x10\x03\x12\x0c\n\x08UNDER_18\x10\x04\"D\n\x16\x42\x61tchGetScoresResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.qianjiang.v1.ScoreResult2\xf5\x01\n\x0cScoreService\x12>\n\x08GetScore\x12\x1d.qianjiang.v1.GetScoreRequest\x1a\x13.qianjiang.v1.Score\x12H\n\x0c\x45xplainScore\x12\x1d.qianjiang.v1.GetScoreRequest\x1a\x19.qianjiang.v1.Explanation\x12[\n\x0e\x42\x61tchGetScores\x12#.qianjiang.v1.BatchGetScoresRequest\x1a$.qianjiang.v1.BatchGetScoresResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,17 +38,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORE']._serialized_start=159
   _globals['_SCORE']._serialized_end=582
   _globals['_VARIABLECONTRIBUTION']._serialized_start=585
-  _globals['_VARIABLECONTRIBUTION']._serialized_end=717
-  _globals['_EXPLANATION']._serialized_start=719
-  _globals['_EXPLANATION']._serialized_end=823
-  _globals['_BATCHGETSCORESREQUEST']._serialized_start=825
-  _globals['_BATCHGETSCORESREQUEST']._serialized_end=886
-  _globals['_SCORERESULT']._serialized_start=889
-  _globals['_SCORERESULT']._serialized_end=1099
-  _globals['_SCORERESULT_STATUS']._serialized_start=1010
-  _globals['_SCORERESULT_STATUS']._serialized_end=1099
-  _globals['_BATCHGETSCORESRESPONSE']._serialized_start=1101
-  _globals['_BATCHGETSCORESRESPONSE']._serialized_end=1169
-  _globals['_SCORESERVICE']._serialized_start=1172
-  _globals['_SCORESERVICE']._serialized_end=1417
+  _globals['_VARIABLECONTRIBUTION']._serialized_end=779
+  _globals['_EXPLANATION']._serialized_start=781
+  _globals['_EXPLANATION']._serialized_end=885
+  _globals['_BATCHGETSCORESREQUEST']._serialized_start=887
+  _globals['_BATCHGETSCORESREQUEST']._serialized_end=948
+  _globals['_SCORERESULT']._serialized_start=951
+  _globals['_SCORERESULT']._serialized_end=1161
+  _globals['_SCORERESULT_STATUS']._serialized_start=1072
+  _globals['_SCORERESULT_STATUS']._serialized_end=1161
+  _globals['_BATCHGETSCORESRESPONSE']._serialized_start=1163
+  _globals['_BATCHGETSCORESRESPONSE']._serialized_end=1231
+  _globals['_SCORESERVICE']._serialized_start=1234
+  _globals['_SCORESERVICE']._serialized_end=1479
 # @@protoc_insertion_point(module_scope)
