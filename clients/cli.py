@@ -698,9 +698,13 @@ def cmd_serve(args) -> int:
             f.unlink()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(mp)
     from server.app import announce, serve
+    from server.store import StoreError
 
-    # the example citizen and card only on a terminal, never into a log (server/app.py start_banner)
-    serve(serve_config(args), on_ready=announce)
+    try:  # the example citizen and card only on a terminal, never into a log (server/app.py start_banner)
+        serve(serve_config(args), on_ready=announce)
+    except (ValueError, StoreError) as exc:  # configuration (each names its file, key or option) or an unreachable store
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -824,16 +828,30 @@ def _store_url(args) -> str:
 
 
 def _tell_server(args, registry, done: str) -> int:
-    from server.models import server_pid, signal_server
+    """SIGHUP the data directory's server and wait for its acknowledgement (models/SERVED):
+    report the switch only when the server says it serves the active release. Exit 0 when it
+    does (or no server runs: the next start serves it), 1 when it refused or did not answer."""
+    from server.models import server_pid, signal_server, wait_for_served
 
+    active = registry.active()
+    before = registry.served()
     pid = server_pid(args.data_dir)
-    signalled = signal_server(args.data_dir)
-    note = (f"told the server (pid {pid}) to switch (SIGHUP)" if signalled else
-            f"no running server found ({Path(args.data_dir) / 'qjscore.pid'}): served from the next start")
-    obj = {"active": registry.active(), "previous": registry.previous(), "server_pid": pid if signalled else None,
-           "signalled": signalled}
-    emit(args, obj, table([("done", done), ("active", obj["active"]), ("previous", obj["previous"] or "-"), ("server", note)]))
-    return 0
+    signalled = pid is not None and signal_server(args.data_dir)
+    ack = wait_for_served(registry, before["seq"] if before else 0, pid, args.wait) if signalled else None
+    if not signalled:
+        note, code = f"no running server on {args.data_dir}: the next start serves {active}", 0
+    elif ack is None:
+        note, code = (f"NOT CONFIRMED: the server (pid {pid}) did not acknowledge within {args.wait:g} s (a large city "
+                      "takes longer to prepare: see `qjscore model status` and the server's log)"), 1
+    elif ack["release"] == active:
+        note, code = f"the server (pid {pid}) now serves {active}", 0
+    else:
+        note, code = (f"NOT SWITCHED: the server (pid {pid}) {ack['result']} the switch to {ack['requested']}: "
+                      f"{ack.get('error') or 'see its log'}; it still serves {ack['release']}"), 1
+    obj = {"active": active, "previous": registry.previous(), "server_pid": pid if signalled else None,
+           "signalled": signalled, "acknowledged": ack, "serving": ack["release"] if ack else None}
+    emit(args, obj, table([("done", done), ("active", active), ("previous", obj["previous"] or "-"), ("server", note)]))
+    return code
 
 
 def cmd_model_status(args) -> int:
@@ -853,9 +871,14 @@ def cmd_model_status(args) -> int:
                      f"{report['psi_raw']:.4f}" if report else "-", f"{100 * report['changed_share']:.2f} %" if report else "-",
                      report.get("old_release", "-") if report else "-"))
     pid = server_pid(args.data_dir)
-    obj = {"active": active, "previous": previous, "server_pid": pid, "releases": releases, "history": reg.history(10)}
+    served = reg.served() if pid else None
+    serving = served["release"] if served and served.get("pid") == pid else None
+    obj = {"active": active, "previous": previous, "server_pid": pid, "serving": serving, "releases": releases,
+           "history": reg.history(10)}
     text = table([("active", active or "- (none yet: the server registers one at first start)"),
-                  ("previous", previous or "-"), ("server", f"pid {pid}" if pid else "not running")])
+                  ("previous", previous or "-"),
+                  ("server", (f"pid {pid}, serving {serving or '(not acknowledged yet)'}"
+                              + (" -- NOT the active release" if serving and serving != active else "")) if pid else "not running")])
     if rows:
         text += "\n\n" + table(rows, ("release", "", "staged (UTC)", "PSI raw", "level changes", "compared with"))
     emit(args, obj, text)
@@ -1126,9 +1149,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?", default=None, help="model spec TOML (default: the active release's, to recalibrate it)")
     p.add_argument("--calibration", default=None, help="a frozen calibration table (.npz) for the spec (default: freeze one on the store's population)")
     p.add_argument("--scenarios", default=None, help="scenarios config (default config/scenarios.toml)")
+    wait = "seconds to wait for the running server to confirm the switch (default %(default)s)"
     p = model_cmd("activate", cmd_model_activate, "make a staged release active and tell the running server to switch")
     p.add_argument("release", help="release id, as `model stage` or `model status` prints it")
-    model_cmd("restore", cmd_model_restore, "go back to the previous release and tell the running server to switch")
+    p.add_argument("--wait", type=_seconds, default=120.0, metavar="SECONDS", help=wait)
+    p = model_cmd("restore", cmd_model_restore, "go back to the previous release and tell the running server to switch")
+    p.add_argument("--wait", type=_seconds, default=120.0, metavar="SECONDS", help=wait)
     return ap
 
 

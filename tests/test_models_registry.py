@@ -431,9 +431,13 @@ def test_cli_stage_activate_restore_status(data_dir, tmp_path, capsys, hangups):
     assert staged["release_id"] == v2 and staged["report"]["old_release"] == v1
     assert sum(map(sum, staged["report"]["migration"])) == staged["report"]["n_adults"] > 0
 
-    write_pid_file(data_dir)  # "the server" is this process
+    write_pid_file(data_dir)  # "the server" is this process: it acknowledges what the registry says on SIGHUP
+    registry = ModelRegistry(data_dir)
+    acks = [lambda: registry.record_served(registry.active(), registry.active(), "switched")]
+    signal.signal(signal.SIGHUP, lambda signum, frame: (hangups.append(signum), acks[-1]()))
     code, out, _ = run_cli(capsys, "model", "activate", v2, *d, "--json")
-    assert code == 0 and json.loads(out) == {"active": v2, "previous": v1, "server_pid": os.getpid(), "signalled": True}
+    got = json.loads(out)
+    assert code == 0 and (got["active"], got["previous"], got["server_pid"], got["serving"]) == (v2, v1, os.getpid(), v2)
     assert hangups == [signal.SIGHUP]
 
     code, out, _ = run_cli(capsys, "model", "status", *d, "--json")
@@ -442,12 +446,20 @@ def test_cli_stage_activate_restore_status(data_dir, tmp_path, capsys, hangups):
     assert {r["release_id"]: r["state"] for r in status["releases"]} == {v1: "previous", v2: "active"}
     assert [h["action"] for h in status["history"]] == ["activate", "activate"]
     code, out, _ = run_cli(capsys, "model", "status", *d)
-    assert v1 in out and v2 in out and "active" in out and f"pid {os.getpid()}" in out
+    assert v1 in out and v2 in out and "active" in out and f"pid {os.getpid()}, serving {v2}" in out
 
+    # a server that refuses the switch (it keeps v2): never reported as done
+    acks.append(lambda: registry.record_served(v2, registry.active(), "rejected", "calibration.npz: the directory was altered"))
     code, out, _ = run_cli(capsys, "model", "restore", *d)
-    assert code == 0 and f"restored {v1}" in out and "told the server" in out
-    assert hangups == [signal.SIGHUP, signal.SIGHUP]
-    assert ModelRegistry(data_dir).active() == v1
+    assert code == 1 and f"restored {v1}" in out and "NOT SWITCHED" in out and "directory was altered" in out
+    assert f"still serves {v2}" in out
+    code, out, _ = run_cli(capsys, "model", "status", *d)
+    assert f"serving {v2} -- NOT the active release" in out
+    # a server that does not answer at all
+    acks.append(lambda: None)
+    code, out, _ = run_cli(capsys, "model", "activate", v2, *d, "--wait", "0.3")
+    assert code == 1 and "NOT CONFIRMED" in out and "did not acknowledge within 0.3 s" in out
+    assert hangups == [signal.SIGHUP] * 3
     remove_pid_file(data_dir)
 
 

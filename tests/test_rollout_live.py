@@ -214,18 +214,30 @@ def test_sighup_rolls_out_across_worker_processes(tmp_path):
             assert out.returncode == 0, out.stderr
             rid = next(r for r in ModelRegistry(data).releases() if r != ModelRegistry(data).active())
             out = subprocess.run([sys.executable, "-m", "clients.cli", "model", "activate", rid, "--data-dir", str(data)],
-                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
-            assert out.returncode == 0, out.stderr
-            deadline = time.time() + 120
+                                 cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+            assert out.returncode == 0 and f"now serves {rid}" in out.stdout, out.stdout + out.stderr
+            # acknowledged only once switched: every connection (either worker) answers with the new version at once
             seen = set()
-            while len(seen) < 1 or old in seen:  # every connection (either worker) answers with the new version
-                seen = set()
-                for _ in range(20):
-                    with QianjiangClient(f"127.0.0.1:{port}", timeout=5) as fresh:  # new connections spread over workers
-                        seen.add(fresh.check("metro_pay_later", bytes(16)).model_version)
-                assert time.time() < deadline, (tmp_path / "serve.log").read_text()[-3000:]
-                time.sleep(0.2)
-            assert old not in seen
+            for _ in range(20):
+                with QianjiangClient(f"127.0.0.1:{port}", timeout=5) as fresh:  # new connections spread over workers
+                    seen.add(fresh.check("metro_pay_later", bytes(16)).model_version)
+            assert old not in seen and len(seen) == 1, seen
+
+            # a server that cannot answer (stopped): the switch is not reported as done
+            os.kill(proc.pid, signal.SIGSTOP)
+            try:
+                out = subprocess.run([sys.executable, "-m", "clients.cli", "model", "restore", "--data-dir", str(data),
+                                      "--wait", "1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+            finally:
+                os.kill(proc.pid, signal.SIGCONT)
+            assert out.returncode == 1 and "NOT CONFIRMED" in out.stdout, out.stdout + out.stderr
+            deadline = time.time() + 120  # it goes on once it runs again, and `model status` says so
+            while f"serving {ModelRegistry(data).active()}" not in (status := subprocess.run(
+                    [sys.executable, "-m", "clients.cli", "model", "status", "--data-dir", str(data)],
+                    cwd=ROOT, env=env, capture_output=True, text=True, timeout=60).stdout):
+                assert time.time() < deadline, status
+                time.sleep(0.5)
+            assert qj.check("metro_pay_later", bytes(16)).model_version == old
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
