@@ -10,9 +10,12 @@ LOADTEST_STAMP = $(VENV)/.loadtest-installed
 .PHONY: run test build venv bench calibrate loadbench loadtest-deps clean
 
 # The service on its embedded default: SQLite under data/, seeded once with a synthetic city
-# of 100,000 people; later starts reuse the data. Pass options with ARGS="--workers 2".
+# of 100,000 people (development: qjscore serve alone never seeds); later starts reuse the
+# data. Pass options with ARGS="--workers 2".
+SEED_CITIZENS ?= 100000
+
 run: build
-	$(VENV)/bin/qjscore serve $(ARGS)
+	$(VENV)/bin/qjscore serve --seed-citizens $(SEED_CITIZENS) $(ARGS)
 
 test: build $(LOADTEST_STAMP)
 	$(PY) -m pytest -q
@@ -44,10 +47,10 @@ $(STAMP): requirements.txt requirements-dev.txt requirements-pg.txt
 # The compiled kernel; rebuilt when its sources or the build script change.
 build: $(STAMP) kernel/score.stamp $(VENV)/bin/qjscore
 
-# The qjscore command (an editable install: the code stays here).
-$(VENV)/bin/qjscore: setup.py $(STAMP)
-	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
-	touch $@
+# The qjscore command: a launcher and a .pth naming this checkout (what an editable install
+# gives, without building the extensions a second time or its warning box).
+$(VENV)/bin/qjscore: scripts/install_command.py $(STAMP)
+	$(PY) scripts/install_command.py
 
 kernel/score.stamp: kernel/score.pyx kernel/score.pxd server/token_index.pyx setup.py $(STAMP)
 	$(PY) setup.py -q build_ext --inplace
