@@ -317,3 +317,64 @@ def kill_after_flushes(child_code: str, *args: str) -> tuple[int, int]:
     # line before it counts.
     acked = int(printed[-1]) if printed[-1].strip().isdigit() else int(printed[-2])
     return acked, killed_ns
+
+
+# --- the real command: `qjscore serve` as a subprocess ----------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServeProcess:
+    """``python -m clients.cli serve ARGS`` in its own session, its output in ``log``;
+    :meth:`wait_serving` until health answers SERVING through ``client``."""
+
+    def __init__(self, tmp_path: Path, *args: str, port: int | None = None):
+        import sys
+
+        self.port = port or free_port()
+        self.log = tmp_path / f"serve-{self.port}.log"
+        with open(self.log, "w") as out:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "clients.cli", "serve", "--port", str(self.port), "--metrics-port", "0", *args],
+                stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                start_new_session=True,
+            )
+
+    @property
+    def output(self) -> str:
+        return self.log.read_text()
+
+    def wait_serving(self, client, timeout: float = 120.0) -> None:
+        import time
+
+        import grpc
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if client.health() == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            assert self.proc.poll() is None, f"the server exited ({self.proc.returncode}):\n{self.output[-3000:]}"
+            assert time.monotonic() < deadline, self.output[-3000:]
+            time.sleep(0.2)
+
+    def stop(self) -> int:
+        import signal
+
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(60)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
