@@ -177,25 +177,23 @@ def test_a_record_dated_after_today_does_not_stop_the_start_and_counts_from_its_
     from server.store import RecordIn, open_store
 
     data = tmp_path / "data"
-    server = ServeProcess(tmp_path, "--data-dir", str(data), "--seed-citizens", "200")
-    try:
-        with QianjiangClient(f"127.0.0.1:{server.port}", timeout=5) as qj:
-            server.wait_serving(qj)
-            before = {v.variable: v.feature for v in qj.explain("c00000005").variables}
-    finally:
-        assert server.stop() == 0
-    tomorrow = day_in(city_zone("Asia/Shanghai"), dt.datetime.now(dt.timezone.utc)) + 30
+
+    def features(*serve_args: str) -> tuple[dict, str]:
+        server = ServeProcess(tmp_path, "--data-dir", str(data), *serve_args)
+        try:
+            with QianjiangClient(f"127.0.0.1:{server.port}", timeout=5) as qj:
+                server.wait_serving(qj)
+                return {v.variable: v.feature for v in qj.explain("c00000005").variables}, server.output
+        finally:
+            assert server.stop() == 0
+
+    before, _ = features("--seed-citizens", "200")
+    in_a_month = day_in(city_zone("Asia/Shanghai"), dt.datetime.now(dt.timezone.utc)) + 30
     with open_store(f"sqlite:///{data / 'qianjiang.db'}") as store:
-        store.add_records([RecordIn("future-1", "c00000005", "tax_arrears", tomorrow, 1.0, "tax_bureau")], "tax_bureau")
-    server = ServeProcess(tmp_path, "--data-dir", str(data))
-    try:
-        with QianjiangClient(f"127.0.0.1:{server.port}", timeout=5) as qj:
-            server.wait_serving(qj)
-            after = {v.variable: v.feature for v in qj.explain("c00000005").variables}
-    finally:
-        assert server.stop() == 0
+        store.add_records([RecordIn("future-1", "c00000005", "tax_arrears", in_a_month, 1.0, "tax_bureau")], "tax_bureau")
+    after, output = features()
     assert after == before  # not in effect yet
-    assert "1 stored records are dated after today" in server.output
+    assert "1 stored records are dated after today" in output
 
 
 # --- set-up ----------------------------------------------------------------------------------
