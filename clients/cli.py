@@ -644,6 +644,7 @@ def serve_config(args):
         security=args.security, tokens_path=args.tokens, cert_dir=args.certs, policy_path=args.policy,
         audit=not args.no_audit, event_loop=args.event_loop, audit_max_pending=args.audit_max_pending,
         batch_tokens_per_second=args.batch_tokens_per_second, purposes_path=args.purposes,
+        snapshot_seconds=args.snapshot_interval,
     )
 
 
@@ -1100,6 +1101,9 @@ def parser() -> argparse.ArgumentParser:
                         "RESOURCE_EXHAUSTED CALLER_QUOTA (0: no limit; not applied in the insecure mode; "
                         "default %(default)s)")
     p.add_argument("--purposes", help="the purposes a score may be read for (default config/purposes.toml)")
+    p.add_argument("--snapshot-interval", type=_seconds, default=600.0, metavar="SECONDS",
+                   help="write the serving state's snapshot this often, and at every clean stop, so that a start "
+                        "maps it instead of loading the whole city (0: only at a clean stop; default %(default)s)")
     p.set_defaults(fn=cmd_serve)
 
     spec = "model spec TOML (default: the v1 model, kernel/models/v1.toml)"

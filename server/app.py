@@ -26,6 +26,7 @@ import signal
 import sys
 import threading
 import time
+from collections import deque
 from concurrent import futures
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,9 +42,11 @@ from kernel.synthetic import generate_city
 from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
 )
+from server import snapshot
 from server.auth import (
     DEFAULT_POLICY_PATH, Authenticator, PolicyError, check_policy, is_loopback, load_policy, load_tokens,
 )
+from server.city_time import set_city_zone, today
 from server.event_loop import new_event_loop
 from server.interceptors import Limits, ServiceInterceptor
 from server.keys import Keys, load_keys, synthetic_card_number
@@ -57,9 +60,10 @@ from server.rollout import roll_out
 from server.scenarios import Outcome, load_scenarios
 from server.service import CreditService
 from server.servicers import AuditServicer, EligibilityServicer, RecordsServicer, ScoreServicer
-from server.city_time import set_city_zone, today
-from server.state import ACTIVE_GENERATION, CONTROL_WORKERS_SERVING, PREPARED_GENERATION, WARMED, Control, ServingState
-from server.store import Store, open_store
+from server.state import (
+    ACTIVE_GENERATION, CONTROL_WORKERS_SERVING, PREPARED_GENERATION, READY, WARMED, Control, ServingState,
+)
+from server.store import Store, StoreError, open_store
 from server.store_watch import StoreWatch
 
 log = logging.getLogger("qianjiang.server")
@@ -174,6 +178,9 @@ class ServerConfig:
     # disclosure the audit log writes); 0: no limit. Not applied in the insecure mode.
     batch_tokens_per_second: float = 200_000.0
     purposes_path: Path | None = None  # config/purposes.toml: why a score may be read
+    # The serving state's snapshot (server/snapshot.py) is written this often, and at every
+    # clean stop; a start maps it instead of loading the whole city. 0: only at a clean stop.
+    snapshot_seconds: float = 600.0
     event_loop: str = "uvloop"  # or "asyncio" (server/event_loop.py)
 
     @property
@@ -256,6 +263,9 @@ class Runtime:
         self.control = control
         self.registry = ModelRegistry(config.data_dir)
         self._calibration, self.release = calibration, release
+        self.snapshot_header: dict | None = None  # the snapshot to start from (Runtime.prepare)
+        self._positions: deque[tuple[float, int]] = deque()  # (monotonic time, state position), for replay floors
+        self._snapshot_lock = threading.Lock()
         self.calibration_path = Path(config.data_dir) / f"calibration-{spec.model_version}.npz"
         self.policy = load_policy(config.policy_path)
         self.purposes = load_purposes(config.purposes_path)
@@ -320,20 +330,28 @@ class Runtime:
         try:
             if store.counts()["citizens"] == 0 and config.seed_citizens > 0:
                 seed_store(store, spec, config.seed_citizens, config.seed, keys)
-            counts = store.counts()
-            if counts["citizens"] == 0:
+            citizens, cards = store.population_bounds()
+            if citizens == 0:
                 log.warning("the store %s has no citizens: serving an empty city (every card is unknown) until "
                             "sources add people (UpsertCitizen, RegisterCard, IngestRecords)%s", store.name,
                             "" if config.production else "; --seed-citizens N seeds a synthetic one for development")
         finally:
             store.close()
-        capacity = max(1024, int(counts["citizens"] * 1.25) + 1024)
+        capacity = max(1024, int(citizens * 1.25) + 1024)
+        token_capacity = max(capacity, int(cards * 1.25) + 1024)
+        header = _snapshot_header(config, release)
+        if header is not None:  # the snapshot's own capacities (its bytes map onto them) while they leave room
+            if header["capacity"] >= citizens + 1024 and header["token_capacity"] >= cards + 1024:
+                capacity, token_capacity = header["capacity"], header["token_capacity"]
+            else:
+                log.info("the city outgrew the snapshot's capacity: loading from the store")
+                header = None
         control = Control(capacity)
-        state = ServingState.allocate(
-            spec, capacity, token_capacity=max(capacity, int(counts["cards"] * 1.25) + 1024), audit_key=keys.audit,
-            lock=control.lock,
-        )
-        return cls(config, spec, scenarios, state, keys, control, calibration, release)
+        state = ServingState.allocate(spec, capacity, token_capacity=token_capacity, audit_key=keys.audit,
+                                      lock=control.lock)
+        runtime = cls(config, spec, scenarios, state, keys, control, calibration, release)
+        runtime.snapshot_header = header
+        return runtime
 
     def open_store(self, metrics: Metrics | None = None) -> Store:
         return open_store(self.config.resolved_store_url, on_write=metrics.observe_store_write if metrics else None)
@@ -356,9 +374,11 @@ class Runtime:
         try:
             calibrated = self._calibration is not None or self.calibration_path.exists()
             scorer = Scorer(self.spec, self.calibration()) if calibrated else Scorer(self.spec)
-            self.state.load(store, scorer, self.scenarios, today(), mark_ready=calibrated)
+            if not (calibrated and self._restore_snapshot(store, scorer)):
+                self.state.load(store, scorer, self.scenarios, today(), mark_ready=calibrated)
         finally:
             store.close()
+        self._positions.append((time.monotonic(), self.state.position))  # every write up to it is in the state
         if not calibrated:
             n = self.state.n_citizens
             hist = RawHistogram.empty(self.spec)
@@ -376,9 +396,68 @@ class Runtime:
             self.release = self.registry.bootstrap(self.spec, self.calibration(), self.config.spec_path)
         self.registry.record_served(self.release, self.registry.active(), "serving")  # what `model status` shows
         if metrics:
-            metrics.kernel_batch_seconds.observe(self.state.last_batch_seconds)
+            if self.state.last_batch_seconds:  # none when started from a snapshot
+                metrics.kernel_batch_seconds.observe(self.state.last_batch_seconds)
             metrics.citizens.set(self.state.n_citizens)
         log.info("loaded %d citizens in %.1f s", self.state.n_citizens, time.perf_counter() - t0)
+
+    def _restore_snapshot(self, store: Store, scorer: Scorer) -> bool:
+        """Serve from the snapshot Runtime.prepare found, if it is exactly what the store says
+        (server/snapshot.py); False, with a log line saying why, when the state must be
+        loaded from the store instead."""
+        header = self.snapshot_header
+        if header is None or self.release is None:
+            return False
+        path, t0, touched = snapshot.snapshot_path(self.config.data_dir), time.perf_counter(), False
+        try:
+            snapshot.check(header, self.state, release=self.release, model_version=self.spec.model_version,
+                           calibration_version=self.calibration().calibration_version,
+                           keys_id=snapshot.keys_fingerprint(self.keys), store=snapshot.store_identity(store),
+                           store_position=store.high_water_mark())
+            touched = True
+            snapshot.load_into(path, header, self.state)
+            replayed = snapshot.replay(self.state, store, self.scenarios, scorer, header["position"])
+        except (snapshot.SnapshotRefused, StoreError, OSError) as exc:
+            log.warning("snapshot not used: %s; loading from the store", exc)
+            if touched:
+                self.state.wipe()
+            return False
+        log.info("started from the snapshot of %d citizens (position %d) in %.1f s; %d citizens changed since were "
+                 "re-derived from the store", self.state.n_citizens, header["position"], time.perf_counter() - t0, replayed)
+        if self.state.as_of_day != today():
+            self.state.refresh(store, scorer, self.scenarios, today())
+        with self.state.lock:
+            self.state.meta[READY] = 1
+        return True
+
+    def note_position(self) -> None:
+        """Sample the state's position (the maintenance loop, once a second): a snapshot
+        taken later replays from a sample old enough that every write up to it is applied."""
+        now = time.monotonic()
+        self._positions.append((now, self.state.position))
+        while len(self._positions) > 1 and self._positions[1][0] <= now - snapshot.REPLAY_MARGIN_SECONDS:
+            self._positions.popleft()
+
+    def write_snapshot(self, exact: bool = False) -> dict | None:
+        """Write the serving state's snapshot (server/snapshot.py). ``exact``: no write can be
+        in flight (a clean stop, every worker drained), so it replays from the state's own
+        position; otherwise from the newest sampled position old enough."""
+        if self.release is None or not self.state.ready:
+            return None
+        with self._snapshot_lock:
+            if exact or not self._positions:
+                position = self.state.position
+            else:
+                position = self._positions[0][1]
+            store = self.open_store()
+            try:
+                identity = snapshot.store_identity(store)
+            finally:
+                store.close()
+            return snapshot.write(snapshot.snapshot_path(self.config.data_dir), self.state, release=self.release,
+                                  model_version=self.spec.model_version,
+                                  calibration_version=self.calibration().calibration_version,
+                                  keys_id=snapshot.keys_fingerprint(self.keys), store=identity, position=position)
 
     def refresh_if_new_day(self, metrics: Metrics | None = None) -> bool:
         """Records age out and people turn 18 by the day: re-derive everyone on a new day."""
@@ -393,6 +472,18 @@ class Runtime:
         if metrics:
             metrics.kernel_batch_seconds.observe(self.state.last_batch_seconds)
         return True
+
+
+def _snapshot_header(config: ServerConfig, release: str | None) -> dict | None:
+    """The header of the data directory's snapshot if there is one worth trying."""
+    path = snapshot.snapshot_path(config.data_dir)
+    if release is None or not path.exists():
+        return None
+    try:
+        return snapshot.read_header(path)
+    except snapshot.SnapshotRefused as exc:
+        log.warning("snapshot not used: %s; loading from the store", exc)
+        return None
 
 
 def check_stance(config: ServerConfig) -> None:
@@ -832,7 +923,16 @@ def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event, relo
     except OSError:  # not permitted here: run at the normal priority
         pass
     next_refresh = time.monotonic() + 60
+    every = runtime.config.snapshot_seconds
+    next_snapshot = time.monotonic() + every if every > 0 else float("inf")
     while not stop.is_set():
+        runtime.note_position()
+        if time.monotonic() >= next_snapshot:
+            next_snapshot = time.monotonic() + every
+            try:
+                runtime.write_snapshot()
+            except Exception:  # a full disk: the previous snapshot stays; retry at the next interval
+                log.exception("snapshot not written")
         if reload.wait(1.0):
             reload.clear()
             try:
@@ -867,6 +967,15 @@ def _serve_single(runtime: Runtime, on_ready) -> None:
     stop.set()
     log.info("draining")
     node.drain()
+    _last_snapshot(runtime)
+
+
+def _last_snapshot(runtime: Runtime) -> None:
+    """At a clean stop, every worker drained: an exact snapshot for the next start."""
+    try:
+        runtime.write_snapshot(exact=True)
+    except Exception:  # noqa: BLE001 - the next start loads from the store
+        log.exception("snapshot not written at stop")
 
 
 def _serve_workers(runtime: Runtime, on_ready) -> None:
@@ -919,8 +1028,9 @@ def _serve_workers(runtime: Runtime, on_ready) -> None:
             pass
     for pid in children:
         os.waitpid(pid, 0)
-    if exit_code:
+    if exit_code:  # a worker died: it may have left a row half applied, so no snapshot now
         sys.exit(exit_code)
+    _last_snapshot(runtime)
 
 
 def _worker(runtime: Runtime, parent: int) -> None:

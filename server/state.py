@@ -201,6 +201,7 @@ class ServingState:
     audit_key: bytes = b""
     path: str = ""  # where another process maps it (_SharedArena.path)
     token_capacity: int = 0
+    last_batch_seconds: float = 0.0  # the kernel's last whole-population batch (0: none yet)
 
     def subject_of(self, citizen_id: str) -> int:
         return subject_of(self.audit_key, citizen_id)
@@ -267,6 +268,13 @@ class ServingState:
         )
         state._arena = arena
         return state
+
+    def wipe(self) -> None:
+        """Back to a new, empty state (after a snapshot was read into it and then refused:
+        nothing of it may be served, not even the rows a load from the store leaves alone)."""
+        np.frombuffer(self._arena.buffer, np.uint8)[:] = 0
+        self.tokens.rows[:] = -1
+        self.citizens.rows[:] = -1
 
     def release_fd(self) -> None:
         """Close the creating process's descriptor once every worker has mapped the state

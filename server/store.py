@@ -483,6 +483,30 @@ class Store(abc.ABC):
         """The position (seq) of the last change in the log; 0 for none."""
 
     @abc.abstractmethod
+    def population_bounds(self) -> tuple[int, int]:
+        """``(citizens, cards)``: the citizens (rows are dense) and an upper bound on the cards,
+        from the keys' maxima: what sizing the serving state needs, without counting a
+        city's rows."""
+
+    @abc.abstractmethod
+    def changes_since(self, position: int) -> list[tuple[int, str, int | None]]:
+        """The change log after ``position``: ``(seq, kind, citizen_row)`` in seq order
+        (citizen_row None for a write that touched several citizens or all)."""
+
+    @abc.abstractmethod
+    def first_change_at(self) -> float | None:
+        """When this store's first change was written (which store a snapshot came from);
+        None for a store without changes."""
+
+    @abc.abstractmethod
+    def citizen_by_row(self, citizen_row: int) -> tuple[str, int, bool]:
+        """``(citizen_id, birth_day, consent)`` of a row; :class:`NotFound` if none."""
+
+    @abc.abstractmethod
+    def cards_of_row(self, citizen_row: int) -> list[bytes]:
+        """The card tokens bound to a citizen row, in registration order."""
+
+    @abc.abstractmethod
     def last_position(self) -> int:
         """The position of the latest committed write made through this object (0 for
         none): read it right after a write, under the caller's own lock, to know where that
@@ -720,6 +744,36 @@ class SQLStore(Store):
     def high_water_mark(self) -> int:
         with self._read() as db:
             return db.execute("SELECT COALESCE(MAX(seq), 0) FROM changes").fetchone()[0]
+
+    def population_bounds(self) -> tuple[int, int]:
+        with self._read() as db:
+            citizens = db.execute("SELECT COALESCE(MAX(citizen_row) + 1, 0) FROM citizens").fetchone()[0]
+            cards = db.execute("SELECT COALESCE(MAX(id), 0) FROM cards").fetchone()[0]
+        return int(citizens), int(cards)
+
+    def changes_since(self, position: int) -> list[tuple[int, str, int | None]]:
+        position = _check_position(position)
+        with self._read() as db:
+            return [tuple(r) for r in db.execute(self._q(
+                "SELECT seq, kind, citizen_row FROM changes WHERE seq > ? ORDER BY seq"), (position,)).fetchall()]
+
+    def first_change_at(self) -> float | None:
+        with self._read() as db:
+            row = db.execute("SELECT at FROM changes ORDER BY seq LIMIT 1").fetchone()
+        return None if row is None else float(row[0])
+
+    def citizen_by_row(self, citizen_row: int) -> tuple[str, int, bool]:
+        with self._read() as db:
+            row = db.execute(self._q("SELECT citizen_id, birth_day, consent FROM citizens WHERE citizen_row = ?"),
+                             (int(citizen_row),)).fetchone()
+        if row is None:
+            raise NotFound(f"no citizen at row {citizen_row}")
+        return row[0], int(row[1]), bool(row[2])
+
+    def cards_of_row(self, citizen_row: int) -> list[bytes]:
+        with self._read() as db:
+            return [bytes(r[0]) for r in db.execute(self._q(
+                "SELECT token FROM cards WHERE citizen_row = ? ORDER BY id"), (int(citizen_row),)).fetchall()]
 
     def last_position(self) -> int:
         return self._last_position
