@@ -16,6 +16,7 @@ def test_sigkill_loses_no_acknowledged_record_consent_score_or_audit_entry(tmp_p
     examples = "\n".join(r["examples"])
     # The run did what it claims: records, consents and disclosures before every kill.
     assert r["cycles"] == 3
+    assert r["snapshot_starts"] >= 3, r  # restarts after SIGKILL and the graceful one mapped a snapshot
     assert r["records_acked"] > 100 and r["consent_ops_acked"] > 30 and r["disclosures"] > 300, r
     assert r["scores_compared"] > 1000 and r["duplicate_probes"] > 0, r
     # Nothing acknowledged is lost or changed.
