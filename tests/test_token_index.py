@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from server import token_index
-from server.token_index import Checker, TokenIndex, check_tokens, pack_gate
+from server.token_index import Checker, TokenIndex, TokenIndexFull, check_tokens, pack_gate
 
 
 def test_doctests():
@@ -90,3 +90,26 @@ def test_checker_refuses_bad_input():
         checker.check(b"x" * 16, 581, False, 0, np.zeros(7, np.int64))
     with pytest.raises(ValueError, match="default_bit"):
         checker.check_one(b"x" * 16, 581, True, 40)
+
+
+@pytest.mark.parametrize("cap", [16, 37, 1000, 4099])
+def test_any_capacity_holds_its_load_limit_and_probes_wrap_round(cap):
+    """Capacities are not powers of two (a city of 13 million tokens needs 18.6 million
+    slots, not 33.5 million): every token up to the limit is found, the last slot's probe
+    wraps to the first, and one more token is refused."""
+    idx = TokenIndex(np.zeros((cap, 2), np.uint64), np.full(cap, -1, np.int32), np.zeros(1, np.int64))
+    rng = np.random.default_rng(cap)
+    limit = cap * 7 // 10
+    tokens = rng.integers(0, 256, (limit, 16), dtype=np.uint8)
+    assert idx.insert_many(tokens, np.arange(limit)) == limit
+    assert [idx.get(bytes(t)) for t in tokens] == list(range(limit))
+    assert idx.lookup_batch(tokens.tobytes()).tolist() == list(range(limit))
+    assert idx.get(bytes(16)) == -1
+    with pytest.raises(TokenIndexFull):
+        idx.insert(bytes(range(16)), 1)
+
+
+def test_capacity_for_is_the_load_limit_not_the_next_power_of_two():
+    for n in (1, 7, 100, 12_499_999, 13_125_000):
+        cap = TokenIndex.capacity_for(n)
+        assert cap * 7 // 10 >= n and cap % 16 == 0 and cap <= max(16, n * 10 // 7 + 17)
