@@ -52,9 +52,23 @@ build: $(STAMP) kernel/score.stamp $(VENV)/bin/qjscore
 $(VENV)/bin/qjscore: scripts/install_command.py $(STAMP)
 	$(PY) scripts/install_command.py
 
-kernel/score.stamp: kernel/score.pyx kernel/score.pxd server/token_index.pyx setup.py $(STAMP)
+kernel/score.stamp: kernel/score.pyx kernel/score.pxd server/token_index.pyx server/bulk_read.pyx setup.py $(STAMP) | sqlite-header
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
+# server/bulk_read.pyx includes sqlite3.h (it links the system libsqlite3, the one Python's
+# sqlite3 module uses). A fresh Debian machine may lack the header: libsqlite3-dev is then
+# installed with apt-get (as root), as scripts/pg_test_server.sh installs PostgreSQL.
+.PHONY: sqlite-header
+sqlite-header:
+	@if ! echo '#include <sqlite3.h>' | $(CC) -E -x c - >/dev/null 2>&1; then \
+		if [ "$$(id -u)" -ne 0 ] || ! command -v apt-get >/dev/null 2>&1; then \
+			echo "sqlite3.h not found: install SQLite's development files (Debian: apt-get install libsqlite3-dev)" >&2; exit 1; \
+		fi; \
+		echo "installing libsqlite3-dev with apt-get (sqlite3.h is missing)" >&2; \
+		apt="env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends libsqlite3-dev"; \
+		$$apt >&2 </dev/null || { apt-get update -q >&2 </dev/null && $$apt >&2 </dev/null; }; \
+	fi
+
 clean:
-	rm -rf build kernel/score.c server/token_index.c kernel/*.so server/*.so kernel/score.stamp
+	rm -rf build kernel/score.c server/token_index.c server/bulk_read.c kernel/*.so server/*.so kernel/score.stamp

@@ -44,6 +44,18 @@ extensions = [
         extra_compile_args=["-O0" if DEBUG else "-O3"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     ),
+    # Bulk reads of the start-up load (SQLite and PostgreSQL COPY into numpy arrays). Linked
+    # with the system libsqlite3, the one Python's sqlite3 module uses: never a second copy
+    # of SQLite in the process (server/bulk_read.pyx says why). Its header: libsqlite3-dev
+    # (the Makefile installs it on Debian when it is missing).
+    Extension(
+        "server.bulk_read",
+        ["server/bulk_read.pyx"],
+        include_dirs=[np.get_include()],
+        libraries=["sqlite3"],
+        extra_compile_args=["-O0" if DEBUG else "-O3"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
 ]
 
 setup(

@@ -70,7 +70,7 @@ def test_seeding_when_asked_logs_its_progress(tmp_path):
         server.stop()
     out = server.output
     assert "with a synthetic city of 400 people (development: --seed-citizens): generating" in out
-    assert "seeding: writing 400 citizens" in out and "records of court written" in out
+    assert "seeding: writing 400 citizens" in out and "seeding: 400 of 400 people and" in out
     assert "seeded 400 citizens" in out and "calibrated model" in out and "reference calibration" not in out
 
 
