@@ -38,7 +38,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from kernel.calibration import CalibrationTable, RawHistogram, reference_table
 from kernel.score import Scorer
 from kernel.spec import ModelSpec, load_spec
-from kernel.synthetic import generate_city
 from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
 )
@@ -57,7 +56,9 @@ from server.purposes import load_purposes
 from server.quotas import TokenBuckets
 from server.reflection import enable_reflection
 from server.rollout import roll_out
+from server.rollover import roll_over
 from server.scenarios import Outcome, load_scenarios
+from server.seed import citizen_id, seed_store  # development seeding (--seed-citizens)
 from server.service import CreditService
 from server.servicers import AuditServicer, EligibilityServicer, RecordsServicer, ScoreServicer
 from server.state import (
@@ -337,11 +338,14 @@ class Runtime:
                             "" if config.production else "; --seed-citizens N seeds a synthetic one for development")
         finally:
             store.close()
-        capacity = max(1024, int(citizens * 1.25) + 1024)
-        token_capacity = max(capacity, int(cards * 1.25) + 1024)
+        # Room for 5 % more citizens and cards (at least 1,024) before a restart must grow the
+        # state: a restart from a snapshot takes seconds, and every spare row costs memory.
+        capacity = citizens + max(1024, citizens // 20)
+        token_capacity = max(capacity, cards + max(1024, cards // 20))
         header = _snapshot_header(config, release)
-        if header is not None:  # the snapshot's own capacities (its bytes map onto them) while they leave room
-            if header["capacity"] >= citizens + 1024 and header["token_capacity"] >= cards + 1024:
+        if header is not None:  # the snapshot's own capacities (its bytes map onto them) while half the room is left
+            if (header["capacity"] - citizens >= (capacity - citizens) // 2
+                    and header["token_capacity"] - cards >= (token_capacity - cards) // 2):
                 capacity, token_capacity = header["capacity"], header["token_capacity"]
             else:
                 log.info("the city outgrew the snapshot's capacity: loading from the store")
@@ -424,8 +428,8 @@ class Runtime:
             return False
         log.info("started from the snapshot of %d citizens (position %d) in %.1f s; %d citizens changed since were "
                  "re-derived from the store", self.state.n_citizens, header["position"], time.perf_counter() - t0, replayed)
-        if self.state.as_of_day != today():
-            self.state.refresh(store, scorer, self.scenarios, today())
+        if self.state.as_of_day != today():  # a snapshot of another day
+            roll_over(self.state, store, scorer, self.scenarios, today())
         with self.state.lock:
             self.state.meta[READY] = 1
         return True
@@ -460,17 +464,18 @@ class Runtime:
                                   keys_id=snapshot.keys_fingerprint(self.keys), store=identity, position=position)
 
     def refresh_if_new_day(self, metrics: Metrics | None = None) -> bool:
-        """Records age out and people turn 18 by the day: re-derive everyone on a new day."""
+        """Records age out and people turn 18 by the city's day: on a new day, re-derive the
+        citizens that changes, without stalling writes (server/rollover.py)."""
         day = today()
         if day == self.state.as_of_day:
             return False
         store = self.open_store()
         try:
-            self.state.refresh(store, Scorer(self.spec, self.calibration()), self.scenarios, day)
+            figures = roll_over(self.state, store, Scorer(self.spec, self.calibration()), self.scenarios, day)
         finally:
             store.close()
         if metrics:
-            metrics.kernel_batch_seconds.observe(self.state.last_batch_seconds)
+            metrics.rollover_seconds.observe(figures.get("seconds", 0.0))
         return True
 
 
@@ -495,49 +500,6 @@ def check_stance(config: ServerConfig) -> None:
         raise ValueError(f"--production never seeds a synthetic city: drop --seed-citizens {config.seed_citizens}")
     if config.security != "mtls":
         raise ValueError(f"--production serves with mutual TLS (--security mtls --certs DIR), not --security {config.security}")
-
-
-def citizen_id(row: int) -> str:
-    return f"c{row:08d}"
-
-
-def seed_store(store: Store, spec: ModelSpec, n: int, seed: int, keys: Keys, authorised_share: float = 0.85) -> None:
-    """Write a synthetic city (as of today) into an empty store: citizens, card tokens (keyed
-    hashes of synthetic card numbers), the consents of about 85 % of them, and their records.
-    Development only (``--seed-citizens``). Progress: a bar on a terminal, a log line per step."""
-    from tqdm import tqdm
-
-    t0 = time.perf_counter()
-    as_of = today()
-    show = sys.stderr.isatty()
-    log.info("seeding %s with a synthetic city of %d people (development: --seed-citizens): generating", store.name, n)
-    city = generate_city(spec, n, seed=seed, as_of_day=as_of, progress=show)
-    recs = city.records
-    log.info("seeding: writing %d citizens, their cards and consents, and %d records", n, len(recs))
-    with tqdm(total=3 * n + len(recs), unit="rows", unit_scale=True, desc="writing", disable=not show) as bar:
-        rng = np.random.default_rng(seed)
-        age_days = city.people.age.astype(np.int64) * 365 + rng.integers(0, 365, n)
-        store.upsert_citizens_bulk([citizen_id(i) for i in range(n)], (as_of - age_days).astype(np.int32))
-        bar.update(n)
-        tokens = np.frombuffer(b"".join(keyed_card_token(keys.card, synthetic_card_number(i)) for i in range(n)),
-                               np.uint8).reshape(n, 16)
-        store.register_cards_bulk(tokens, np.arange(n))
-        bar.update(n)
-        store.set_consents_bulk(np.flatnonzero(rng.random(n) < authorised_share), True)
-        bar.update(n)
-        names = np.array([v.name for v in spec.variables], dtype=object)
-        sources = np.array([v.source for v in spec.variables], dtype=object)
-        variable = names[recs.variable.astype(np.intp)]
-        for src in np.unique(sources[recs.variable.astype(np.intp)]):
-            sel = sources[recs.variable.astype(np.intp)] == src
-            idx = np.flatnonzero(sel)
-            store.add_records_bulk(
-                recs.citizen[sel], list(variable[sel]), recs.day[sel], recs.value[sel], str(src),
-                [f"syn-{seed}-{i}" for i in idx],
-            )
-            bar.update(len(idx))
-            log.info("seeding: %d records of %s written", len(idx), src)
-    log.info("seeded %d citizens and %d records in %.1f s", n, len(recs), time.perf_counter() - t0)
 
 
 # --- one process's server -------------------------------------------------------------------

@@ -134,6 +134,10 @@ class Metrics:
             "qianjiang_kernel_batch_seconds", "Time of a whole-population kernel pass.",
             buckets=(0.001, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10), registry=r,
         )
+        self.rollover_seconds = Histogram(
+            "qianjiang_rollover_seconds", "Time of a day rollover (find, derive and publish the citizens that change).",
+            buckets=(0.1, 1, 5, 15, 30, 60, 120, 300, 600), registry=r,
+        )
         self.store_write_seconds = Histogram(
             "qianjiang_store_write_seconds", "Time of a committed store write, by operation.", ["operation"],
             buckets=LATENCY_BUCKETS, registry=r,

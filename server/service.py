@@ -87,6 +87,24 @@ class Release(NamedTuple):
                    f"{model_version} {calibration_version} {rules_version}")
 
 
+class _Row(NamedTuple):
+    """One citizen's row of the serving state, read as of one moment (CreditService._read)."""
+
+    consent: bool
+    adult: bool
+    score: int
+    level: int
+    percentile: float
+    raw: float
+    dimension_points: tuple
+    reasons: tuple
+    flags: int
+    computed_at: float
+    features: np.ndarray
+    position: int
+    as_of_day: int
+
+
 @dataclass(frozen=True)
 class ScoreView:
     citizen_id: str
@@ -276,7 +294,7 @@ class CreditService:
     def get_score(self, citizen_id: str, caller: Caller, purpose: str = "", method: str = "ScoreService/GetScore") -> ScoreView:
         purpose = check_purpose(purpose, self.purposes)
         row = self.row_of(citizen_id)
-        return self._disclose(self._view(citizen_id, row), row, caller, purpose, method, SCORE_VIEWED)
+        return self._disclose(self._view(citizen_id, row, self._read(row)), row, caller, purpose, method, SCORE_VIEWED)
 
     def _disclose(self, view: ScoreView, row: int, caller: Caller, purpose: str, method: str, result: int) -> ScoreView:
         check_call_deadline()  # an answer nobody waits for any more is no disclosure
@@ -285,47 +303,46 @@ class CreditService:
                           self.score_release.audit, view.records_position, view.as_of_day)
         return dataclasses.replace(view, disclosure_id=disclosure_id)
 
-    def _view(self, citizen_id: str, row: int) -> ScoreView:
-        s = self.state
-        cols = s.columns
+    def _read(self, row: int) -> _Row:
+        """The row's columns as of one moment (server/state.py read_row), and then the
+        state's position: a write sets it before it touches a row (server/state.py POSITION)."""
+        s, cols = self.state, self.state.columns
+        values = s.read_row(row, lambda: (
+            bool(s.consent[row]), bool(s.adult[row]), int(cols.score[row]), int(cols.level[row]),
+            float(cols.percentile[row]), float(cols.raw[row]), tuple(float(x) for x in cols.dimension_points[row]),
+            tuple(int(v) for v in cols.reasons[row]), int(cols.flags[row]), float(s.computed_at[row]),
+            s.features[row].copy(),
+        ))
+        return _Row(*values, s.position, s.as_of_day)
+
+    def _view(self, citizen_id: str, row: int, r: _Row) -> ScoreView:
         # the one precedence of every API (proto/qianjiang/v1/eligibility.proto)
-        if not s.consent[row]:
+        if not r.consent:
             raise NotAuthorised()
-        if not s.adult[row]:
+        if not r.adult:
             raise NoScore()
-        pts = self._row_points(row)
+        pts = self._points(r.features)
         reasons = tuple(
-            (int(v), float((self._best[v] - pts[v]) * self._loss_weight[v]))
-            for v in cols.reasons[row] if v != NO_REASON
+            (v, float((self._best[v] - pts[v]) * self._loss_weight[v])) for v in r.reasons if v != NO_REASON
         )
         return ScoreView(
-            citizen_id=citizen_id,
-            score=int(cols.score[row]),
-            level=int(cols.level[row]),
-            percentile=float(cols.percentile[row]),
-            raw_points=float(cols.raw[row]),
-            dimension_points=tuple(float(x) for x in cols.dimension_points[row]),
-            reasons=reasons,
-            hard_rule_applied=bool(cols.flags[row] & FLAG_HARD_RULE),
-            model_version=self.model_version,
-            calibration_version=self.calibration_version,
-            computed_at=float(s.computed_at[row]),
-            # read after the row's values (arguments are evaluated in order): a write sets the
-            # position before it touches a row (server/state.py POSITION)
-            records_position=s.position,
-            as_of_day=s.as_of_day,
+            citizen_id=citizen_id, score=r.score, level=r.level, percentile=r.percentile, raw_points=r.raw,
+            dimension_points=r.dimension_points, reasons=reasons, hard_rule_applied=bool(r.flags & FLAG_HARD_RULE),
+            model_version=self.model_version, calibration_version=self.calibration_version, computed_at=r.computed_at,
+            records_position=r.position, as_of_day=r.as_of_day,
         )
 
-    def _row_points(self, row: int) -> np.ndarray:
+    def _points(self, features: np.ndarray) -> np.ndarray:
         """Unweighted points of each variable (the reference maths, for one citizen)."""
-        return variable_points(self.spec, self.state.features[row : row + 1])[0]
+        return variable_points(self.spec, features[None, :])[0]
 
     def explain(self, citizen_id: str, caller: Caller, purpose: str = "") -> tuple[ScoreView, list[Contribution]]:
         purpose = check_purpose(purpose, self.purposes)
         row = self.row_of(citizen_id)
-        view = self._disclose(self._view(citizen_id, row), row, caller, purpose, "ScoreService/ExplainScore", SCORE_EXPLAINED)
-        pts = self._row_points(row)
-        feats = self.state.features[row]
+        r = self._read(row)
+        view = self._disclose(self._view(citizen_id, row, r), row, caller, purpose, "ScoreService/ExplainScore", SCORE_EXPLAINED)
+        feats = r.features
+        pts = self._points(feats)
         w = self._loss_weight
         return view, [
             Contribution(v, float(feats[v]), float(pts[v]), float(w[v]), float(pts[v] * w[v]),
@@ -343,7 +360,7 @@ class CreditService:
         for cid in citizen_ids:
             try:
                 row = self.row_of(cid)
-                views.append(("OK", (self._view(cid, row), row)))
+                views.append(("OK", (self._view(cid, row, self._read(row)), row)))
             except UnknownCitizen:
                 views.append(("NOT_FOUND", None))
             except NotAuthorised:

@@ -27,12 +27,14 @@ written since the new state's load began (re-derived before the switch).
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import logging
 import mmap
 import multiprocessing
 import os
+import threading
 import time
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -46,7 +48,9 @@ from kernel.spec import ModelSpec
 from server.city_time import EPOCH, today  # noqa: F401 - today: the city's day, used with these helpers
 from server.keys import subject_of
 from server.scenarios import Scenario
-from server.store import ActiveRecords, Store
+from server.bulk_read import citizen_hashes as _citizen_hashes
+from server.bulk_read import split_block
+from server.store import ActiveRecords, BulkRead, RecordBlock, Store, bulk_read, name_codes
 from server.token_index import TokenIndex, pack_gate
 
 log = logging.getLogger("qianjiang.state")
@@ -193,6 +197,7 @@ class ServingState:
     subject: np.ndarray  # uint64 pseudonymous subject of the audit log (server/keys.py)
     gate: np.ndarray  # uint64: adult, consent, score, flags and defaults of a row in one word
     row_position: np.ndarray  # int64: the store position a row's records were read at (apply)
+    row_seq: np.ndarray  # uint32: the row's sequence lock (odd while a writer is in the row: read_row)
     consent_position: np.ndarray  # int64: the store position of the consent a row holds
     columns: ScoreColumns
     tokens: TokenIndex  # card token -> row
@@ -221,6 +226,7 @@ class ServingState:
             "subject": (np.uint64, (capacity,)),
             "gate": (np.uint64, (capacity,)),
             "row_position": (np.int64, (capacity,)),
+            "row_seq": (np.uint32, (capacity,)),
             "consent_position": (np.int64, (capacity,)),
             "token_keys": (np.uint64, (tcap, 2)),
             "token_rows": (np.int32, (tcap,)),
@@ -260,6 +266,7 @@ class ServingState:
             spec=spec, capacity=capacity, meta=a["meta"], features=a["features"], adult=a["adult"],
             consent=a["consent"], birth_day=a["birth_day"], defaults=a["defaults"],
             computed_at=a["computed_at"], subject=a["subject"], gate=a["gate"], row_position=a["row_position"],
+            row_seq=a["row_seq"],
             consent_position=a["consent_position"], columns=columns, audit_key=audit_key,
             tokens=TokenIndex(a["token_keys"], a["token_rows"], a["token_meta"]),
             citizens=TokenIndex(a["citizen_keys"], a["citizen_rows"], a["citizen_meta"]),
@@ -268,6 +275,32 @@ class ServingState:
         )
         state._arena = arena
         return state
+
+    def read_row(self, row: int, read):
+        """``read()``, which reads columns of ``row``, as of one moment: retried while a
+        writer was in the row meanwhile (a sequence lock per row: writers, who hold the
+        writers' lock, make the row's sequence odd before they write and even after, in
+        :meth:`writing`; x86's ordering keeps stores and loads in program order across
+        processes). Readers never wait for the writers' lock; a writer is in a row for
+        microseconds."""
+        seq = self.row_seq
+        while True:
+            before = int(seq[row])
+            if not before & 1:
+                value = read()
+                if int(seq[row]) == before:
+                    return value
+            os.sched_yield()
+
+    @contextlib.contextmanager
+    def writing(self, rows):
+        """Around a writer's changes of ``rows`` (an int, a slice or an index array; caller
+        holds the writers' lock), so that :meth:`read_row` never returns a mix."""
+        self.row_seq[rows] += 1
+        try:
+            yield
+        finally:
+            self.row_seq[rows] += 1
 
     def wipe(self) -> None:
         """Back to a new, empty state (after a snapshot was read into it and then refused:
@@ -314,35 +347,104 @@ class ServingState:
             self.fill(store, scorer, scenarios, as_of_day, n_threads, mark_ready)
 
     def fill(self, store: Store, scorer: Scorer, scenarios: dict[str, Scenario], as_of_day: int,
-             n_threads: int = 2, mark_ready: bool = True) -> None:
-        """:meth:`load` without the lock: for a state no other process reads or writes yet."""
-        citizens = store.citizens()
-        n = len(citizens.ids)
-        if n > self.capacity:
-            raise ValueError(f"{n} citizens do not fit the state's capacity of {self.capacity}")
-        self.meta[READY] = 0
-        # First: everything read below is at least this new. Writers may write the store
-        # meanwhile (they take the lock only to apply), and apply after this load, each with
-        # a snapshot read after its write: newer than this position, so applied.
-        position = store.high_water_mark()
-        self.meta[POSITION] = position
-        self.row_position[:] = 0
-        self.consent_position[:] = 0
-        self.row_position[:n] = position
-        self.consent_position[:n] = position
-        self.birth_day[:n] = citizens.birth_day
-        self.consent[:n] = citizens.consent
-        self.subject[:n] = [subject_of(self.audit_key, cid) for cid in citizens.ids]
-        self.citizens.clear()
-        if n:
-            keys = np.frombuffer(b"".join(citizen_key(c) for c in citizens.ids), np.uint8).reshape(n, 16)
-            self.citizens.insert_many(keys, np.arange(n))
-        cards = store.cards()
-        self.tokens.clear()
-        self.tokens.insert_many(cards.tokens, cards.citizen_row)
+             n_threads: int = 2, mark_ready: bool = True, chunk_citizens: int | None = None) -> None:
+        """:meth:`load` without the lock: for a state no other process reads or writes yet.
+
+        The store is read in bulk (:meth:`Store.bulk_read`: numpy arrays, no Python object
+        per record or citizen) in streams at once: threads read every active record (a part
+        of them each, :attr:`BulkRead.parts`) into buckets of ``chunk_citizens`` citizens
+        (:data:`LOAD_CHUNK_CITIZENS`; the reads run in C, without the GIL) while this one
+        reads the cards into the token index and the citizens, a chunk at a time, into their
+        columns, pseudonyms and the citizen index (:func:`citizen_hashes`). Then, chunk by
+        chunk, the records become features, unpaid-default masks and scores, exactly as
+        :meth:`apply` derives one citizen: the same records, in the same order per citizen,
+        so the same sums to the last bit. Beyond the state, memory holds the records read
+        (15 bytes each) and one chunk's temporaries. :attr:`last_load`: where the time went."""
+        chunk = max(1, int(chunk_citizens or LOAD_CHUNK_CITIZENS))
+        t0 = time.perf_counter()
+        with bulk_read(store) as reader:
+            n = reader.n_citizens
+            if n > self.capacity:
+                raise ValueError(f"{n} citizens do not fit the state's capacity of {self.capacity}")
+            self.meta[READY] = 0
+            # Everything read is at least this new (the records exactly this): writers may
+            # write the store meanwhile (they take the lock only to apply), and apply after
+            # this load, each with a snapshot read after its write: newer, so applied.
+            position = reader.position
+            self.meta[POSITION] = position
+            self.row_position[:] = 0
+            self.consent_position[:] = 0
+            self.row_position[:n] = position
+            self.consent_position[:n] = position
+            buckets = _RecordBuckets(reader, [v.name for v in self.spec.variables], default_bits(scenarios), n, chunk)
+            hash_s = 0.0
+            try:
+                self.tokens.clear()
+                for cards in reader.cards():
+                    self.tokens.insert_many(cards.tokens, cards.citizen_row)
+                self.citizens.clear()
+                for part in reader.citizens(chunk):
+                    lo, hi = part.first_row, part.first_row + len(part)
+                    self.birth_day[lo:hi] = part.birth_day
+                    self.consent[lo:hi] = part.consent
+                    t = time.perf_counter()
+                    keys, subjects = citizen_hashes(self.audit_key, part.ids, part.id_offsets)
+                    hash_s += time.perf_counter() - t
+                    self.subject[lo:hi] = subjects
+                    self.citizens.insert_many(keys, np.arange(lo, hi))
+            except BaseException:
+                buckets.stop()
+                raise
+            citizens_s = time.perf_counter() - t0
+            buckets.join()  # raises what the reading thread raised
+            skipped = reader.skipped
+        read_s = time.perf_counter() - t0  # the store's read transactions end here
         self.meta[N_CITIZENS] = n
-        self._rescore_all(store.active_records(), scorer, scenarios, as_of_day, n_threads)
+        features_s, kernel_s = self._derive_buckets(buckets, scorer, as_of_day, n_threads)
         self.meta[READY] = 1 if mark_ready else 0
+        self.last_load = {"citizens": n, "records": buckets.records, "skipped_records": skipped,
+                          "load_s": time.perf_counter() - t0, "read_s": read_s, "hash_s": hash_s,
+                          "citizens_read_s": citizens_s, "records_read_s": buckets.finished - t0,
+                          "features_s": features_s, "kernel_s": kernel_s}
+        log.info("loaded %d citizens and %d records in %.1f s (read %.1f s, of which hashing ids %.1f s; features %.1f s;"
+                 " kernel %.1f s)", n, buckets.records, self.last_load["load_s"], read_s, hash_s, features_s, kernel_s)
+
+    def _derive_buckets(self, buckets: _RecordBuckets, scorer: Scorer, as_of_day: int,
+                        n_threads: int) -> tuple[float, float]:
+        """Features, default masks, adulthood and scores of every chunk of citizens from its
+        bucket of records (each freed once used). Returns (features seconds, kernel seconds)."""
+        self.meta[AS_OF_DAY] = as_of_day
+        future, features_s, kernel_s = 0, 0.0, 0.0
+        for j, (lo, hi) in enumerate(buckets.chunks()):
+            t = time.perf_counter()
+            block = buckets.take(j)
+            records = Records(block.citizen_row.astype(np.int64) - lo, block.variable, block.day, block.value)
+            future += future_records(records, as_of_day)
+            self._derive(lo, hi, records, block.scenario, as_of_day)
+            del block, records
+            t1 = time.perf_counter()
+            scorer.score(self.features[lo:hi], self.adult[lo:hi], out=self.columns.take(slice(lo, hi)),
+                         n_threads=n_threads)
+            t2 = time.perf_counter()
+            self.refresh_gate(slice(lo, hi))
+            self.computed_at[lo:hi] = time.time()
+            features_s += t1 - t
+            kernel_s += t2 - t1
+        if future:
+            log.warning("%d stored records are dated after today (%s in the city): they count from their day on; "
+                        "check the clocks and time zones of the host and of the sources", future, iso_of(as_of_day))
+        self.last_batch_seconds = kernel_s
+        self.meta[GENERATION] += 1
+        return features_s, kernel_s
+
+    def _derive(self, lo: int, hi: int, records: Records, bits: np.ndarray, as_of_day: int) -> None:
+        """Rows ``lo .. hi - 1``'s features, default masks and adulthood on ``as_of_day`` from
+        their records (``records.citizen``: the row less ``lo``; ``bits``: each record's
+        pay-later default bit, -1 none)."""
+        m = hi - lo
+        build_features(self.spec, records, m, as_of_day, out=self.features[lo:hi])
+        self.defaults[lo:hi] = default_masks(self.spec, records, bits, m, as_of_day)
+        self.adult[lo:hi] = adults(self.birth_day[lo:hi], as_of_day)
 
     def adopt(self, old: ServingState) -> None:
         """Take what does not depend on the model from the serving state (caller holds the
@@ -389,23 +491,21 @@ class ServingState:
         if snap.position < self.row_position[row]:
             return False
         self.advance(snap.position)  # first: a reader that sees the new row reads a position as new
-        if birth_day is not None:
-            self.birth_day[row] = birth_day
         records, bits = to_records(self.spec, snap.active, default_bits(scenarios))
         local = Records(np.zeros(len(records), np.int64), records.variable, records.day, records.value)
-        self.features[row] = build_features(self.spec, local, 1, self.as_of_day)[0]
-        self.defaults[row] = default_masks(self.spec, local, bits, 1, self.as_of_day)[0]
-        self.adult[row] = adults(self.birth_day[row : row + 1], self.as_of_day)[0]
-        rows.rescore(row)
-        self.refresh_gate(slice(row, row + 1))
-        self.computed_at[row] = time.time()
-        self.row_position[row] = snap.position
+        features = build_features(self.spec, local, 1, self.as_of_day)[0]
+        defaults = default_masks(self.spec, local, bits, 1, self.as_of_day)[0]
+        with self.writing(row):
+            if birth_day is not None:
+                self.birth_day[row] = birth_day
+            self.features[row] = features
+            self.defaults[row] = defaults
+            self.adult[row] = adults(self.birth_day[row : row + 1], self.as_of_day)[0]
+            rows.rescore(row)
+            self.refresh_gate(slice(row, row + 1))
+            self.computed_at[row] = time.time()
+            self.row_position[row] = snap.position
         return True
-
-    def refresh(self, store: Store, scorer: Scorer, scenarios, as_of_day: int, n_threads: int = 2) -> None:
-        """Re-derive every feature as of a new day (records age out, people turn 18)."""
-        with self.lock:
-            self._rescore_all(store.active_records(), scorer, scenarios, as_of_day, n_threads)
 
     def rescore(self, scorer: Scorer, n_threads: int = 2) -> None:
         """Score everyone again from the features already derived (a new calibration), and
@@ -413,19 +513,6 @@ class ServingState:
         with self.lock:
             self._score(scorer, n_threads)
             self.meta[READY] = 1
-
-    def _rescore_all(self, active: ActiveRecords, scorer: Scorer, scenarios, as_of_day: int, n_threads: int) -> None:
-        n = self.n_citizens
-        records, scenario_bits = to_records(self.spec, active, default_bits(scenarios))
-        future = future_records(records, as_of_day)
-        if future:
-            log.warning("%d stored records are dated after today (%s in the city): they count from their day on; "
-                        "check the clocks and time zones of the host and of the sources", future, iso_of(as_of_day))
-        build_features(self.spec, records, n, as_of_day, out=self.features[:n])
-        self.defaults[:n] = default_masks(self.spec, records, scenario_bits, n, as_of_day)
-        self.adult[:n] = adults(self.birth_day[:n], as_of_day)
-        self.meta[AS_OF_DAY] = as_of_day
-        self._score(scorer, n_threads)
 
     def _score(self, scorer: Scorer, n_threads: int) -> None:
         n = self.n_citizens
@@ -446,8 +533,9 @@ class ServingState:
                 return False
             self.advance(position)
             self.consent_position[row] = position
-        self.consent[row] = 1 if granted else 0
-        self.refresh_gate(slice(row, row + 1))
+        with self.writing(row):
+            self.consent[row] = 1 if granted else 0
+            self.refresh_gate(slice(row, row + 1))
         return True
 
     def refresh_gate(self, rows: slice) -> None:
@@ -465,12 +553,11 @@ def default_bits(scenarios: dict[str, Scenario]) -> dict[str, int]:
 
 def to_records(spec: ModelSpec, active: ActiveRecords, bits_of: dict[str, int]) -> tuple[Records, np.ndarray]:
     """Store records -> kernel Records (variables the spec does not score are dropped) and
-    each record's pay-later default bit (``bits_of[scenario]``; -1: none)."""
+    each record's pay-later default bit (``bits_of[scenario]``; -1: none). Names become
+    indices by a C-level map over a dict (server.store.name_codes), not a Python loop."""
     index = {v.name: i for i, v in enumerate(spec.variables)}
-    var = np.array([index.get(v, -1) for v in active.variable], np.int16)
-    bits = np.array(
-        [bits_of.get(s, -1) if s is not None else -1 for s in active.scenario], np.int64
-    ) if len(active) else np.zeros(0, np.int64)
+    var = name_codes(active.variable, index, np.int16)
+    bits = name_codes(active.scenario, bits_of, np.int64)
     keep = var >= 0
     records = Records.from_arrays(active.citizen_row[keep], var[keep], active.day[keep], active.value[keep])
     return records, bits[keep]
@@ -483,7 +570,113 @@ def default_masks(spec: ModelSpec, records: Records, bits: np.ndarray, n: int, a
     if not len(records):
         return masks
     negative = np.array([v.direction == "negative" for v in spec.variables])
-    alive = record_weights(spec, records, as_of_day) > 0
-    sel = (bits >= 0) & alive & negative[records.variable.astype(np.intp)]
+    # Weights only for the few records that could be a default (weights are per record).
+    sel = np.flatnonzero((bits >= 0) & negative[records.variable.astype(np.intp)])
+    if not len(sel):
+        return masks
+    candidates = Records(records.citizen[sel], records.variable[sel], records.day[sel], records.value[sel])
+    sel = sel[record_weights(spec, candidates, as_of_day) > 0]
     np.bitwise_or.at(masks, records.citizen[sel], np.uint32(1) << bits[sel].astype(np.uint32))
     return masks
+
+
+# --- the whole-population load (ServingState.fill) ---------------------------------------
+
+#: Citizens per chunk of a whole-population load: one chunk's records become features at a
+#: time, with temporaries of about 100 bytes per record of the chunk (some 12 a citizen).
+LOAD_CHUNK_CITIZENS = 1 << 17
+
+#: Records per block read from the store (15 bytes each).
+LOAD_BLOCK_RECORDS = 1 << 20
+
+#: citizen_key's BLAKE2b personalisation.
+_CITIZEN_KEY_PERSON = b"qj-citizen-row"
+
+
+def citizen_hashes(audit_key: bytes, ids: np.ndarray, offsets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The citizen-index keys (uint8 (n, 16): :func:`citizen_key`) and audit subjects
+    (uint64: server.keys.subject_of) of the UTF-8 citizen ids ``ids[offsets[i]:offsets[i + 1]]``:
+    the values those functions give one id at a time, computed in C without the GIL
+    (server/bulk_read.pyx; SHA-256 on the CPU's SHA extensions where it has them): about
+    0.35 us a citizen here, where the two hashes in Python took 1.2 us and more."""
+    return _citizen_hashes(audit_key, np.ascontiguousarray(ids, np.uint8), np.ascontiguousarray(offsets, np.int64),
+                           _CITIZEN_KEY_PERSON)
+
+
+class _RecordBuckets:
+    """Every active record of a :class:`BulkRead`, read into buckets of ``chunk`` citizens
+    (rows ``j * chunk ..``) by a thread of its own per part of the read
+    (:attr:`BulkRead.parts`); a bucket keeps the records in the order read (the parts' in
+    part order), so each citizen's in the store's order. Reading runs in C without the GIL,
+    beside the caller's work on citizens and cards."""
+
+    def __init__(self, reader: BulkRead, variables: list[str], bits: dict[str, int], n: int, chunk: int,
+                 block_rows: int = LOAD_BLOCK_RECORDS):
+        self.n, self.chunk = n, chunk
+        self.k = -(-n // chunk)
+        parts = max(1, int(getattr(reader, "parts", 1)))
+        # pieces[part][j]: part's blocks of bucket j; counts[part]: its records.
+        self.pieces: list[list[list[RecordBlock]]] = [[[] for _ in range(self.k)] for _ in range(parts)]
+        self._counts = [0] * parts
+        self.finished = 0.0  # perf_counter when the last part was read
+        self._errors: list[BaseException] = []
+        self._stopping = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(reader, variables, bits, block_rows, part),
+                                          name=f"qj-load-records-{part}", daemon=True) for part in range(parts)]
+        for thread in self._threads:
+            thread.start()
+
+    @property
+    def records(self) -> int:
+        return sum(self._counts)
+
+    def _run(self, reader: BulkRead, variables: list[str], bits: dict[str, int], block_rows: int, part: int) -> None:
+        pieces = self.pieces[part]
+        blocks = reader.records(variables, bits, block_rows, part)
+        try:
+            for block in blocks:
+                if self._stopping.is_set():
+                    return
+                self._counts[part] += len(block)
+                if self.k == 1:
+                    pieces[0].append(block)
+                    continue
+                # One C pass without the GIL (not a numpy call per bucket and column: each
+                # would hand the GIL back to the thread reading citizens for up to 5 ms).
+                *columns, bounds = split_block(block.citizen_row, block.variable, block.day, block.value,
+                                               block.scenario, self.chunk, self.k)
+                del block
+                ordered = RecordBlock(*columns)
+                bounds = bounds.tolist()
+                for j in range(self.k):
+                    if bounds[j + 1] > bounds[j]:
+                        pieces[j].append(ordered.take(slice(bounds[j], bounds[j + 1])))
+        except BaseException as e:  # re-raised by join()
+            self._errors.append(e)
+            self._stopping.set()
+        finally:
+            blocks.close()
+            self.finished = max(self.finished, time.perf_counter())
+
+    def stop(self) -> None:
+        """The load failed elsewhere: stop after the blocks in hand."""
+        self._stopping.set()
+        for thread in self._threads:
+            thread.join()
+
+    def join(self) -> None:
+        for thread in self._threads:
+            thread.join()
+        if self._errors:
+            raise self._errors[0]
+
+    def chunks(self) -> list[tuple[int, int]]:
+        return [(lo, min(lo + self.chunk, self.n)) for lo in range(0, self.n, self.chunk)]
+
+    def take(self, j: int) -> RecordBlock:
+        """Bucket ``j``'s records in one block; the bucket is emptied."""
+        pieces = []
+        for part in self.pieces:
+            pieces += part[j]
+            part[j] = []
+        return RecordBlock.concat(pieces)

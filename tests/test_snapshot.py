@@ -245,3 +245,13 @@ def _record(record_id: str, citizen: str):
 
     return Record(record_id=record_id, citizen_id=citizen, variable="court_listed_dishonest_debtor",
                   date="2026-11-20", value=1.0, source="")
+
+
+def test_a_city_that_outgrew_the_snapshots_room_is_loaded_into_a_bigger_state(city, caplog):
+    data, url, before = city
+    with open_store(url) as store:
+        store.upsert_citizens_bulk([f"grown-{i}" for i in range(600)], np.full(600, 7000, np.int32))
+    caplog.set_level(logging.INFO)
+    runtime = start(data)
+    assert "the city outgrew the snapshot's capacity" in caplog.text
+    assert runtime.state.n_citizens == N + 600 and runtime.state.capacity > before.state.capacity
