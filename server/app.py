@@ -767,31 +767,36 @@ def _warm_up(service: CreditService) -> None:
 # --- running ----------------------------------------------------------------------------------
 
 
-def _wait_for_signal(parent: int | None = None, children: list[int] | None = None,
-                     reload: threading.Event | None = None) -> int:
+class _Signals:
+    """SIGTERM and SIGINT (stop) and SIGHUP (``reload``: switch to the registry's active model
+    release), caught from the moment they are installed. A server installs them before it
+    loads anything, so a signal that comes while it starts is acted on once it serves, never
+    the default action, which would end the process with no drain and no snapshot."""
+
+    def __init__(self, reload: bool = True):
+        self.stop, self.reload, self.signum = threading.Event(), threading.Event(), 0
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        if reload:
+            signal.signal(signal.SIGHUP, lambda signum, frame: self.reload.set())
+
+    def _stop(self, signum, frame) -> None:
+        self.signum = signum
+        self.stop.set()
+
+
+def _wait_for_signal(signals: _Signals, parent: int | None = None, children: list[int] | None = None) -> int:
     """Block until SIGTERM or SIGINT, or (in a worker) until the parent process is gone, so
     that no worker outlives its parent, or (in the parent) until a worker dies. Returns the
-    signal, or -1 when a worker died. SIGHUP sets ``reload`` (switch to the registry's
-    active model release) and keeps waiting."""
-    stop = threading.Event()
-    got = {"signum": 0}
-
-    def handler(signum, frame):
-        got["signum"] = signum
-        stop.set()
-
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
-    if reload is not None:
-        signal.signal(signal.SIGHUP, lambda signum, frame: reload.set())
-    while not stop.wait(0.5):
+    signal, or -1 when a worker died."""
+    while not signals.stop.wait(0.5):
         if parent is not None and os.getppid() != parent:
             break
         for pid in children or ():
             if os.waitpid(pid, os.WNOHANG)[0] == pid:
                 children.remove(pid)
                 return -1
-    return got["signum"]
+    return signals.signum
 
 
 def _example_caller(runtime: Runtime, method: str, scenario: str | None = None) -> str | None:
@@ -861,6 +866,7 @@ def serve(config: ServerConfig, on_ready=None) -> None:
     if config.workers > 1 and config.port == 0:
         raise ValueError("--workers > 1 needs a fixed --port (every worker binds the same one)")
     lock_data_dir(config.data_dir)  # one server per data directory, before anything touches it
+    signals = _Signals()
     runtime = Runtime.prepare(config)
     write_pid_file(config.data_dir)  # `qjscore model activate|restore` signals this process
     atexit.register(remove_pid_file, config.data_dir)
@@ -871,9 +877,9 @@ def serve(config: ServerConfig, on_ready=None) -> None:
             "For anything but local development use --security mtls --certs DIR.\n%s", banner, config.host, banner,
         )
     if config.workers <= 1:
-        _serve_single(runtime, on_ready)
+        _serve_single(runtime, on_ready, signals)
     else:
-        _serve_workers(runtime, on_ready)
+        _serve_workers(runtime, on_ready, signals)
 
 
 def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event, reload: threading.Event, nodes: int) -> None:
@@ -911,7 +917,7 @@ def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event, relo
                 log.exception("daily refresh failed")
 
 
-def _serve_single(runtime: Runtime, on_ready) -> None:
+def _serve_single(runtime: Runtime, on_ready, signals: _Signals) -> None:
     cfg = runtime.config
     metrics = Metrics()
     if cfg.metrics_port:
@@ -921,11 +927,11 @@ def _serve_single(runtime: Runtime, on_ready) -> None:
     node = Node(runtime, metrics=metrics).start()
     runtime.load(metrics)
     node.attach()
-    stop, reload = threading.Event(), threading.Event()
-    threading.Thread(target=_maintenance, args=(runtime, metrics, stop, reload, 1), daemon=True).start()
+    stop = threading.Event()
+    threading.Thread(target=_maintenance, args=(runtime, metrics, stop, signals.reload, 1), daemon=True).start()
     if on_ready:
         on_ready(runtime, node.port)
-    _wait_for_signal(reload=reload)
+    _wait_for_signal(signals)
     stop.set()
     log.info("draining")
     node.drain()
@@ -940,7 +946,7 @@ def _last_snapshot(runtime: Runtime) -> None:
         log.exception("snapshot not written at stop")
 
 
-def _serve_workers(runtime: Runtime, on_ready) -> None:
+def _serve_workers(runtime: Runtime, on_ready, signals: _Signals) -> None:
     cfg = runtime.config
     children = []
     parent = os.getpid()
@@ -970,9 +976,9 @@ def _serve_workers(runtime: Runtime, on_ready) -> None:
         time.sleep(0.05)
     if on_ready:
         on_ready(runtime, cfg.port)
-    stop, reload = threading.Event(), threading.Event()
-    threading.Thread(target=_maintenance, args=(runtime, metrics, stop, reload, cfg.workers), daemon=True).start()
-    if _wait_for_signal(children=children, reload=reload) == -1:
+    stop = threading.Event()
+    threading.Thread(target=_maintenance, args=(runtime, metrics, stop, signals.reload, cfg.workers), daemon=True).start()
+    if _wait_for_signal(signals, children=children) == -1:
         # A worker died (killed, out of memory): it may have held the shared write lock, which
         # no other process can release, so writes would hang. Stop every worker and exit
         # non-zero for the supervisor to restart the service; the store has everything that
@@ -996,6 +1002,7 @@ def _serve_workers(runtime: Runtime, on_ready) -> None:
 
 
 def _worker(runtime: Runtime, parent: int) -> None:
+    signals = _Signals(reload=False)  # this process's own (the parent's were inherited)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM drains
     node = Node(runtime, reuseport=True).start()
     while not runtime.state.ready:
@@ -1005,7 +1012,7 @@ def _worker(runtime: Runtime, parent: int) -> None:
     node.attach()
     with runtime.control.lock:
         runtime.control.meta[CONTROL_WORKERS_SERVING] += 1
-    _wait_for_signal(parent)
+    _wait_for_signal(signals, parent)
     with runtime.control.lock:
         runtime.control.meta[CONTROL_WORKERS_SERVING] -= 1
     node.drain()

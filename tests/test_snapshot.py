@@ -255,3 +255,15 @@ def test_a_city_that_outgrew_the_snapshots_room_is_loaded_into_a_bigger_state(ci
     runtime = start(data)
     assert "the city outgrew the snapshot's capacity" in caplog.text
     assert runtime.state.n_citizens == N + 600 and runtime.state.capacity > before.state.capacity
+
+
+def test_a_sigterm_as_soon_as_it_serves_still_drains_and_writes_the_snapshot(tmp_path):
+    """The signal handlers are in place before the server loads: a stop that comes the moment
+    health turns SERVING (a supervisor, a test) is a graceful one, never the default action."""
+    for workers in ("1", "2"):
+        data = tmp_path / f"data-{workers}"
+        server = ServeProcess(tmp_path, "--data-dir", str(data), "--seed-citizens", "300", "--workers", workers)
+        with QianjiangClient(f"127.0.0.1:{server.port}", timeout=5) as qj:
+            server.wait_serving(qj)
+        assert server.stop() == 0, server.output
+        assert snapshot.snapshot_path(data).exists() and "written in" in server.output
