@@ -10,9 +10,10 @@ store's address, and the serving state in shared memory. :class:`Node` is one pr
 server (grpc.aio on its own event-loop thread: health, reflection, the four services).
 :func:`serve` runs either one node in this process or, with ``workers > 1``, the grpc
 multiprocessing pattern: the parent allocates the shared state, forks the workers (each binds
-the same port with SO_REUSEPORT and answers NOT_SERVING), loads the state, and the workers
-turn SERVING when it is ready. SIGTERM drains gracefully; SIGHUP switches to the registry's
-active model release (server/rollout.py).
+the same port with SO_REUSEPORT and answers NOT_SERVING), loads the state (from its snapshot
+when one matches: server/snapshot.py), and the workers turn SERVING when it is ready.
+SIGTERM drains gracefully and writes a snapshot; SIGHUP switches to the registry's active
+model release (server/rollout.py).
 """
 
 from __future__ import annotations
@@ -884,8 +885,9 @@ def serve(config: ServerConfig, on_ready=None) -> None:
 
 def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event, reload: threading.Event, nodes: int) -> None:
     """The parent's background work, one thing at a time: a model rollout when SIGHUP asks
-    for one (server/rollout.py), and the daily refresh. It runs at a lower CPU priority (this
-    thread only) so that rebuilding a state for a rollout takes what the workers leave."""
+    for one (server/rollout.py), the snapshot every ``snapshot_seconds`` (server/snapshot.py)
+    and the day rollover at the city's midnight (server/rollover.py). It runs at a lower CPU
+    priority (this thread only) so that all of it takes what the workers leave."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
     except OSError:  # not permitted here: run at the normal priority
@@ -911,8 +913,7 @@ def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event, relo
         if time.monotonic() >= next_refresh:
             next_refresh = time.monotonic() + 60
             try:
-                if runtime.refresh_if_new_day(metrics):
-                    log.info("new day: re-derived every citizen's features")
+                runtime.refresh_if_new_day(metrics)  # logs what it re-derived
             except Exception:  # keep serving yesterday's scores, retry next minute
                 log.exception("daily refresh failed")
 
