@@ -79,6 +79,8 @@ def _children(pid: int) -> list[int]:
 class Serve:
     """``qjscore serve`` on ``data`` in its own process group; :meth:`wait` until SERVING."""
 
+    started: list = []  # every server process started, for the cleanup of a failed run
+
     def __init__(self, data: Path, log: Path, *args: str):
         from clients.client import QianjiangClient
 
@@ -91,6 +93,7 @@ class Serve:
                 [sys.executable, "-m", "clients.cli", "serve", "--data-dir", str(data), "--port", str(self.port),
                  "--metrics-port", "0", "--snapshot-interval", "0", *args],
                 cwd=ROOT, env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        Serve.started.append(self.proc)
         self.client = QianjiangClient(f"127.0.0.1:{self.port}", timeout=10)
 
     def wait(self, t0: float, timeout: float = 3600) -> float:
@@ -292,6 +295,9 @@ def main(argv=None) -> dict:
     try:
         result = run(args.citizens, work)
     except BaseException:
+        for proc in Serve.started:  # no server of a failed run is left behind
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
         print(f"work directory kept: {work}", file=sys.stderr)
         raise
     if args.keep:

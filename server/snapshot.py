@@ -47,7 +47,7 @@ import numpy as np
 
 from server.files import fsync_dir
 from server.keys import Keys
-from server.state import N_CITIZENS, ServingState, citizen_key
+from server.state import N_CITIZENS, READY, ServingState, citizen_key
 from server.store import Store
 
 log = logging.getLogger("qianjiang.snapshot")
@@ -105,8 +105,11 @@ def write(path: Path, state: ServingState, *, release: str, model_version: str, 
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     try:
         os.lseek(fd, HEADER_BYTES, os.SEEK_SET)
+        ready = _ready_offset(state)
         for start in range(0, size, PART_BYTES):
-            part = bytes(buffer[start : start + PART_BYTES])  # one copy: what is hashed is what is written
+            part = bytearray(buffer[start : start + PART_BYTES])  # one copy: what is hashed is what is written
+            if start <= ready < start + len(part):  # written not ready: see _ready_offset
+                part[ready - start : ready - start + 8] = bytes(8)
             digests.append(hashlib.sha256(part).hexdigest())
             view = memoryview(part)
             while view:
@@ -134,6 +137,14 @@ def write(path: Path, state: ServingState, *, release: str, model_version: str, 
     log.info("snapshot of %d citizens (%.0f MB, replay from position %d) written in %.1f s", state.n_citizens,
              size / 1e6, position, time.perf_counter() - t0)
     return header
+
+
+def _ready_offset(state: ServingState) -> int:
+    """Where the state's READY flag lies in its mapping. A snapshot holds it cleared: while a
+    start reads the bytes into the shared mapping, workers already mapped to it wait for
+    READY, which the start sets only once every part is in and the changes are replayed."""
+    base = np.frombuffer(state._arena.buffer, np.uint8).__array_interface__["data"][0]
+    return state.meta.__array_interface__["data"][0] - base + READY * state.meta.itemsize
 
 
 # --- reading ----------------------------------------------------------------------------------

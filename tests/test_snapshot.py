@@ -267,3 +267,15 @@ def test_a_sigterm_as_soon_as_it_serves_still_drains_and_writes_the_snapshot(tmp
             server.wait_serving(qj)
         assert server.stop() == 0, server.output
         assert snapshot.snapshot_path(data).exists() and "written in" in server.output
+
+
+def test_a_snapshot_is_read_in_not_ready(city):
+    """Workers map the state before the start reads a snapshot into it, and serve once it is
+    READY: the bytes must not say so before every part is in and the changes are replayed."""
+    data, _, before = city
+    path = snapshot.snapshot_path(data)
+    header = snapshot.read_header(path)
+    assert before.state.ready
+    state = ServingState.allocate(before.spec, header["capacity"], header["token_capacity"], audit_key=before.keys.audit)
+    snapshot.load_into(path, header, state)
+    assert state.n_citizens == N and not state.ready
