@@ -62,7 +62,7 @@ def test_server_cpu_counts_the_worker_processes():
         assert proc.stdout.readline().strip() == "burnt"
         time.sleep(0.05)
         cpu = _server_cpu_s(proc.pid)
-        assert 0.4 <= cpu < 2.0, cpu
+        assert 0.4 - 0.02 <= cpu < 2.0, cpu  # /proc counts whole 10 ms ticks of what process_time saw as 0.4 s
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
