@@ -19,16 +19,11 @@ import pytest
 from clients.cli import parser, serve_config
 from server.app import Runtime, ServerConfig, citizen_id, start_banner
 from server.store import open_store
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CITIZEN_ID = re.compile(r"\bc\d{8}\b")
 CARD_TOKEN = re.compile(r"\b[0-9a-f]{32}\b")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def listening(port: int) -> set[str]:

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,14 +19,9 @@ from prometheus_client import CollectorRegistry
 from clients.client import QianjiangClient
 from server.app import Node, Runtime, ServerConfig, citizen_id
 from server.metrics import Metrics
+from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_health_is_not_serving_while_loading_and_draining(tmp_path):
