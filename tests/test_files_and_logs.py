@@ -17,9 +17,9 @@ from pathlib import Path
 import pytest
 
 from clients.cli import parser, serve_config
+from conftest import free_port
 from server.app import Runtime, ServerConfig, citizen_id, start_banner
 from server.store import open_store
-from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 CITIZEN_ID = re.compile(r"\bc\d{8}\b")

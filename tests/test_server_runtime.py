@@ -17,9 +17,9 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from clients.client import QianjiangClient
+from conftest import free_port
 from server.app import Node, Runtime, ServerConfig, citizen_id
 from server.metrics import Metrics
-from conftest import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 
