@@ -218,6 +218,9 @@ def load_into(path: Path, header: dict, state: ServingState, threads: int = 2) -
 
     with ThreadPoolExecutor(threads) as pool:  # hashlib and file reads release the GIL
         list(pool.map(read_part, range(len(digests))))
+    # a periodic snapshot may have caught a writer inside a row (its sequence odd): no writer
+    # is in any row of this state, and nobody reads it before it is READY
+    state.row_seq[:] = 0
 
 
 def replay(state: ServingState, store: Store, scenarios, scorer, position: int) -> int:
