@@ -415,10 +415,7 @@ class Runtime:
             return False
         path, t0, touched = snapshot.snapshot_path(self.config.data_dir), time.perf_counter(), False
         try:
-            snapshot.check(header, self.state, release=self.release, model_version=self.spec.model_version,
-                           calibration_version=self.calibration().calibration_version,
-                           keys_id=snapshot.keys_fingerprint(self.keys), store=snapshot.store_identity(store),
-                           store_position=store.high_water_mark())
+            snapshot.check(header, self.state, **self._snapshot_identity(store), store_position=store.high_water_mark())
             touched = True
             snapshot.load_into(path, header, self.state)
             replayed = snapshot.replay(self.state, store, self.scenarios, scorer, header["position"])
@@ -456,13 +453,17 @@ class Runtime:
                 position = self._positions[0][1]
             store = self.open_store()
             try:
-                identity = snapshot.store_identity(store)
+                identity = self._snapshot_identity(store)
             finally:
                 store.close()
-            return snapshot.write(snapshot.snapshot_path(self.config.data_dir), self.state, release=self.release,
-                                  model_version=self.spec.model_version,
-                                  calibration_version=self.calibration().calibration_version,
-                                  keys_id=snapshot.keys_fingerprint(self.keys), store=identity, position=position)
+            return snapshot.write(snapshot.snapshot_path(self.config.data_dir), self.state, **identity, position=position)
+
+    def _snapshot_identity(self, store: Store) -> dict:
+        """What a snapshot is of (server/snapshot.py write and check): the release, the keys'
+        fingerprint and the store."""
+        return {"release": self.release, "model_version": self.spec.model_version,
+                "calibration_version": self.calibration().calibration_version,
+                "keys_id": snapshot.keys_fingerprint(self.keys), "store": snapshot.store_identity(store)}
 
     def refresh_if_new_day(self, metrics: Metrics | None = None) -> bool:
         """Records age out and people turn 18 by the city's day: on a new day, re-derive the

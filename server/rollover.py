@@ -40,7 +40,6 @@ from kernel.features import Records, build_features, record_weights
 from kernel.score import Scorer
 from server.state import AS_OF_DAY, ServingState, adults, default_bits, default_masks
 from server.store import RecordBlock, Store, bulk_read
-from server.token_index import pack_gate
 
 log = logging.getLogger("qianjiang.rollover")
 
@@ -109,8 +108,7 @@ def roll_over(state: ServingState, store: Store, scorer: Scorer, scenarios, day:
                 state.adult[idx] = adult[sel]
                 for name in ScoreColumns.DTYPES:
                     getattr(state.columns, name)[idx] = getattr(columns, name)[sel]
-                state.gate[idx] = pack_gate(adult[sel], state.consent[idx], columns.score[sel], columns.flags[sel],
-                                            defaults[sel], out=np.empty(len(idx), np.uint64))
+                state.refresh_gate(idx)
                 state.computed_at[idx] = time.time()
             longest = max(longest, time.perf_counter() - t_hold)
     if len(later):

@@ -540,12 +540,15 @@ class ServingState:
             self.refresh_gate(slice(row, row + 1))
         return True
 
-    def refresh_gate(self, rows: slice) -> None:
-        """Re-pack the gate words of ``rows`` after a write to their adult, consent, score,
-        flags or defaults: the eligibility checks read those words, not the columns
-        (server/token_index.pyx pack_gate; each word is one store, never seen half written)."""
-        pack_gate(self.adult[rows], self.consent[rows], self.columns.score[rows], self.columns.flags[rows],
-                  self.defaults[rows], out=self.gate[rows])
+    def refresh_gate(self, rows) -> None:
+        """Re-pack the gate words of ``rows`` (a slice, or an index array) after a write to
+        their adult, consent, score, flags or defaults: the eligibility checks read those
+        words, not the columns (server/token_index.pyx pack_gate; each word is one store,
+        never seen half written)."""
+        words = pack_gate(self.adult[rows], self.consent[rows], self.columns.score[rows], self.columns.flags[rows],
+                          self.defaults[rows], out=self.gate[rows] if isinstance(rows, slice) else None)
+        if not isinstance(rows, slice):  # an index array selects a copy: write the words back
+            self.gate[rows] = words
 
 
 def default_bits(scenarios: dict[str, Scenario]) -> dict[str, int]:
