@@ -232,6 +232,54 @@ def cmd_explain(args) -> int:
     return 0
 
 
+def parse_added(text: str) -> tuple[str, float, str]:
+    """``VARIABLE=VALUE`` or ``VARIABLE=VALUE@YYYY-MM-DD`` (a what-if's hypothetical record)."""
+    name, eq, rest = text.partition("=")
+    value, at, date = rest.partition("@")
+    if not eq or not name:
+        raise ValueError(f"{text!r}: expected VARIABLE=VALUE, e.g. volunteer_hours=20 (or ...=20@2026-11-30)")
+    return name, parse_record_value(value), parse_date(date) if at else ""
+
+
+def parse_repaired(text: str) -> tuple[str, str]:
+    """``RECORD_ID`` or ``SOURCE/RECORD_ID`` (record ids and sources have no '/')."""
+    source, slash, record_id = text.rpartition("/")
+    if not record_id or (slash and not source):
+        raise ValueError(f"{text!r}: expected RECORD_ID or SOURCE/RECORD_ID")
+    return record_id, source
+
+
+def cmd_whatif(args) -> int:
+    from clients.client import added, repaired, variable_repaired
+    from qianjiang.v1 import common_pb2
+
+    changes = ([repaired(rid, source) for rid, source in args.repair]
+               + [variable_repaired(v) for v in args.repair_all]
+               + [added(name, value, date) for name, value, date in args.add])
+    with _client(args) as qj:
+        sim = qj.simulate(args.citizen, changes, next_level=args.next_level, purpose=args.purpose)
+
+    def line(s) -> str:
+        return f"{s.score}  ({common_pb2.Level.Name(s.level).lower()}, {s.level_zh})"
+
+    rows = [("now", line(sim.current)), ("if so", line(sim.simulated)), ("change", f"{sim.delta:+d}"),
+            ("model", f"{sim.current.model_version}  calibration {sim.current.calibration_version}"),
+            ("as of", sim.current.as_of_date)]
+    text = table(rows) + "\n\nA what-if is computed, never stored, and shown to no one else."
+    if sim.HasField("next_level"):
+        nl = sim.next_level
+        goal = f"{common_pb2.Level.Name(nl.level).lower()} (from {nl.min_score})"
+        if not nl.reachable:
+            text += f"\n\nnext level: {goal}: no set of up to 3 actions reaches it today ({nl.candidates_tried} tried)"
+        else:
+            acts = [(a.variable, f"repair record {a.source}/{a.record_id}" if a.repair else f"add {a.amount:g}",
+                     a.improve_en) for a in nl.actions]
+            text += (f"\n\nnext level: {goal}: {line(nl.score)} with\n"
+                     + table(acts, ("variable", "action", "how")))
+    emit(args, as_dict(sim), text)
+    return 0
+
+
 def cmd_check(args) -> int:
     from qianjiang.v1 import eligibility_pb2
 
@@ -988,6 +1036,17 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--purpose", default="citizen_app_view", help=purpose)
     p = client_cmd("explain", cmd_explain, "the score with every variable's weight, feature and points")
     p.add_argument("citizen", help=citizen)
+    p.add_argument("--purpose", default="citizen_app_view", help=purpose)
+    p = client_cmd("whatif", cmd_whatif, "what if: the score after records repaired or added (never stored), "
+                                         "and the fewest actions to the next level")
+    p.add_argument("citizen", help=citizen)
+    p.add_argument("--repair", action="append", default=[], type=_arg(parse_repaired), metavar="[SOURCE/]RECORD_ID",
+                   help="as if this record of the citizen's were repaired (repeatable)")
+    p.add_argument("--repair-all", action="append", default=[], metavar="VARIABLE",
+                   help="as if every active record of this variable were repaired, e.g. tax_arrears (repeatable)")
+    p.add_argument("--add", action="append", default=[], type=_arg(parse_added), metavar="VARIABLE=VALUE[@DATE]",
+                   help="as if such a record had arrived (today by default), e.g. volunteer_hours=20 (repeatable)")
+    p.add_argument("--next-level", action="store_true", help="also find the fewest actionable changes to the next level")
     p.add_argument("--purpose", default="citizen_app_view", help=purpose)
     p = client_cmd("check", cmd_check, "an eligibility decision for a card in a scenario")
     p.add_argument("scenario", help="e.g. campus_fitness (qjscore scenarios lists them)")

@@ -337,6 +337,16 @@ class QianjiangClient:
         return self.scores.ExplainScore(score_pb2.GetScoreRequest(citizen_id=citizen_id, purpose=purpose), timeout=self._t(timeout))
 
     @_typed
+    def simulate(self, citizen_id: str, changes: Iterable[score_pb2.SimulatedChange] = (), next_level: bool = False,
+                 purpose: str = "", timeout: float | None = None) -> score_pb2.Simulation:
+        """What if: the score after hypothetical ``changes`` (:func:`repaired`,
+        :func:`added`, :func:`variable_repaired`), and with ``next_level`` the smallest set of
+        actionable changes to the next level. Nothing is stored."""
+        req = score_pb2.SimulateScoreRequest(citizen_id=citizen_id, purpose=purpose, changes=list(changes),
+                                             next_level=next_level)
+        return self.scores.SimulateScore(req, timeout=self._t(timeout))
+
+    @_typed
     def batch_scores(self, citizen_ids: Iterable[str], purpose: str = "", timeout: float | None = None) -> list[score_pb2.ScoreResult]:
         req = score_pb2.BatchGetScoresRequest(citizen_ids=list(citizen_ids), purpose=purpose)
         return list(self.scores.BatchGetScores(req, timeout=self._t(timeout)).results)
@@ -459,3 +469,21 @@ class _BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInter
 
     def intercept_stream_stream(self, continuation, details, request_iterator):
         return continuation(self._details(details), request_iterator)
+
+
+# --- what-if changes (QianjiangClient.simulate) --------------------------------------------
+
+def repaired(record_id: str, source: str = "") -> score_pb2.SimulatedChange:
+    """As if this record of the citizen's were repaired."""
+    return score_pb2.SimulatedChange(remove_record=score_pb2.RecordRef(record_id=record_id, source=source))
+
+
+def variable_repaired(variable: str) -> score_pb2.SimulatedChange:
+    """As if every active record of ``variable`` were repaired (e.g. "tax_arrears")."""
+    return score_pb2.SimulatedChange(remove_variable=variable)
+
+
+def added(variable: str, value: float = 1.0, date: str = "", count: int = 1) -> score_pb2.SimulatedChange:
+    """As if ``count`` records of ``variable`` with ``value`` had arrived on ``date`` (today)."""
+    return score_pb2.SimulatedChange(add_record=score_pb2.HypotheticalRecord(variable=variable, value=value, date=date,
+                                                                             count=count))

@@ -32,6 +32,14 @@ DIMENSIONS = ("identity", "law_abiding", "social_credit", "commercial_credit", "
 #: (minor up to 3 months, general up to 1 year, serious 1 to 3 years).
 TIER_LIFETIME_DAYS = {"minor": (1, 90), "general": (1, 365), "serious": (365, 1095)}
 
+#: The least publicity, in days since the record's date, before a record of each tier may be
+#: repaired (the credit-repair measures: minor records at any time, general ones after 3
+#: months, serious ones after 1 year).
+TIER_REPAIR_AFTER_DAYS = {"minor": 0, "general": 90, "serious": 365}
+
+#: Most steps a what-if search tries on one actionable variable (server/whatif.py).
+MAX_ACTION_STEPS = 20
+
 #: Attributes that must never be model inputs (docs/product.md §2, "non-discriminating").
 #: A variable whose name, source or record type contains one of these words is rejected.
 PROTECTED_WORDS = frozenset(
@@ -99,6 +107,14 @@ class Variable:
     decay: str = "none"
     window_days: int = 0
     hard_rule: bool = False
+    # What a citizen can do about it (the what-if, server/whatif.py). A negative variable
+    # that is ``actionable`` can be repaired once the remedy is made (arrears paid, a
+    # judgment fulfilled) and its tier's least publicity has passed; a positive one grows by
+    # records of ``step`` (hours, donations) a citizen can realistically add, at most
+    # ``max_steps`` of them. Tenure (years lived, months paid) is not actionable: it accrues.
+    actionable: bool = False
+    step: float = 0.0
+    max_steps: int = 0
 
     @property
     def best_points(self) -> float:
@@ -307,6 +323,7 @@ def _parse_dimensions(doc: dict) -> tuple[Dimension, ...]:
 _VARIABLE_KEYS = {
     "name", "dimension", "source", "direction", "aggregate", "tier", "lifetime_days",
     "decay", "window_days", "hard_rule", "points", "reason", "record_type",
+    "actionable", "step", "max_steps",
 }
 
 
@@ -375,6 +392,23 @@ def _parse_variables(doc: dict) -> tuple[Variable, ...]:
                 raise SpecError(f"{where}.hard_rule: only negative variables may carry a hard rule")
             window = _int(item, "window_days", f"{where}.window_days", lo=0, hi=MAX_DAYS)
 
+        actionable = item.get("actionable", False)
+        if not isinstance(actionable, bool):
+            raise SpecError(f"{where}.actionable: expected true or false")
+        step, max_steps = 0.0, 0
+        if direction == "positive" and actionable:
+            step = _float(item, "step", f"{where}.step")
+            if not step > 0:
+                raise SpecError(f"{where}.step: an actionable positive variable needs a step above 0, got {_show(step)}")
+            if aggregate == "count" and step != 1:
+                raise SpecError(f"{where}.step: a counted variable grows one record at a time (step = 1), got {_show(step)}")
+            max_steps = _int(item, "max_steps", f"{where}.max_steps", lo=1, hi=MAX_ACTION_STEPS)
+        else:
+            for key in ("step", "max_steps"):
+                if key in item:
+                    which = "negative variables are repaired, not stepped" if direction == "negative" else "only actionable variables have one"
+                    raise SpecError(f"{where}.{key}: {which}")
+
         kind, x, y = _parse_points(item, where, direction)
         reason_t = _table(item, "reason", f"{where}.reason")
         reason = Reason(*(_str(reason_t, k, f"{where}.reason.{k}") for k in ("code", "zh", "en", "improve_zh", "improve_en")))
@@ -387,7 +421,7 @@ def _parse_variables(doc: dict) -> tuple[Variable, ...]:
                 name=name, dimension=dimension, source=_str(item, "source", f"{where}.source"),
                 direction=direction, aggregate=aggregate, kind=kind, x=x, y=y, reason=reason,
                 tier=tier, lifetime_days=lifetime, decay=decay, window_days=window,
-                hard_rule=hard_rule,
+                hard_rule=hard_rule, actionable=actionable, step=step, max_steps=max_steps,
             )
         )
     return tuple(out)

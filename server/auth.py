@@ -58,7 +58,7 @@ ROLES = ("citizen_app", "partner", "source", "operator")
 #: citizen it serves) or an operator marked as such may be granted them.
 DISCLOSING = frozenset({
     "ScoreService/GetScore", "ScoreService/ExplainScore", "ScoreService/BatchGetScores",
-    "AuditService/ListChecks", "AuditService/ReplayDecision",
+    "ScoreService/SimulateScore", "AuditService/ListChecks", "AuditService/ReplayDecision",
 })
 
 

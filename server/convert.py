@@ -15,9 +15,10 @@ from kernel.spec import ModelSpec
 from qianjiang.v1 import audit_pb2, common_pb2, eligibility_pb2, records_pb2, score_pb2
 from server.errors import InvalidArgument
 from server.scenarios import RESULT_NAMES, Outcome, Scenario
-from server.service import BatchDecision, Contribution, DecisionView, RecordAck, ScoreView
+from server.service import BatchDecision, Contribution, DecisionView, RecordAck, ScoreView, SimulationView
 from server.state import day_of, iso_of
 from server.store import ACCEPTED, DUPLICATE, RecordIn, RecordRow, RecordVersion
+from server.whatif import Change
 
 #: Level index in the spec -> proto enum (the spec's five levels, in order).
 LEVELS = (common_pb2.NEEDS_IMPROVEMENT, common_pb2.FAIR, common_pb2.GOOD, common_pb2.EXCELLENT, common_pb2.OUTSTANDING)
@@ -137,6 +138,58 @@ def explanation_message(view: ScoreView, contributions: list[Contribution], spec
             for c in contributions
         ],
     )
+
+
+def changes_in(msgs) -> list[Change]:
+    """SimulateScoreRequest.changes -> what-if changes (server/whatif.py), each field checked."""
+    out = []
+    for i, m in enumerate(msgs):
+        which = m.WhichOneof("change")
+        where = f"changes[{i}]"
+        if which == "remove_record":
+            out.append(Change.remove(m.remove_record.record_id, m.remove_record.source))
+        elif which == "remove_variable":
+            out.append(Change("remove_variable", variable=m.remove_variable))
+        elif which == "add_record":
+            a = m.add_record
+            day = parse_date(a.date, f"{where}.add_record.date") if a.date else None
+            out.append(Change.add(a.variable, a.value, day, count=a.count or 1))
+        else:
+            raise InvalidArgument(where, "names no change (remove_record, remove_variable or add_record)")
+    return out
+
+
+def change_message(c: Change) -> score_pb2.SimulatedChange:
+    if c.kind == "remove_record":
+        return score_pb2.SimulatedChange(remove_record=score_pb2.RecordRef(record_id=c.record_id, source=c.source))
+    if c.kind == "remove_variable":
+        return score_pb2.SimulatedChange(remove_variable=c.variable)
+    return score_pb2.SimulatedChange(add_record=score_pb2.HypotheticalRecord(
+        variable=c.variable, value=c.value, date="" if c.day is None else date_of(c.day), count=c.count))
+
+
+def simulation_message(sim: SimulationView, spec: ModelSpec) -> score_pb2.Simulation:
+    out = score_pb2.Simulation(
+        current=score_message(sim.current, spec), simulated=score_message(sim.simulated, spec),
+        delta=sim.simulated.score - sim.current.score,
+    )
+    found = sim.next_level
+    if found is not None:
+        nl = out.next_level
+        nl.level, nl.min_score, nl.reachable, nl.candidates_tried = LEVELS[found.level], found.min_score, found.reachable, found.tried
+        for lever, changes in zip(found.levers, found.changes):
+            var = spec.variables[lever.variable]
+            first = changes[0]
+            nl.actions.append(score_pb2.Action(
+                variable=var.name, repair=lever.is_repair,
+                amount=0.0 if lever.is_repair else (first.value * first.count),
+                record_id=first.record_id, source=first.source,
+                improve_zh=var.reason.improve_zh, improve_en=var.reason.improve_en,
+                changes=[change_message(c) for c in changes],
+            ))
+        if sim.next_view is not None:
+            nl.score.CopyFrom(score_message(sim.next_view, spec))
+    return out
 
 
 _ALLOW = Outcome.ALLOW

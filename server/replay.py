@@ -33,7 +33,7 @@ from kernel.columns import FLAG_HARD_RULE, NO_REASON
 from kernel.features import Records, build_features
 from kernel.score import Scorer
 from kernel.spec import ModelSpec
-from server.scenarios import SCORE_EXPLAINED, SCORE_VIEWED, Outcome, parse_rules_version
+from server.scenarios import SCORE_EXPLAINED, SCORE_SIMULATED, SCORE_VIEWED, Outcome, parse_rules_version
 from server.state import adults, default_masks, to_records
 from server.store import Store
 
@@ -63,7 +63,7 @@ def _at(entry, position: int, row: int, birth_day: int, store: Store, spec: Mode
         calibration: CalibrationTable) -> Replayed:
     day = entry.as_of_day
     active = store.active_records(citizen_row=row, as_of=position)
-    is_score = entry.result in (SCORE_VIEWED, SCORE_EXPLAINED)
+    is_score = entry.result in (SCORE_VIEWED, SCORE_EXPLAINED, SCORE_SIMULATED)
     if is_score:
         min_score, pay_later = 0, False
     else:

@@ -62,10 +62,11 @@ REASON_CODES = {
 
 
 #: Audit result codes of score disclosures (a decision's is its Outcome value).
-SCORE_VIEWED, SCORE_EXPLAINED = 100, 101
+SCORE_VIEWED, SCORE_EXPLAINED, SCORE_SIMULATED = 100, 101, 102
 
 #: Every audit result code -> the name a citizen sees in "who checked me".
-RESULT_NAMES = {**{o.value: o.name for o in Outcome}, SCORE_VIEWED: "SCORE_VIEWED", SCORE_EXPLAINED: "SCORE_EXPLAINED"}
+RESULT_NAMES = {**{o.value: o.name for o in Outcome}, SCORE_VIEWED: "SCORE_VIEWED", SCORE_EXPLAINED: "SCORE_EXPLAINED",
+                SCORE_SIMULATED: "SCORE_SIMULATED"}
 
 
 class ScenarioConfigError(ValueError):

@@ -40,11 +40,12 @@ from server.errors import (
 from server.purposes import UNSPECIFIED, load_purposes
 from server.quotas import TokenBuckets
 from server.replay import replay
-from server.scenarios import REASON_CODES, SCORE_EXPLAINED, SCORE_VIEWED, Outcome, Scenario
+from server.scenarios import REASON_CODES, SCORE_EXPLAINED, SCORE_SIMULATED, SCORE_VIEWED, Outcome, Scenario
 from server.token_index import Checker
 from server.state import N_CITIZENS, Control, RowSnapshot, ServingState, citizen_key
 from server.store import ACCEPTED, RecordIn, RecordRow, RecordVersion, Store
 from server.store_watch import StoreWatch
+from server.whatif import Change, NextLevel, Outcome as SimOutcome, Simulator
 
 #: Limits (documented in proto/): bigger requests are INVALID_ARGUMENT, not slow answers.
 MAX_BATCH_SCORES = 1_000
@@ -179,6 +180,17 @@ _DENY_HARD_RULE = Outcome.DENY_HARD_RULE
 
 #: How much of a caller's scenario name a StreamCheck refusal echoes back.
 _ECHO_CHARS = 64
+
+
+@dataclass(frozen=True)
+class SimulationView:
+    """A what-if (server/whatif.py): the citizen's score now and after ``changes``, both
+    derived the same way from the store's records at one position; never stored."""
+
+    current: ScoreView
+    simulated: ScoreView
+    next_level: NextLevel | None
+    next_view: ScoreView | None  # the score the next-level changes reach
 
 
 class _NoAudit:
@@ -349,6 +361,35 @@ class CreditService:
                          float((self._best[v] - pts[v]) * w[v]))
             for v in range(len(pts))
         ]
+
+    def simulate(self, citizen_id: str, changes: list[Change], caller: Caller, purpose: str = "",
+                 next_level: bool = False) -> SimulationView:
+        """The citizen's score if ``changes`` were made to their records, and (``next_level``)
+        the smallest set of actionable changes to the next level: exact, never stored
+        (server/whatif.py). The precedence is GetScore's; what is audited is that the
+        citizen's current score was shown (SCORE_SIMULATED), never a simulated one."""
+        purpose = check_purpose(purpose, self.purposes)
+        row = self.row_of(citizen_id)
+        now = self._read(row)
+        self._view(citizen_id, row, now)  # NOT_AUTHORISED / UNDER_18 before any store read
+        snap = self._snapshot(row)
+        sim = Simulator(self.spec, self.scorer, {n: sc.default_bit for n, sc in self.scenarios.items()}, now.as_of_day)
+        base = sim.base(snap.active)
+        keep, added = sim.resolve(base, changes)
+        current, simulated = sim.score(base, [(np.ones(len(base), bool), []), (keep, added)], adult=1)
+        found = sim.next_level(base, keep, added, 1, int(simulated.columns.score[0])) if next_level else None
+        check_call_deadline()
+
+        def view(o: SimOutcome) -> ScoreView:
+            c = o.columns
+            return self._view(citizen_id, row, _Row(
+                True, True, int(c.score[0]), int(c.level[0]), float(c.percentile[0]), float(c.raw[0]),
+                tuple(float(x) for x in c.dimension_points[0]), tuple(int(v) for v in c.reasons[0]), int(c.flags[0]),
+                now.computed_at, o.features, snap.position, now.as_of_day))
+
+        shown = self._disclose(view(current), row, caller, purpose, "ScoreService/SimulateScore", SCORE_SIMULATED)
+        return SimulationView(shown, view(simulated), found,
+                              view(found.outcome) if found is not None and found.outcome is not None else None)
 
     def batch_scores(self, citizen_ids: list[str], caller: Caller, purpose: str = "") -> list[tuple[str, ScoreView | None]]:
         if len(citizen_ids) > MAX_BATCH_SCORES:

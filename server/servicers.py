@@ -91,6 +91,11 @@ class ScoreServicer(Offload, score_pb2_grpc.ScoreServiceServicer):
         view, contributions = await self.run("explain", request.citizen_id, current_caller(), request.purpose)
         return convert.explanation_message(view, contributions, self.service.spec)
 
+    async def SimulateScore(self, request, context):
+        changes = convert.changes_in(request.changes)
+        sim = await self.run("simulate", request.citizen_id, changes, current_caller(), request.purpose, request.next_level)
+        return convert.simulation_message(sim, self.service.spec)
+
     async def BatchGetScores(self, request, context):
         ids = list(request.citizen_ids)
         results = []

@@ -142,6 +142,20 @@ SPEC_CASES = [
     ("cap in fair band", lambda d: d["model"].update(hard_rule_cap=560), r"model.hard_rule_cap: 560 must lie below"),
     ("bins count", lambda d: _var(d, "honours")["points"].update(points=[0.0, 60.0]),
      r"variables.honours.points.points: 2 edges need 3 points, got 2"),
+    ("actionable not a bool", lambda d: _var(d, "honours").update(actionable="yes"),
+     r"variables.honours.actionable: expected true or false"),
+    ("actionable without a step", lambda d: _var(d, "volunteer_hours").update(actionable=True, max_steps=5),
+     r"variables.volunteer_hours.step: missing"),
+    ("step of zero", lambda d: _var(d, "volunteer_hours").update(actionable=True, step=0.0, max_steps=5),
+     r"variables.volunteer_hours.step: an actionable positive variable needs a step above 0"),
+    ("counted step of two", lambda d: _var(d, "blood_donations").update(actionable=True, step=2.0, max_steps=3),
+     r"variables.blood_donations.step: a counted variable grows one record at a time"),
+    ("too many steps", lambda d: _var(d, "volunteer_hours").update(actionable=True, step=10.0, max_steps=500),
+     r"variables.volunteer_hours.max_steps"),
+    ("a step on a repairable record", lambda d: _var(d, "tax_arrears").update(actionable=True, step=1.0),
+     r"variables.tax_arrears.step: negative variables are repaired, not stepped"),
+    ("a step without actionable", lambda d: _var(d, "volunteer_hours").update(step=10.0),
+     r"variables.volunteer_hours.step: only actionable variables have one"),
 ]
 
 

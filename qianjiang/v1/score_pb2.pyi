@@ -118,3 +118,93 @@ class BatchGetScoresResponse(_message.Message):
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[ScoreResult]
     def __init__(self, results: _Optional[_Iterable[_Union[ScoreResult, _Mapping]]] = ...) -> None: ...
+
+class SimulatedChange(_message.Message):
+    __slots__ = ("remove_record", "remove_variable", "add_record")
+    REMOVE_RECORD_FIELD_NUMBER: _ClassVar[int]
+    REMOVE_VARIABLE_FIELD_NUMBER: _ClassVar[int]
+    ADD_RECORD_FIELD_NUMBER: _ClassVar[int]
+    remove_record: RecordRef
+    remove_variable: str
+    add_record: HypotheticalRecord
+    def __init__(self, remove_record: _Optional[_Union[RecordRef, _Mapping]] = ..., remove_variable: _Optional[str] = ..., add_record: _Optional[_Union[HypotheticalRecord, _Mapping]] = ...) -> None: ...
+
+class RecordRef(_message.Message):
+    __slots__ = ("record_id", "source")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    source: str
+    def __init__(self, record_id: _Optional[str] = ..., source: _Optional[str] = ...) -> None: ...
+
+class HypotheticalRecord(_message.Message):
+    __slots__ = ("variable", "value", "date", "count")
+    VARIABLE_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    DATE_FIELD_NUMBER: _ClassVar[int]
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    variable: str
+    value: float
+    date: str
+    count: int
+    def __init__(self, variable: _Optional[str] = ..., value: _Optional[float] = ..., date: _Optional[str] = ..., count: _Optional[int] = ...) -> None: ...
+
+class SimulateScoreRequest(_message.Message):
+    __slots__ = ("citizen_id", "purpose", "changes", "next_level")
+    CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    NEXT_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    citizen_id: str
+    purpose: str
+    changes: _containers.RepeatedCompositeFieldContainer[SimulatedChange]
+    next_level: bool
+    def __init__(self, citizen_id: _Optional[str] = ..., purpose: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[SimulatedChange, _Mapping]]] = ..., next_level: _Optional[bool] = ...) -> None: ...
+
+class Action(_message.Message):
+    __slots__ = ("variable", "repair", "amount", "record_id", "source", "improve_zh", "improve_en", "changes")
+    VARIABLE_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_FIELD_NUMBER: _ClassVar[int]
+    AMOUNT_FIELD_NUMBER: _ClassVar[int]
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    IMPROVE_ZH_FIELD_NUMBER: _ClassVar[int]
+    IMPROVE_EN_FIELD_NUMBER: _ClassVar[int]
+    CHANGES_FIELD_NUMBER: _ClassVar[int]
+    variable: str
+    repair: bool
+    amount: float
+    record_id: str
+    source: str
+    improve_zh: str
+    improve_en: str
+    changes: _containers.RepeatedCompositeFieldContainer[SimulatedChange]
+    def __init__(self, variable: _Optional[str] = ..., repair: _Optional[bool] = ..., amount: _Optional[float] = ..., record_id: _Optional[str] = ..., source: _Optional[str] = ..., improve_zh: _Optional[str] = ..., improve_en: _Optional[str] = ..., changes: _Optional[_Iterable[_Union[SimulatedChange, _Mapping]]] = ...) -> None: ...
+
+class NextLevel(_message.Message):
+    __slots__ = ("level", "min_score", "reachable", "actions", "score", "candidates_tried")
+    LEVEL_FIELD_NUMBER: _ClassVar[int]
+    MIN_SCORE_FIELD_NUMBER: _ClassVar[int]
+    REACHABLE_FIELD_NUMBER: _ClassVar[int]
+    ACTIONS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATES_TRIED_FIELD_NUMBER: _ClassVar[int]
+    level: _common_pb2.Level
+    min_score: int
+    reachable: bool
+    actions: _containers.RepeatedCompositeFieldContainer[Action]
+    score: Score
+    candidates_tried: int
+    def __init__(self, level: _Optional[_Union[_common_pb2.Level, str]] = ..., min_score: _Optional[int] = ..., reachable: _Optional[bool] = ..., actions: _Optional[_Iterable[_Union[Action, _Mapping]]] = ..., score: _Optional[_Union[Score, _Mapping]] = ..., candidates_tried: _Optional[int] = ...) -> None: ...
+
+class Simulation(_message.Message):
+    __slots__ = ("current", "simulated", "delta", "next_level")
+    CURRENT_FIELD_NUMBER: _ClassVar[int]
+    SIMULATED_FIELD_NUMBER: _ClassVar[int]
+    DELTA_FIELD_NUMBER: _ClassVar[int]
+    NEXT_LEVEL_FIELD_NUMBER: _ClassVar[int]
+    current: Score
+    simulated: Score
+    delta: int
+    next_level: NextLevel
+    def __init__(self, current: _Optional[_Union[Score, _Mapping]] = ..., simulated: _Optional[_Union[Score, _Mapping]] = ..., delta: _Optional[int] = ..., next_level: _Optional[_Union[NextLevel, _Mapping]] = ...) -> None: ...

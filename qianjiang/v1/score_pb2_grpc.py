@@ -49,6 +49,11 @@ class ScoreServiceStub:
                 request_serializer=qianjiang_dot_v1_dot_score__pb2.BatchGetScoresRequest.SerializeToString,
                 response_deserializer=qianjiang_dot_v1_dot_score__pb2.BatchGetScoresResponse.FromString,
                 _registered_method=True)
+        self.SimulateScore = channel.unary_unary(
+                '/qianjiang.v1.ScoreService/SimulateScore',
+                request_serializer=qianjiang_dot_v1_dot_score__pb2.SimulateScoreRequest.SerializeToString,
+                response_deserializer=qianjiang_dot_v1_dot_score__pb2.Simulation.FromString,
+                _registered_method=True)
 
 
 class ScoreServiceServicer:
@@ -79,6 +84,19 @@ class ScoreServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SimulateScore(self, request, context):
+        """"What if": the citizen's score if some of their records were repaired or new ones
+        arrived (e.g. 20 more volunteering hours), and optionally the smallest set of actionable
+        changes that would take them to the next level. Exact: the same records, derivation,
+        kernel and calibration as a real re-score, on today's date; never stored. For the
+        citizen's own app only (audited as SCORE_SIMULATED: that their current score was shown).
+        GetScore's precedence; a change that does not apply to the citizen's records is
+        INVALID_ARGUMENT naming it (changes[i]...).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ScoreServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -96,6 +114,11 @@ def add_ScoreServiceServicer_to_server(servicer, server):
                     servicer.BatchGetScores,
                     request_deserializer=qianjiang_dot_v1_dot_score__pb2.BatchGetScoresRequest.FromString,
                     response_serializer=qianjiang_dot_v1_dot_score__pb2.BatchGetScoresResponse.SerializeToString,
+            ),
+            'SimulateScore': grpc.unary_unary_rpc_method_handler(
+                    servicer.SimulateScore,
+                    request_deserializer=qianjiang_dot_v1_dot_score__pb2.SimulateScoreRequest.FromString,
+                    response_serializer=qianjiang_dot_v1_dot_score__pb2.Simulation.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -179,6 +202,33 @@ class ScoreService:
             '/qianjiang.v1.ScoreService/BatchGetScores',
             qianjiang_dot_v1_dot_score__pb2.BatchGetScoresRequest.SerializeToString,
             qianjiang_dot_v1_dot_score__pb2.BatchGetScoresResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SimulateScore(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qianjiang.v1.ScoreService/SimulateScore',
+            qianjiang_dot_v1_dot_score__pb2.SimulateScoreRequest.SerializeToString,
+            qianjiang_dot_v1_dot_score__pb2.Simulation.FromString,
             options,
             channel_credentials,
             insecure,
