@@ -160,7 +160,9 @@ def _client(args):
         given = "--token" if args.token else "$QJ_TOKEN"
         raise UsageError(f"{given}: a bearer token is printable ASCII without spaces (it travels in a header)")
     try:
-        return QianjiangClient(args.target, timeout=args.timeout, token=token, cert_dir=args.certs, caller=args.caller)
+        key = args.end_user_key or os.environ.get("QJ_END_USER_KEY") or None
+        return QianjiangClient(args.target, timeout=args.timeout, token=token, cert_dir=args.certs, caller=args.caller,
+                               end_user_key=key, end_user_issuer=args.caller or args.end_user_issuer)
     except CertsError as exc:
         raise UsageError(str(exc)) from None
 
@@ -617,7 +619,7 @@ def cmd_history(args) -> int:
 def cmd_replay(args) -> int:
     """An appeal: a past decision or score disclosure recomputed from the record history."""
     with _client(args) as qj:
-        r = qj.replay_decision(args.decision_id)
+        r = qj.replay_decision(args.decision_id, args.citizen)
     o = r.original
     text = table([
         ("decision id", o.decision_id),
@@ -637,7 +639,8 @@ def cmd_checks(args) -> int:
     """Who checked me: the audit log's disclosures about a citizen, newest first."""
     with _client(args) as qj:
         entries = qj.list_checks(args.citizen, limit=args.limit)
-    rows = [(e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"), e.caller, e.method, e.scenario, e.result, e.decision_id) for e in entries]
+    rows = [(e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"), e.caller + (" (you asked)" if e.by_the_citizen else ""),
+             e.method, e.scenario, e.result, e.decision_id) for e in entries]
     emit(args, [as_dict(e) for e in entries], table(rows, ("time (UTC)", "caller", "method", "scenario / purpose", "result", "decision id")) if rows else "nobody has checked this citizen")
     return 0
 
@@ -1024,6 +1027,12 @@ def parser() -> argparse.ArgumentParser:
                             "(default: plain text)")
         p.add_argument("--caller", type=_arg(parse_caller), metavar="IDENTITY",
                        help="mutual TLS: present the certificate DIR/<caller>.pem and its key (needs --certs)")
+        p.add_argument("--end-user-key", metavar="PEM",
+                       help="a citizen app's Ed25519 key (default: $QJ_END_USER_KEY): calls about a citizen are bound "
+                            "to the citizen they name, signed for the app (development servers make one in "
+                            "DATA/keys/end_user/)")
+        p.add_argument("--end-user-issuer", default="citizen_app", metavar="IDENTITY",
+                       help="the citizen app the end-user key signs for, when --caller does not say")
         p.set_defaults(fn=fn)
         return p
 
@@ -1085,6 +1094,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--source", default="", help=source)
     p = client_cmd("replay", cmd_replay, "an appeal: recompute a past decision from the record history (exit 1 if it differs)")
     p.add_argument("decision_id", help="a decision's or a score disclosure's id, e.g. d-4ac28e248e3f9eb40e54ceb86ad3b9a8")
+    p.add_argument("--citizen", default="", help="the citizen the decision is about (a citizen app's call is bound to them)")
     p = client_cmd("checks", cmd_checks, "who checked a citizen: the audit log's disclosures about them")
     p.add_argument("citizen", help=citizen)
     p.add_argument("--limit", type=_at_least(0, 1000), default=100, help="the most entries to list, newest first (at most 1000)")

@@ -282,8 +282,26 @@ class QianjiangClient:
     """
 
     def __init__(self, target: str, timeout: float = 2.0, channel: grpc.Channel | None = None,
-                 token: str | None = None, cert_dir: str | None = None, caller: str | None = None):
+                 token: str | None = None, cert_dir: str | None = None, caller: str | None = None,
+                 end_user_key=None, end_user_issuer: str | None = None):
+        """``end_user_key``: a citizen app's Ed25519 signing key (or its PEM file): every
+        call about a citizen then carries that citizen as the end user, signed for
+        ``end_user_issuer`` (default: ``caller``), as the server requires of a citizen app in
+        token and mTLS modes (server/end_user.py)."""
         self.timeout = timeout
+        self._end_user = None
+        if end_user_key is not None:
+            from server.end_user import load_private_key
+
+            issuer = end_user_issuer or caller
+            if not issuer:
+                raise CertsError("an end-user key signs for a citizen app: give its caller identity too")
+            if isinstance(end_user_key, (str, Path)):
+                try:
+                    end_user_key = load_private_key(end_user_key)
+                except (OSError, ValueError) as exc:
+                    raise CertsError(f"end-user key {end_user_key}: {getattr(exc, 'strerror', None) or exc}") from None
+            self._end_user = (issuer, end_user_key)
         options = [
             ("grpc.enable_retries", 1),
             ("grpc.service_config", json.dumps(RETRY_POLICY)),
@@ -326,15 +344,26 @@ class QianjiangClient:
     def _t(self, timeout: float | None) -> float:
         return self.timeout if timeout is None else timeout
 
+    def _for(self, citizen_id: str):
+        """The call's metadata binding it to ``citizen_id`` (None without an end-user key)."""
+        if self._end_user is None or not citizen_id:
+            return None
+        from server.end_user import METADATA_KEY, sign_assertion
+
+        issuer, key = self._end_user
+        return ((METADATA_KEY, sign_assertion(key, issuer, citizen_id)),)
+
     # --- scores -------------------------------------------------------------------------
 
     @_typed
     def get_score(self, citizen_id: str, purpose: str = "", timeout: float | None = None) -> score_pb2.Score:
-        return self.scores.GetScore(score_pb2.GetScoreRequest(citizen_id=citizen_id, purpose=purpose), timeout=self._t(timeout))
+        return self.scores.GetScore(score_pb2.GetScoreRequest(citizen_id=citizen_id, purpose=purpose), timeout=self._t(timeout),
+                                    metadata=self._for(citizen_id))
 
     @_typed
     def explain(self, citizen_id: str, purpose: str = "", timeout: float | None = None) -> score_pb2.Explanation:
-        return self.scores.ExplainScore(score_pb2.GetScoreRequest(citizen_id=citizen_id, purpose=purpose), timeout=self._t(timeout))
+        return self.scores.ExplainScore(score_pb2.GetScoreRequest(citizen_id=citizen_id, purpose=purpose), timeout=self._t(timeout),
+                                        metadata=self._for(citizen_id))
 
     @_typed
     def simulate(self, citizen_id: str, changes: Iterable[score_pb2.SimulatedChange] = (), next_level: bool = False,
@@ -344,7 +373,7 @@ class QianjiangClient:
         actionable changes to the next level. Nothing is stored."""
         req = score_pb2.SimulateScoreRequest(citizen_id=citizen_id, purpose=purpose, changes=list(changes),
                                              next_level=next_level)
-        return self.scores.SimulateScore(req, timeout=self._t(timeout))
+        return self.scores.SimulateScore(req, timeout=self._t(timeout), metadata=self._for(citizen_id))
 
     @_typed
     def batch_scores(self, citizen_ids: Iterable[str], purpose: str = "", timeout: float | None = None) -> list[score_pb2.ScoreResult]:
@@ -409,11 +438,13 @@ class QianjiangClient:
 
     @_typed
     def grant_consent(self, citizen_id: str, timeout: float | None = None) -> records_pb2.ConsentState:
-        return self.records.GrantConsent(records_pb2.ConsentRequest(citizen_id=citizen_id), timeout=self._t(timeout))
+        return self.records.GrantConsent(records_pb2.ConsentRequest(citizen_id=citizen_id), timeout=self._t(timeout),
+                                         metadata=self._for(citizen_id))
 
     @_typed
     def revoke_consent(self, citizen_id: str, timeout: float | None = None) -> records_pb2.ConsentState:
-        return self.records.RevokeConsent(records_pb2.ConsentRequest(citizen_id=citizen_id), timeout=self._t(timeout))
+        return self.records.RevokeConsent(records_pb2.ConsentRequest(citizen_id=citizen_id), timeout=self._t(timeout),
+                                          metadata=self._for(citizen_id))
 
     @_typed
     def upsert_citizen(self, citizen_id: str, birth_date: str, timeout: float | None = None) -> records_pb2.CitizenAck:
@@ -430,13 +461,14 @@ class QianjiangClient:
     def list_checks(self, citizen_id: str, limit: int = 100, timeout: float | None = None) -> list[audit_pb2.CheckEntry]:
         """Who checked this citizen, newest first."""
         req = audit_pb2.ListChecksRequest(citizen_id=citizen_id, limit=limit)
-        return list(self.audit.ListChecks(req, timeout=self._t(timeout)).entries)
+        return list(self.audit.ListChecks(req, timeout=self._t(timeout), metadata=self._for(citizen_id)).entries)
 
     @_typed
-    def replay_decision(self, decision_id: str, timeout: float | None = None) -> audit_pb2.Replay:
-        """An appeal: the decision (or score disclosure) recomputed from the record history."""
+    def replay_decision(self, decision_id: str, citizen_id: str = "", timeout: float | None = None) -> audit_pb2.Replay:
+        """An appeal: the decision (or score disclosure) recomputed from the record history.
+        ``citizen_id``: the citizen a citizen app asks for (the decision must be about them)."""
         req = audit_pb2.ReplayDecisionRequest(decision_id=decision_id)
-        return self.audit.ReplayDecision(req, timeout=self._t(timeout))
+        return self.audit.ReplayDecision(req, timeout=self._t(timeout), metadata=self._for(citizen_id))
 
     # --- health -------------------------------------------------------------------------------
 

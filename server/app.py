@@ -294,13 +294,13 @@ class Runtime:
                 raise ValueError("--security token needs --tokens FILE")
             if not cfg.cert_dir and not is_loopback(cfg.host):
                 raise ValueError("bearer tokens in clear text only on a loopback address; give --certs for TLS")
-            return Authenticator("token", self.policy, load_tokens(cfg.tokens_path))
+            return Authenticator("token", self.policy, load_tokens(cfg.tokens_path), end_user_keys=self._end_user_keys())
         if cfg.security == "mtls":
             if not cfg.cert_dir:
                 raise ValueError("--security mtls needs --certs DIR (python -m server.tls makes a development one)")
             from server.tls import caller_identity
 
-            return Authenticator("mtls", self.policy, identity_of=caller_identity)
+            return Authenticator("mtls", self.policy, identity_of=caller_identity, end_user_keys=self._end_user_keys())
         raise ValueError(f"--security {cfg.security!r}: expected insecure, token or mtls")
 
     def synthetic_card_token(self, row: int) -> bytes:
@@ -313,6 +313,14 @@ class Runtime:
 
     @classmethod
     def prepare(cls, config: ServerConfig) -> "Runtime":
+    def _end_user_keys(self) -> dict:
+        """Each citizen app's public key for the end users it signs for (server/end_user.py):
+        made in development when missing; required in production."""
+        from server.end_user import load_public_keys
+
+        apps = [identity for identity, c in self.policy.callers.items() if c.role == "citizen_app"]
+        return load_public_keys(self.config.data_dir, apps, create=not self.config.production)
+
         """Open the store (seeding an empty one when asked) and allocate the shared state.
         Cheap enough to run before the workers fork; loading comes after (:meth:`load`)."""
         check_stance(config)

@@ -30,6 +30,7 @@ not exist, or a variable granted to another caller than its spec source (:func:`
 from __future__ import annotations
 
 import contextvars
+import dataclasses
 import hmac
 import ipaddress
 import time
@@ -64,10 +65,10 @@ DISCLOSING = frozenset({
 
 def _known_methods() -> dict[str, frozenset[str]]:
     """Every service of the contract and its methods, from the generated descriptors."""
-    from qianjiang.v1 import audit_pb2, eligibility_pb2, records_pb2, score_pb2
+    from qianjiang.v1 import audit_pb2, eligibility_pb2, records_pb2, rights_pb2, score_pb2
 
     out = {}
-    for module in (score_pb2, eligibility_pb2, records_pb2, audit_pb2):
+    for module in (score_pb2, eligibility_pb2, records_pb2, audit_pb2, rights_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             out[service.name] = frozenset(m.name for m in service.methods)
     return out
@@ -81,6 +82,19 @@ class Caller:
     variables: frozenset[str] = frozenset()
     unrestricted: bool = False  # the insecure development mode only
     role: str = "partner"
+    #: The end user a citizen app's call is bound to (server/end_user.py); None: not bound.
+    citizen: str | None = None
+
+    @property
+    def audit_name(self) -> str:
+        """Who asked, as the audit log keeps it: the caller, and ``+citizen`` when the call
+        was bound to its end user, who is then the entry's subject (convert.check_entry)."""
+        return f"{self.identity}{BY_THE_CITIZEN}" if self.citizen is not None else self.identity
+
+    def check_citizen(self, citizen_id: str) -> None:
+        """A citizen app reads and changes only the citizen its call is bound to."""
+        if self.role == "citizen_app" and not self.unrestricted and self.citizen != citizen_id:
+            raise PermissionDenied(f"{self.identity}'s call is bound to another citizen than the one it names")
 
     def may_call(self, method: str) -> bool:
         """``method`` is "Service/Method" without the package."""
@@ -105,6 +119,12 @@ class Caller:
 
 
 INSECURE_CALLER = Caller(INSECURE_IDENTITY, unrestricted=True)
+
+#: The audit log's mark of a call a citizen app made bound to its end user (Caller.audit_name).
+BY_THE_CITIZEN = "+citizen"
+
+#: What a citizen app may call without naming its end user: nothing about a person.
+UNBOUND_METHODS = frozenset({"EligibilityService/ListScenarios"})
 
 
 @dataclass
@@ -236,13 +256,31 @@ def check_call_deadline() -> None:
 class Authenticator:
     """Turns a call's credentials into a Caller with its grants."""
 
-    def __init__(self, mode: str, policy: Policy, tokens: dict[str, str] | None = None, identity_of=None):
+    def __init__(self, mode: str, policy: Policy, tokens: dict[str, str] | None = None, identity_of=None,
+                 end_user_keys: dict | None = None):
         if mode not in ("insecure", "token", "mtls"):
             raise ValueError(f"security mode {mode!r}: expected insecure, token or mtls")
         if mode == "token" and not tokens:
             raise ValueError("token mode needs a tokens file")
         self.mode, self.policy, self.tokens = mode, policy, tokens or {}
         self._identity_of = identity_of  # mtls: context -> identity (server/tls.py)
+        self.end_user_keys = end_user_keys or {}  # citizen app identity -> Ed25519 public key
+
+    def bind(self, caller: Caller, method: str, context) -> Caller:
+        """A citizen app's call about a person carries the end user it authenticated, signed
+        with its key (server/end_user.py): the caller, bound to that citizen. Other roles,
+        and the insecure development mode, are returned as they are."""
+        if caller.role != "citizen_app" or caller.unrestricted or method in UNBOUND_METHODS:
+            return caller
+        from server.end_user import METADATA_KEY, verify_assertion
+
+        headers = [value for key, value in context.invocation_metadata() if key == METADATA_KEY]
+        if len(headers) != 1:
+            raise Unauthenticated(f"{caller.identity} calls {method} for a citizen: send the end user it authenticated "
+                                  f"as one {METADATA_KEY} header, signed with its key" if not headers else
+                                  f"{METADATA_KEY}: sent {len(headers)} times; a call is bound to one citizen")
+        citizen = verify_assertion(headers[0], self.end_user_keys, caller.identity)
+        return dataclasses.replace(caller, citizen=citizen)
 
     def authenticate(self, context) -> Caller:
         if self.mode == "insecure":

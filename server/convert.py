@@ -13,6 +13,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from kernel.spec import ModelSpec
 from qianjiang.v1 import audit_pb2, common_pb2, eligibility_pb2, records_pb2, score_pb2
+from server.auth import BY_THE_CITIZEN
 from server.errors import InvalidArgument
 from server.scenarios import RESULT_NAMES, Outcome, Scenario
 from server.service import BatchDecision, Contribution, DecisionView, RecordAck, ScoreView, SimulationView
@@ -243,8 +244,10 @@ def withdraw_status(why: int) -> str:
 def check_entry(e) -> audit_pb2.CheckEntry:
     ts = Timestamp()
     ts.FromDatetime(e.time)
+    caller = e.caller.removesuffix(BY_THE_CITIZEN)
     return audit_pb2.CheckEntry(
-        decision_id=e.decision_id, time=ts, caller=e.caller, method=e.method, scenario=e.scenario,
+        decision_id=e.decision_id, time=ts, caller=caller, by_the_citizen=caller != e.caller, method=e.method,
+        scenario=e.scenario,
         result=RESULT_NAMES.get(e.result, str(e.result)), model_version=e.model_version,
         calibration_version=e.calibration_version, rules_version=e.rules_version,
         records_position=e.position, as_of_date=date_of(e.as_of_day) if e.as_of_day else "",

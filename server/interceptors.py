@@ -345,6 +345,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
             caller = auth.authenticate(context)
             if not caller.may_call(short):
                 raise PermissionDenied(f"{caller.identity} may not call {short}")
+            caller = auth.bind(caller, short, context)  # a citizen app's end user (server/end_user.py)
             set_current_caller(caller)
             if not ready():
                 raise NotReady()

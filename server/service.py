@@ -31,7 +31,7 @@ import numpy as np
 from kernel.columns import FLAG_HARD_RULE, NO_REASON
 from kernel.reference import variable_points
 from kernel.score import Scorer
-from server.auth import Caller, check_call_deadline
+from server.auth import INSECURE_CALLER, Caller, check_call_deadline
 from server.decision_ids import DecisionIds
 from server.errors import (
     BatchQuota, CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, NothingToReplay, PermissionDenied, UnknownCitizen,
@@ -306,12 +306,13 @@ class CreditService:
     def get_score(self, citizen_id: str, caller: Caller, purpose: str = "", method: str = "ScoreService/GetScore") -> ScoreView:
         purpose = check_purpose(purpose, self.purposes)
         row = self.row_of(citizen_id)
+        caller.check_citizen(citizen_id)
         return self._disclose(self._view(citizen_id, row, self._read(row)), row, caller, purpose, method, SCORE_VIEWED)
 
     def _disclose(self, view: ScoreView, row: int, caller: Caller, purpose: str, method: str, result: int) -> ScoreView:
         check_call_deadline()  # an answer nobody waits for any more is no disclosure
         seq, disclosure_id = self.ids.next()
-        self.audit.record(seq, caller.identity, method, purpose, int(self.state.subject[row]), result,
+        self.audit.record(seq, caller.audit_name, method, purpose, int(self.state.subject[row]), result,
                           self.score_release.audit, view.records_position, view.as_of_day)
         return dataclasses.replace(view, disclosure_id=disclosure_id)
 
@@ -351,6 +352,7 @@ class CreditService:
     def explain(self, citizen_id: str, caller: Caller, purpose: str = "") -> tuple[ScoreView, list[Contribution]]:
         purpose = check_purpose(purpose, self.purposes)
         row = self.row_of(citizen_id)
+        caller.check_citizen(citizen_id)
         r = self._read(row)
         view = self._disclose(self._view(citizen_id, row, r), row, caller, purpose, "ScoreService/ExplainScore", SCORE_EXPLAINED)
         feats = r.features
@@ -370,6 +372,7 @@ class CreditService:
         citizen's current score was shown (SCORE_SIMULATED), never a simulated one."""
         purpose = check_purpose(purpose, self.purposes)
         row = self.row_of(citizen_id)
+        caller.check_citizen(citizen_id)
         now = self._read(row)
         self._view(citizen_id, row, now)  # NOT_AUTHORISED / UNDER_18 before any store read
         snap = self._snapshot(row)
@@ -568,8 +571,9 @@ class CreditService:
         with self.store_watch.watching():
             return record, self.store.record_history(source, record_id)
 
-    def set_consent(self, citizen_id: str, granted: bool) -> None:
+    def set_consent(self, citizen_id: str, granted: bool, caller: Caller = INSECURE_CALLER) -> None:
         row = self.row_of(citizen_id)
+        caller.check_citizen(citizen_id)
         with self._writing():
             self.store.set_consent(citizen_id, granted)  # every call is a change: it has a position
             position = self.store.last_position()
@@ -595,9 +599,10 @@ class CreditService:
     def audit_subject(self, citizen_id: str) -> int:
         return self.state.subject_of(citizen_id)
 
-    def checks_of(self, citizen_id: str, limit: int = 100):
+    def checks_of(self, citizen_id: str, limit: int = 100, caller: Caller = INSECURE_CALLER):
         """Who checked this citizen: the audit entries about them, newest first."""
         self.row_of(citizen_id)
+        caller.check_citizen(citizen_id)
         if not 0 <= limit <= 1000:
             raise InvalidArgument("limit", f"{limit} is outside [0, 1000]")
         if isinstance(self.audit, _NoAudit):
@@ -618,6 +623,8 @@ class CreditService:
             raise UnknownDecision() from None
         if entry is None:
             raise UnknownDecision()
+        if caller.citizen is not None and entry.subject != self.state.subject_of(caller.citizen):
+            raise PermissionDenied(f"{caller.identity}'s call is bound to a citizen the decision is not about")
         if entry.subject == 0:
             raise NothingToReplay("the decision was about an unknown card: it concerns nobody")
         rows = np.flatnonzero(self.state.subject[: self.state.n_citizens] == np.uint64(entry.subject))
@@ -629,7 +636,7 @@ class CreditService:
         with self.store_watch.watching():
             replayed = replay(entry, row, int(self.state.birth_day[row]), self.store, spec, calibration)
         seq, _ = self.ids.next()
-        self.audit.record(seq, caller.identity, "AuditService/ReplayDecision", entry.scenario, entry.subject,
+        self.audit.record(seq, caller.audit_name, "AuditService/ReplayDecision", entry.scenario, entry.subject,
                           replayed.result, " ".join((entry.model_version or "-", entry.calibration_version or "-", entry.rules_version or "-")),
                           replayed.position, entry.as_of_day)
         return entry, replayed, spec

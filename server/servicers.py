@@ -156,11 +156,11 @@ class RecordsServicer(Offload, records_pb2_grpc.RecordsServiceServicer):
         return convert.record_history(record, versions)
 
     async def GrantConsent(self, request, context):
-        await self.run("set_consent", request.citizen_id, True)
+        await self.run("set_consent", request.citizen_id, True, current_caller())
         return records_pb2.ConsentState(citizen_id=request.citizen_id, granted=True)
 
     async def RevokeConsent(self, request, context):
-        await self.run("set_consent", request.citizen_id, False)
+        await self.run("set_consent", request.citizen_id, False, current_caller())
         return records_pb2.ConsentState(citizen_id=request.citizen_id, granted=False)
 
     async def UpsertCitizen(self, request, context):
@@ -177,7 +177,7 @@ class AuditServicer(Offload, audit_pb2_grpc.AuditServiceServicer):
     READS = frozenset({"checks_of", "replay"})
 
     async def ListChecks(self, request, context):
-        entries = await self.run("checks_of", request.citizen_id, request.limit)
+        entries = await self.run("checks_of", request.citizen_id, request.limit, current_caller())
         return audit_pb2.ListChecksResponse(entries=[convert.check_entry(e) for e in entries])
 
     async def ReplayDecision(self, request, context):

@@ -122,7 +122,13 @@ class SecureServer:
         self.runtime.load()
         self.service = self.node.attach()
         self.target = f"127.0.0.1:{self.node.port}"
-        self.clients = {i: QianjiangClient(self.target, timeout=5, token=dev_token(i)) for i in self.identities}
+        from server.end_user import key_dir
+
+        apps = {i for i, c in load_policy(policy).callers.items() if c.role == "citizen_app"}
+        self.clients = {i: QianjiangClient(self.target, timeout=5, token=dev_token(i),
+                                           end_user_key=key_dir(data_dir) / f"{i}.key" if i in apps else None,
+                                           end_user_issuer=i)
+                        for i in self.identities}
         s = self.runtime.state
         n = s.n_citizens
         ok = np.flatnonzero((s.consent[:n] == 1) & (s.adult[:n] == 1) & (s.columns.flags[:n] == 0))

@@ -253,14 +253,14 @@ def test_replay_gives_the_original_answer_after_the_records_changed(secure):
     app.revoke_consent(cid)  # and the citizen withdrew consent: the replays still see the past
     secure.service.audit.flush()
 
-    first = app.replay_decision(allowed.decision_id)
+    first = app.replay_decision(allowed.decision_id, cid)
     assert (first.original.result, first.replayed_result, first.matches) == ("ALLOW", "ALLOW", True)
     assert first.original.records_position == allowed.records_position
     assert first.score == viewed.score and not first.hard_rule_applied
-    second = app.replay_decision(denied.decision_id)
+    second = app.replay_decision(denied.decision_id, cid)
     assert (second.replayed_result, second.matches, second.hard_rule_applied) == ("DENY_HARD_RULE", True, True)
     assert second.score <= 549 and "LA05" in second.reason_codes
-    score = app.replay_decision(viewed.disclosure_id)
+    score = app.replay_decision(viewed.disclosure_id, cid)
     assert (score.replayed_result, score.score, score.matches) == ("SCORE_VIEWED", viewed.score, True)
     app.grant_consent(cid)
 
@@ -270,14 +270,15 @@ def test_replay_of_a_batch_item_and_unknown_ids(secure):
     metro, app = secure.clients["metro_gateway"], secure.clients["citizen_app"]
     batch = metro.check_batch("metro_pay_later", [secure.token(row), b"\x00" * 16])
     secure.service.audit.flush()
-    item = app.replay_decision(batch.decision_id(0))
+    cid = citizen_id(row)
+    item = app.replay_decision(batch.decision_id(0), cid)
     assert item.matches and item.original.result == "ALLOW"
     # an unknown card concerns nobody: the log counts it in the batch, no decision of its own
-    err = _error(app.replay_decision, batch.decision_id(1))
+    err = _error(app.replay_decision, batch.decision_id(1), cid)
     assert err.code() == grpc.StatusCode.NOT_FOUND and err.reason == "UNKNOWN_DECISION"
     for bad in ("d-" + "0" * 32, "d-nothex", "not-an-id"):
-        assert _error(app.replay_decision, bad).code() == grpc.StatusCode.NOT_FOUND
-    assert _error(app.replay_decision, "").code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _error(app.replay_decision, bad, cid).code() == grpc.StatusCode.NOT_FOUND
+    assert _error(app.replay_decision, "", cid).code() == grpc.StatusCode.INVALID_ARGUMENT
     # partners never replay: a replay discloses the score
     assert _error(metro.replay_decision, batch.decision_id(0)).code() == grpc.StatusCode.PERMISSION_DENIED
 

@@ -24,6 +24,7 @@ from kernel.spec import load_spec
 from qianjiang.v1 import eligibility_pb2
 from server import tls
 from server.city_time import city_zone, day_in
+from server.end_user import key_dir, load_public_keys
 from server.models import ModelRegistry
 from server.state import iso_of
 
@@ -91,18 +92,29 @@ def test_an_empty_production_store_on_postgresql_serves_an_empty_city_over_mtls(
     certs = tmp_path / "certs"
     assert tls.main(["--out", str(certs), "--caller", "citizen_card_company", "--caller", "citizen_app",
                      "--caller", "campus_fitness_app"]) == 0
-    server = ServeProcess(tmp_path, "--production", "--store", pg_url, "--data-dir", str(tmp_path / "data"),
-                          "--security", "mtls", "--certs", str(certs))
+    argv = ["--production", "--store", pg_url, "--data-dir", str(tmp_path / "data"), "--security", "mtls",
+            "--certs", str(certs)]
+    # production never makes a citizen app's end-user key: the operator installs the app's public key
+    out = subprocess.run([sys.executable, "-m", "clients.cli", "serve", "--port", "0", "--metrics-port", "0", *argv],
+                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "end_user/citizen_app.pub: the Ed25519 public key" in out.stderr, out.stderr
+    app_key = tmp_path / "citizen_app_end_user.key"  # the app's own, outside the service's data
+    load_public_keys(tmp_path / "app", ["citizen_app"], create=True)
+    (key_dir(tmp_path / "app") / "citizen_app.key").rename(app_key)
+    key_dir(tmp_path / "data").mkdir(parents=True)
+    (key_dir(tmp_path / "app") / "citizen_app.pub").rename(key_dir(tmp_path / "data") / "citizen_app.pub")
+    server = ServeProcess(tmp_path, *argv)
     target = f"127.0.0.1:{server.port}"
     try:
         with QianjiangClient(target, timeout=5, cert_dir=certs, caller="citizen_card_company") as source, \
-                QianjiangClient(target, timeout=5, cert_dir=certs, caller="citizen_app") as app, \
+                QianjiangClient(target, timeout=5, cert_dir=certs, caller="citizen_app", end_user_key=app_key) as app, \
                 QianjiangClient(target, timeout=5, cert_dir=certs, caller="campus_fitness_app") as gym:
             server.wait_serving(gym)
             assert gym.check("campus_fitness", CARD).outcome == eligibility_pb2.UNKNOWN_CARD
             source.upsert_citizen("p-7", "1985-01-31")
             source.register_card("p-7", CARD)
             app.grant_consent("p-7")
+            assert app.get_score("p-7").citizen_id == "p-7"  # bound to p-7 by the app's signature
             assert gym.check("campus_fitness", CARD).outcome in (eligibility_pb2.ALLOW, eligibility_pb2.DENY_BELOW_THRESHOLD)
     finally:
         assert server.stop() == 0

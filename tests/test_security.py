@@ -65,17 +65,19 @@ def _calls(secure, row: int, identity: str):
     c = secure.clients[identity]
     cid = citizen_id(row)
     token = secure.runtime.synthetic_card_token(row)
+    bound = c._for(cid)  # a citizen app's calls carry the citizen it signs for (server/end_user.py)
     return {
-        "ScoreService/GetScore": lambda: c.scores.GetScore(score_pb2.GetScoreRequest(citizen_id=cid, purpose="citizen_app_view"), timeout=5),
-        "ScoreService/ExplainScore": lambda: c.scores.ExplainScore(score_pb2.GetScoreRequest(citizen_id=cid, purpose="citizen_app_view"), timeout=5),
-        "ScoreService/BatchGetScores": lambda: c.scores.BatchGetScores(score_pb2.BatchGetScoresRequest(citizen_ids=[cid], purpose="citizen_app_view"), timeout=5),
-        "EligibilityService/ListScenarios": lambda: c.eligibility.ListScenarios(eligibility_pb2.ListScenariosRequest(), timeout=5),
-        "RecordsService/GrantConsent": lambda: c.records.GrantConsent(records_pb2.ConsentRequest(citizen_id=cid), timeout=5),
-        "RecordsService/RevokeConsent": lambda: (c.records.RevokeConsent(records_pb2.ConsentRequest(citizen_id=cid), timeout=5),
+        "ScoreService/SimulateScore": lambda: c.scores.SimulateScore(score_pb2.SimulateScoreRequest(citizen_id=cid, purpose="citizen_app_view"), timeout=5, metadata=bound),
+        "ScoreService/GetScore": lambda: c.scores.GetScore(score_pb2.GetScoreRequest(citizen_id=cid, purpose="citizen_app_view"), timeout=5, metadata=bound),
+        "ScoreService/ExplainScore": lambda: c.scores.ExplainScore(score_pb2.GetScoreRequest(citizen_id=cid, purpose="citizen_app_view"), timeout=5, metadata=bound),
+        "ScoreService/BatchGetScores": lambda: c.scores.BatchGetScores(score_pb2.BatchGetScoresRequest(citizen_ids=[cid], purpose="citizen_app_view"), timeout=5, metadata=bound),
+        "EligibilityService/ListScenarios": lambda: c.eligibility.ListScenarios(eligibility_pb2.ListScenariosRequest(), timeout=5, metadata=bound),
+        "RecordsService/GrantConsent": lambda: c.records.GrantConsent(records_pb2.ConsentRequest(citizen_id=cid), timeout=5, metadata=bound),
+        "RecordsService/RevokeConsent": lambda: (c.records.RevokeConsent(records_pb2.ConsentRequest(citizen_id=cid), timeout=5, metadata=bound),
                                                  secure.clients["citizen_app"].grant_consent(cid)),
-        "RecordsService/UpsertCitizen": lambda: c.records.UpsertCitizen(records_pb2.Citizen(citizen_id=f"m-{identity}", birth_date="1990-01-01"), timeout=5),
-        "RecordsService/RegisterCard": lambda: c.records.RegisterCard(records_pb2.RegisterCardRequest(citizen_id=cid, card_token=token), timeout=5),
-        "AuditService/ListChecks": lambda: c.audit.ListChecks(audit_pb2.ListChecksRequest(citizen_id=cid), timeout=5),
+        "RecordsService/UpsertCitizen": lambda: c.records.UpsertCitizen(records_pb2.Citizen(citizen_id=f"m-{identity}", birth_date="1990-01-01"), timeout=5, metadata=bound),
+        "RecordsService/RegisterCard": lambda: c.records.RegisterCard(records_pb2.RegisterCardRequest(citizen_id=cid, card_token=token), timeout=5, metadata=bound),
+        "AuditService/ListChecks": lambda: c.audit.ListChecks(audit_pb2.ListChecksRequest(citizen_id=cid), timeout=5, metadata=bound),
     }
 
 
@@ -86,8 +88,9 @@ def test_policy_matrix_of_methods(secure, identity):
     for method, call in _calls(secure, row, identity).items():
         if caller.may_call(method):
             result = call()
-            if method in ("ScoreService/GetScore", "ScoreService/ExplainScore"):
-                msg = result.score if method == "ScoreService/ExplainScore" else result
+            if method in ("ScoreService/GetScore", "ScoreService/ExplainScore", "ScoreService/SimulateScore"):
+                msg = {"ScoreService/ExplainScore": lambda r: r.score, "ScoreService/SimulateScore": lambda r: r.current}.get(
+                    method, lambda r: r)(result)
                 secure.disclosed.append(msg.disclosure_id)
             if method == "ScoreService/BatchGetScores":
                 secure.disclosed.extend(r.score.disclosure_id for r in result.results if r.score.disclosure_id)

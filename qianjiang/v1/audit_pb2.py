@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qianjiang/v1/audit.proto\x12\x0cqianjiang.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x15ReplayDecisionRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\"\xad\x01\n\x06Replay\x12*\n\x08original\x18\x01 \x01(\x0b\x32\x18.qianjiang.v1.CheckEntry\x12\x17\n\x0freplayed_result\x18\x02 \x01(\t\x12\x0f\n\x07matches\x18\x03 \x01(\x08\x12\r\n\x05score\x18\x04 \x01(\x05\x12\r\n\x05level\x18\x05 \x01(\t\x12\x19\n\x11hard_rule_applied\x18\x06 \x01(\x08\x12\x14\n\x0creason_codes\x18\x07 \x03(\t\"6\n\x11ListChecksRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x86\x02\n\nCheckEntry\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x10\n\x08scenario\x18\x05 \x01(\t\x12\x0e\n\x06result\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x1b\n\x13\x63\x61libration_version\x18\x08 \x01(\t\x12\x15\n\rrules_version\x18\t \x01(\t\x12\x18\n\x10records_position\x18\n \x01(\x04\x12\x12\n\nas_of_date\x18\x0b \x01(\t\"?\n\x12ListChecksResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.qianjiang.v1.CheckEntry2\xac\x01\n\x0c\x41uditService\x12O\n\nListChecks\x12\x1f.qianjiang.v1.ListChecksRequest\x1a .qianjiang.v1.ListChecksResponse\x12K\n\x0eReplayDecision\x12#.qianjiang.v1.ReplayDecisionRequest\x1a\x14.qianjiang.v1.Replayb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qianjiang/v1/audit.proto\x12\x0cqianjiang.v1\x1a\x1fgoogle/protobuf/timestamp.proto\",\n\x15ReplayDecisionRequest\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\"\xad\x01\n\x06Replay\x12*\n\x08original\x18\x01 \x01(\x0b\x32\x18.qianjiang.v1.CheckEntry\x12\x17\n\x0freplayed_result\x18\x02 \x01(\t\x12\x0f\n\x07matches\x18\x03 \x01(\x08\x12\r\n\x05score\x18\x04 \x01(\x05\x12\r\n\x05level\x18\x05 \x01(\t\x12\x19\n\x11hard_rule_applied\x18\x06 \x01(\x08\x12\x14\n\x0creason_codes\x18\x07 \x03(\t\"6\n\x11ListChecksRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"\x9e\x02\n\nCheckEntry\x12\x13\n\x0b\x64\x65\x63ision_id\x18\x01 \x01(\t\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0e\n\x06\x63\x61ller\x18\x03 \x01(\t\x12\x0e\n\x06method\x18\x04 \x01(\t\x12\x10\n\x08scenario\x18\x05 \x01(\t\x12\x0e\n\x06result\x18\x06 \x01(\t\x12\x15\n\rmodel_version\x18\x07 \x01(\t\x12\x1b\n\x13\x63\x61libration_version\x18\x08 \x01(\t\x12\x15\n\rrules_version\x18\t \x01(\t\x12\x18\n\x10records_position\x18\n \x01(\x04\x12\x12\n\nas_of_date\x18\x0b \x01(\t\x12\x16\n\x0e\x62y_the_citizen\x18\x0c \x01(\x08\"?\n\x12ListChecksResponse\x12)\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x18.qianjiang.v1.CheckEntry2\xac\x01\n\x0c\x41uditService\x12O\n\nListChecks\x12\x1f.qianjiang.v1.ListChecksRequest\x1a .qianjiang.v1.ListChecksResponse\x12K\n\x0eReplayDecision\x12#.qianjiang.v1.ReplayDecisionRequest\x1a\x14.qianjiang.v1.Replayb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,9 +39,9 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_LISTCHECKSREQUEST']._serialized_start=297
   _globals['_LISTCHECKSREQUEST']._serialized_end=351
   _globals['_CHECKENTRY']._serialized_start=354
-  _globals['_CHECKENTRY']._serialized_end=616
-  _globals['_LISTCHECKSRESPONSE']._serialized_start=618
-  _globals['_LISTCHECKSRESPONSE']._serialized_end=681
-  _globals['_AUDITSERVICE']._serialized_start=684
-  _globals['_AUDITSERVICE']._serialized_end=856
+  _globals['_CHECKENTRY']._serialized_end=640
+  _globals['_LISTCHECKSRESPONSE']._serialized_start=642
+  _globals['_LISTCHECKSRESPONSE']._serialized_end=705
+  _globals['_AUDITSERVICE']._serialized_start=708
+  _globals['_AUDITSERVICE']._serialized_end=880
 # @@protoc_insertion_point(module_scope)

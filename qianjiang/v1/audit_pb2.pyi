@@ -42,7 +42,7 @@ class ListChecksRequest(_message.Message):
     def __init__(self, citizen_id: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class CheckEntry(_message.Message):
-    __slots__ = ("decision_id", "time", "caller", "method", "scenario", "result", "model_version", "calibration_version", "rules_version", "records_position", "as_of_date")
+    __slots__ = ("decision_id", "time", "caller", "method", "scenario", "result", "model_version", "calibration_version", "rules_version", "records_position", "as_of_date", "by_the_citizen")
     DECISION_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     CALLER_FIELD_NUMBER: _ClassVar[int]
@@ -54,6 +54,7 @@ class CheckEntry(_message.Message):
     RULES_VERSION_FIELD_NUMBER: _ClassVar[int]
     RECORDS_POSITION_FIELD_NUMBER: _ClassVar[int]
     AS_OF_DATE_FIELD_NUMBER: _ClassVar[int]
+    BY_THE_CITIZEN_FIELD_NUMBER: _ClassVar[int]
     decision_id: str
     time: _timestamp_pb2.Timestamp
     caller: str
@@ -65,7 +66,8 @@ class CheckEntry(_message.Message):
     rules_version: str
     records_position: int
     as_of_date: str
-    def __init__(self, decision_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., caller: _Optional[str] = ..., method: _Optional[str] = ..., scenario: _Optional[str] = ..., result: _Optional[str] = ..., model_version: _Optional[str] = ..., calibration_version: _Optional[str] = ..., rules_version: _Optional[str] = ..., records_position: _Optional[int] = ..., as_of_date: _Optional[str] = ...) -> None: ...
+    by_the_citizen: bool
+    def __init__(self, decision_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., caller: _Optional[str] = ..., method: _Optional[str] = ..., scenario: _Optional[str] = ..., result: _Optional[str] = ..., model_version: _Optional[str] = ..., calibration_version: _Optional[str] = ..., rules_version: _Optional[str] = ..., records_position: _Optional[int] = ..., as_of_date: _Optional[str] = ..., by_the_citizen: _Optional[bool] = ...) -> None: ...
 
 class ListChecksResponse(_message.Message):
     __slots__ = ("entries",)
