@@ -2,7 +2,7 @@
 calibration, and the synthetic city.
 
 Layout:
-    spec.py          load and validate the TOML model spec (models/v1.toml)
+    spec.py          load and validate the TOML model spec (models/v2.toml by default)
     features.py      records -> per-citizen feature matrix (decay by severity tier)
     score.pyx        the compiled hot path (Scorer, RowScorer); score.pxd, score.pyi
     reference.py     plain-numpy reference the kernel is tested against

@@ -112,7 +112,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--single-calls", type=int, default=200_000)
     ap.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     ap.add_argument("--seed", type=int, default=2018)
-    ap.add_argument("--spec", default=None, help="model spec file (default: kernel/models/v1.toml)")
+    ap.add_argument("--spec", default=None, help="model spec file (default: kernel/models/v2.toml)")
     args = ap.parse_args(argv)
     if args.citizens < 1:
         ap.error("--citizens must be >= 1")

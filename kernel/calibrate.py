@@ -134,7 +134,7 @@ def main(argv=None) -> CalibrationReport:
     ap = argparse.ArgumentParser(prog="python -m kernel.calibrate", description=__doc__.split("\n\n")[0])
     ap.add_argument("--citizens", type=int, default=1_000_000)
     ap.add_argument("--seed", type=int, default=2018)
-    ap.add_argument("--spec", default=None, help="model spec file (default: kernel/models/v1.toml)")
+    ap.add_argument("--spec", default=None, help="model spec file (default: kernel/models/v2.toml)")
     ap.add_argument("--out", default=None, help="save the calibration table here (.npz)")
     ap.add_argument("--png", default=None, help="write the score histogram here")
     ap.add_argument("--threads", type=int, default=2)

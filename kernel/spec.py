@@ -1,9 +1,9 @@
 """The model specification: load, validate and compile a TOML model spec.
 
     >>> from kernel.spec import load_spec
-    >>> spec = load_spec()                      # kernel/models/v1.toml
+    >>> spec = load_spec()                      # kernel/models/v2.toml, the default model
     >>> spec.model_version                      # doctest: +ELLIPSIS
-    '1+...'
+    '2+...'
     >>> spec.level_of(550).code
     'fair'
 
@@ -23,7 +23,12 @@ from pathlib import Path
 
 import numpy as np
 
-DEFAULT_SPEC_PATH = Path(__file__).with_name("models") / "v1.toml"
+#: The default model: what a first start serves and every command scores with unless told
+#: otherwise. Version 2 (docs/product.md §9) replaced version 1 (models/v1.toml), which failed
+#: the four-fifths rule; existing data directories keep serving their active release.
+DEFAULT_SPEC_PATH = Path(__file__).with_name("models") / "v2.toml"
+#: Version 1: the model of data directories from before the registry (server/models.py adopt_legacy).
+V1_SPEC_PATH = Path(__file__).with_name("models") / "v1.toml"
 
 #: The five dimensions of the seed, in the order every score reports them.
 DIMENSIONS = ("identity", "law_abiding", "social_credit", "commercial_credit", "prosocial")
@@ -205,7 +210,7 @@ class ModelSpec:
 
 
 def load_spec(path: str | Path | None = None) -> ModelSpec:
-    """Read and validate a spec file (default: model version 1)."""
+    """Read and validate a spec file (default: :data:`DEFAULT_SPEC_PATH`, model version 2)."""
     path = Path(path) if path is not None else DEFAULT_SPEC_PATH
     try:
         with open(path, "rb") as fh:

@@ -17,7 +17,10 @@ must get no score); residents and daily commuters, with and without local hukou 
 never reaches the model); behaviour driven by a latent reliability trait, so negative records
 cluster in few people and counts are skewed; serious records (court-listed debtors,
 blacklists, crimes) in well under 1 % of adults. Protected attributes (sex, ethnicity, hukou
-type) are generated for fairness audits only.
+type, district, living outside the city and commuting in) are generated for fairness audits
+only, and age bands are derived from the age (:func:`protected_attributes`, read by
+kernel/fairness.py): none of them is ever a model input, and the latent behaviour traits are
+drawn independently of all of them.
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ DEFAULT_CHUNK = 250_000
 # Age pyramid: (lowest age, highest age, share). About 16 % are minors.
 AGE_BANDS = ((0, 5, 0.05), (6, 17, 0.11), (18, 29, 0.20), (30, 44, 0.25), (45, 59, 0.22), (60, 79, 0.14), (80, 95, 0.03))
 DISTRICTS = ("shangcheng", "gongshu", "xihu", "binjiang", "xiaoshan", "yuhang", "linping", "qiantang", "fuyang", "linan")
+
+#: Age bands of the fairness audit: (label, lowest age, highest age or None). Adults only:
+#: minors get no score.
+AUDIT_AGE_BANDS = (("18-24", 18, 24), ("25-34", 25, 34), ("35-59", 35, 59), ("60+", 60, None))
 
 
 @dataclass
@@ -63,6 +70,43 @@ class People:
     @staticmethod
     def concat(parts: list["People"]) -> "People":
         return People(*(np.concatenate([getattr(p, f.name) for p in parts]) for f in fields(People)))
+
+
+def age_band(age) -> np.ndarray:
+    """Index into :data:`AUDIT_AGE_BANDS` of each age in whole years (-1: a minor). The age is
+    the one the service derives from the birth date on the scoring day (server/state.py).
+
+        >>> age_band(np.array([17, 18, 24, 25, 59, 60, 95])).tolist()
+        [-1, 0, 0, 1, 2, 3, 3]
+    """
+    age = np.asarray(age)
+    lows = np.array([lo for _, lo, _ in AUDIT_AGE_BANDS])
+    return np.where(age >= lows[0], np.searchsorted(lows, age, side="right") - 1, -1).astype(np.int8)
+
+
+#: The protected attributes of the fairness audit, in report order: name -> group labels.
+PROTECTED = {
+    "sex": ("female", "male"),
+    "ethnicity": ("Han", "minority"),
+    "hukou": ("non-local", "local"),
+    "age_band": tuple(label for label, _, _ in AUDIT_AGE_BANDS),
+    "district": DISTRICTS,
+    "commuter": ("resident", "commuter"),  # commuter: lives outside the city, works in it
+}
+
+
+def protected_attributes(people: "People") -> dict[str, np.ndarray]:
+    """Each person's group (an index into :data:`PROTECTED`'s labels) per protected attribute.
+    For fairness audits only: never a model input (kernel/spec.py refuses a variable named
+    after one)."""
+    return {
+        "sex": people.sex.astype(np.int8),
+        "ethnicity": people.ethnic_minority.astype(np.int8),
+        "hukou": people.hukou_local.astype(np.int8),
+        "age_band": age_band(people.age),
+        "district": people.district.astype(np.int8),
+        "commuter": people.commuter.astype(np.int8),
+    }
 
 
 @dataclass

@@ -15,6 +15,7 @@ and are safe as directory names. Layout::
     <data_dir>/models/<release_id>/spec.toml        a byte-for-byte copy of the validated spec
     <data_dir>/models/<release_id>/calibration.npz  its calibration table
     <data_dir>/models/<release_id>/release.json     how it was made; the report at staging
+    <data_dir>/models/<release_id>/fairness.*       its fairness audit: .json, .png, .html (kernel/fairness.py)
     <data_dir>/models/ACTIVE                        the release id the server serves
     <data_dir>/models/PREVIOUS                      the one before (what restore goes back to)
     <data_dir>/models/HISTORY                       append-only: one JSON line per change
@@ -31,7 +32,13 @@ between the two writes leaves the served release unchanged.
 Staging validates the spec (:class:`kernel.spec.SpecError` names the bad key, and nothing is
 written), calibrates it on the store's population when no table is given (as the server does
 at first start), and compares it with the active release on the same population
-(:func:`kernel.rollout.compare`). Activating and restoring only move the pointers; the server
+(:func:`kernel.rollout.compare`), and audits its fairness on the synthetic city
+(:func:`kernel.fairness.audit_city`: approval rates and four-fifths ratios of every protected
+group in every scenario, and the proxy check), stored with the release. Activation is gated
+by that audit: a release with a four-fifths ratio below 0.8 is refused unless the operator
+gives a reason, which the history keeps with who activated it (a release staged before the
+audit existed, or registered at a first start, is audited at activation). Activating and
+restoring only move the pointers; restoring is the way back and is never gated. The server
 is told to switch by SIGHUP (:func:`signal_server`) and answers in ``SERVED`` (the release it
 serves, and whether the switch was made or why not), which ``qjscore model activate`` waits
 for (:func:`wait_for_served`): it never reports a switch that did not happen.
@@ -42,6 +49,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import fcntl
+import getpass
 import json
 import os
 import re
@@ -54,9 +62,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from kernel.calibration import CalibrationError, CalibrationTable, RawHistogram
+from kernel.fairness import AUDIT_CITIZENS, AUDIT_SEED, FOUR_FIFTHS, JSON_FILE, FairnessReport, audit_city
 from kernel.rollout import PopulationScores, RolloutReport, compare
 from kernel.score import Scorer
-from kernel.spec import DEFAULT_SPEC_PATH, ModelSpec, SpecError, load_spec
+from kernel.spec import DEFAULT_SPEC_PATH, V1_SPEC_PATH, ModelSpec, SpecError, load_spec
 from server.files import fsync_dir, fsync_file, write_atomic
 from server.scenarios import Scenario, load_scenarios
 from server.state import ServingState, today
@@ -71,6 +80,18 @@ PID_FILE = "qjscore.pid"
 class RegistryError(ValueError):
     """A registry operation cannot be done (unknown release, nothing to restore, a damaged
     registry file). The message names the release or file."""
+
+
+class FairnessGateError(RegistryError):
+    """Activation refused: the release fails the four-fifths rule and no reason was given."""
+
+
+def operator_name() -> str:
+    """Who is changing the registry, for its history: the login behind sudo, or the user."""
+    try:
+        return os.environ.get("SUDO_USER") or getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry for the uid (a container)
+        return f"uid {os.getuid()}"
 
 
 def release_id(spec: ModelSpec, calibration: CalibrationTable) -> str:
@@ -171,9 +192,12 @@ def score_population(store, spec: ModelSpec, calibration: CalibrationTable | Non
 class ModelRegistry:
     """Releases under ``<data_dir>/models``; see the module docstring for the layout."""
 
-    def __init__(self, data_dir: str | Path):
+    def __init__(self, data_dir: str | Path, audit_citizens: int = AUDIT_CITIZENS, audit_seed: int = AUDIT_SEED):
+        """``audit_citizens`` and ``audit_seed``: the synthetic city of the fairness audit that
+        staging (and activating a release that has none) runs."""
         self.data_dir = Path(data_dir)
         self.root = self.data_dir / "models"
+        self.audit_citizens, self.audit_seed = audit_citizens, audit_seed
 
     # --- reading -------------------------------------------------------------------------
 
@@ -230,6 +254,13 @@ class ModelRegistry:
             )
         return spec, table
 
+    def fairness(self, rid: str) -> FairnessReport | None:
+        """The release's fairness audit (``fairness.json``), or None if it has none."""
+        try:
+            return FairnessReport.from_dict(json.loads((self.path(rid) / JSON_FILE).read_text()))
+        except (OSError, ValueError, TypeError):
+            return None
+
     def history(self, limit: int | None = None) -> list[dict]:
         """Changes of ACTIVE, oldest first (the last ``limit``)."""
         try:
@@ -276,8 +307,9 @@ class ModelRegistry:
     def _set(self, name: str, rid: str) -> None:
         write_atomic(self.root / name, f"{rid}\n".encode())
 
-    def _log(self, action: str, active: str, previous: str | None) -> None:
-        line = json.dumps({"time": _now(), "action": action, "active": active, "previous": previous}) + "\n"
+    def _log(self, action: str, active: str, previous: str | None, **more) -> None:
+        line = json.dumps({"time": _now(), "action": action, "active": active, "previous": previous, **more},
+                          ensure_ascii=False) + "\n"
         fd = os.open(self.root / HISTORY, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
         try:
             os.write(fd, line.encode())
@@ -285,9 +317,12 @@ class ModelRegistry:
         finally:
             os.close(fd)
 
-    def _write_release(self, spec_bytes: bytes, spec: ModelSpec, table: CalibrationTable, meta: dict) -> str:
+    def _write_release(self, spec_bytes: bytes, spec: ModelSpec, table: CalibrationTable, meta: dict,
+                       files: dict[str, bytes] | None = None) -> str:
         """Write a release whole (staging directory, then one rename). A release that exists
-        already keeps its files (same id, same content) and gets the new ``release.json``."""
+        already keeps its files (same id, same content) and gets the new ``release.json`` and
+        ``files`` (its reports: name -> bytes)."""
+        files = files or {}
         rid = release_id(spec, table)
         final = self.root / rid
         self.root.mkdir(parents=True, exist_ok=True)
@@ -300,12 +335,16 @@ class ModelRegistry:
             table.save(staging / CALIBRATION_FILE)
             fsync_file(staging / CALIBRATION_FILE)
             write_atomic(staging / RELEASE_FILE, json.dumps(meta, indent=1, ensure_ascii=False).encode())
+            for name, data in files.items():
+                write_atomic(staging / name, data)
             copy_spec = load_spec(staging / SPEC_FILE)  # what is on disk is what was validated
             if copy_spec.model_version != spec.model_version:
                 raise RegistryError(f"{staging / SPEC_FILE}: the copy is model {copy_spec.model_version}, not {spec.model_version}")
             with self._locked():
                 if final.is_dir():
                     self.release(rid)  # the existing copy must still be sound
+                    for name in files:
+                        write_atomic(final / name, files[name])
                     write_atomic(final / RELEASE_FILE, (staging / RELEASE_FILE).read_bytes())
                 else:
                     os.rename(staging, final)
@@ -316,7 +355,7 @@ class ModelRegistry:
 
     def bootstrap(self, spec: ModelSpec, calibration: CalibrationTable, spec_path: str | Path | None = None) -> str:
         """At first start: register ``spec`` (read from ``spec_path``, default
-        kernel/models/v1.toml) with ``calibration`` as the ACTIVE release, unless one is
+        kernel/models/v2.toml, the default model) with ``calibration`` as the ACTIVE release, unless one is
         active already. Returns the active release id."""
         current = self.active()
         if current is not None:
@@ -338,15 +377,17 @@ class ModelRegistry:
 
     def adopt_legacy(self, spec_path: str | Path | None = None) -> str | None:
         """Before the registry existed the server kept ``<data_dir>/calibration-<model_version>.npz``:
-        if nothing is active and that file exists for ``spec_path`` (default v1), bootstrap
-        from it. Returns the active release id, or None."""
+        if nothing is active and that file exists for ``spec_path`` (default: the default
+        model, then version 1, the model of every data directory from before the registry),
+        bootstrap from it. Returns the active release id, or None."""
         if self.active() is not None:
             return self.active()
-        spec = load_spec(spec_path)
-        legacy = self.data_dir / f"calibration-{spec.model_version}.npz"
-        if not legacy.exists():
-            return None
-        return self.bootstrap(spec, load_calibration(legacy, spec), spec_path)
+        for path in [spec_path] if spec_path is not None else [DEFAULT_SPEC_PATH, V1_SPEC_PATH]:
+            spec = load_spec(path)
+            legacy = self.data_dir / f"calibration-{spec.model_version}.npz"
+            if legacy.exists():
+                return self.bootstrap(spec, load_calibration(legacy, spec), path)
+        return None
 
     def stage(self, spec_path: str | Path | None = None, calibration_path: str | Path | None = None, *,
               store, scenarios: dict[str, Scenario] | None = None, as_of_day: int | None = None,
@@ -355,7 +396,8 @@ class ModelRegistry:
         (default: frozen on the store's population), write the release, and return its id and
         its report against the active release on the same population (None when nothing is
         active). A bad spec raises SpecError, a calibration that does not fit it
-        CalibrationError; either way nothing is written. Staging does not activate."""
+        CalibrationError; either way nothing is written. Staging does not activate. The
+        release's fairness audit (:meth:`fairness`) is written with it."""
         active = self.active()
         if spec_path is None:
             if active is None:
@@ -379,6 +421,7 @@ class ModelRegistry:
             old_spec, old_table = self.release(active)
             old = score_population(snap, old_spec, old_table, scenarios, day, n_threads)
             report = compare(old, new, old_spec, spec, active, rid)
+        fairness = audit_city(spec, new.calibration, scenarios, self.audit_citizens, self.audit_seed, n_threads)
         meta = {
             "staged_at": _now(),
             "origin": "stage",
@@ -387,15 +430,49 @@ class ModelRegistry:
             else f"frozen from {new.calibration.total:,} adults as of day {day}",
             "as_of_day": day,
             "report": report.to_dict() if report is not None else None,
+            "fairness": fairness.summary(),
         }
-        self._write_release(spec_bytes, spec, new.calibration, meta)
+        self._write_release(spec_bytes, spec, new.calibration, meta, fairness.files())
         return rid, report
 
-    def activate(self, rid: str) -> str | None:
+    def audit(self, rid: str, scenarios: dict[str, Scenario] | None = None, n_threads: int = 2) -> FairnessReport:
+        """The release's fairness audit: the stored one, or (a release without one) one run
+        now on the registry's synthetic city and stored with the release."""
+        found = self.fairness(rid)
+        if found is not None:
+            return found
+        spec, table = self.release(rid)
+        report = audit_city(spec, table, scenarios, self.audit_citizens, self.audit_seed, n_threads)
+        where = self.path(rid)
+        with self._locked():
+            for name, data in report.files().items():
+                write_atomic(where / name, data)
+            info = self.info(rid)
+            if info:
+                write_atomic(where / RELEASE_FILE, json.dumps({**info, "fairness": report.summary()}, indent=1,
+                                                               ensure_ascii=False).encode())
+        return report
+
+    def activate(self, rid: str, reason: str | None = None, by: str | None = None) -> str | None:
         """Make a staged release the active one (the old active becomes PREVIOUS). Refuses an
-        unknown, unstaged or damaged release. Returns the release that was active before."""
+        unknown, unstaged or damaged release, and (:class:`FairnessGateError`) one whose
+        fairness audit has a four-fifths ratio below 0.8 unless ``reason`` says why it is
+        activated anyway. The history line keeps ``by`` (default: the operator's login), the
+        reason and the audit's lowest ratio. Returns the release that was active before."""
         check_release_id(rid)
         self.release(rid)  # validates: a release that cannot load is never made active
+        if self.active() == rid:
+            return rid
+        reason = reason.strip() if reason else None
+        fairness = self.audit(rid)
+        failures = [(a, s, r) for a, s, r in fairness.failures() if r < FOUR_FIFTHS]
+        if failures and not reason:
+            worst = "; ".join(f"{a} x {s}: {r:.2f}" for a, s, r in failures[:5])
+            raise FairnessGateError(
+                f"release {rid} fails the four-fifths rule in {len(failures)} protected attribute x scenario "
+                f"pair(s) ({worst}{'; ...' if len(failures) > 5 else ''}): below {FOUR_FIFTHS} on the synthetic city "
+                f"of {fairness.citizens:,} (seed {fairness.seed}); its report is {self.path(rid) / 'fairness.html'}. "
+                "Give a reason to activate it anyway (qjscore model activate RELEASE --reason TEXT): the history keeps it")
         with self._locked():
             current = self.active()
             if current == rid:
@@ -403,7 +480,9 @@ class ModelRegistry:
             if current is not None:
                 self._set(PREVIOUS, current)
             self._set(ACTIVE, rid)
-            self._log("activate", rid, current)
+            self._log("activate", rid, current, by=by or operator_name(), reason=reason,
+                      fairness={"min_ratio": fairness.min_ratio, "passed": not failures,
+                                "failures": [{"attribute": a, "scenario": s, "ratio": r} for a, s, r in failures]})
         return current
 
     def restore(self) -> str:
@@ -419,7 +498,7 @@ class ModelRegistry:
             if current is not None:
                 self._set(PREVIOUS, current)
             self._set(ACTIVE, prev)
-            self._log("restore", prev, current)
+            self._log("restore", prev, current, by=operator_name())
         return prev
 
 

@@ -34,10 +34,12 @@ from server.state import adults, today
 from server.store import open_store
 
 N_CITIZENS = 1500
+#: The synthetic city of each release's fairness audit (the command's default is 400,000).
+AUDIT_CITIZENS = 20_000
 
 
 def variant(tmp_path: Path, old: str, new: str, name: str = "variant.toml") -> Path:
-    """kernel/models/v1.toml with one piece of text changed."""
+    """The default model's spec (kernel/models/v2.toml) with one piece of text changed."""
     text = DEFAULT_SPEC_PATH.read_text()
     assert text.count(old) == 1, old
     path = tmp_path / name
@@ -82,8 +84,8 @@ def store(data_dir):
 
 @pytest.fixture
 def registry(data_dir, store):
-    """A registry whose first release (v1, calibrated on the store) is active."""
-    reg = ModelRegistry(data_dir)
+    """A registry whose first release (the default model, calibrated on the store) is active."""
+    reg = ModelRegistry(data_dir, audit_citizens=AUDIT_CITIZENS)
     spec = load_spec()
     reg.bootstrap(spec, score_population(store, spec).calibration)
     return reg
@@ -325,6 +327,7 @@ def test_active_is_replaced_by_rename_never_rewritten_in_place(registry, store, 
     def crash(src, dst):
         raise OSError(5, "Input/output error")
 
+    registry.audit(v1)  # the first release has no fairness audit: made now, so the crash below hits ACTIVE
     monkeypatch.setattr(os, "replace", crash)
     with pytest.raises(OSError):
         registry.activate(v1)
@@ -411,22 +414,23 @@ def run_cli(capsys, *argv) -> tuple[int, str, str]:
 
 def test_cli_stage_activate_restore_status(data_dir, tmp_path, capsys, hangups):
     d = ["--data-dir", str(data_dir)]
+    audit = ["--fairness-citizens", str(AUDIT_CITIZENS)]
     code, out, _ = run_cli(capsys, "model", "status", *d)
     assert code == 0 and "none yet" in out
 
     # first stage of v1 itself: nothing is active, so no comparison
-    code, out, _ = run_cli(capsys, "model", "stage", str(DEFAULT_SPEC_PATH), *d, "--json")
+    code, out, _ = run_cli(capsys, "model", "stage", str(DEFAULT_SPEC_PATH), *d, *audit, "--json")
     first = json.loads(out)
     assert code == 0 and first["report"] is None and first["active"] is None
     v1 = first["release_id"]
-    code, out, _ = run_cli(capsys, "model", "activate", v1, *d)
+    code, out, _ = run_cli(capsys, "model", "activate", v1, *d, *audit)
     assert code == 0 and f"activated {v1}" in out and "no running server" in out
 
-    code, out, _ = run_cli(capsys, "model", "stage", str(prosocial_x3(tmp_path)), *d)
+    code, out, _ = run_cli(capsys, "model", "stage", str(prosocial_x3(tmp_path)), *d, *audit)
     assert code == 0 and "PSI raw" in out and "level migration" in out and "信用良好" in out
     v2 = out.split()[1]
     assert RELEASE_ID_RE.match(v2) and f"qjscore model activate {v2}" in out
-    code, out, _ = run_cli(capsys, "model", "stage", str(prosocial_x3(tmp_path)), *d, "--json")
+    code, out, _ = run_cli(capsys, "model", "stage", str(prosocial_x3(tmp_path)), *d, *audit, "--json")
     staged = json.loads(out)
     assert staged["release_id"] == v2 and staged["report"]["old_release"] == v1
     assert sum(map(sum, staged["report"]["migration"])) == staged["report"]["n_adults"] > 0
@@ -435,7 +439,7 @@ def test_cli_stage_activate_restore_status(data_dir, tmp_path, capsys, hangups):
     registry = ModelRegistry(data_dir)
     acks = [lambda: registry.record_served(registry.active(), registry.active(), "switched")]
     signal.signal(signal.SIGHUP, lambda signum, frame: (hangups.append(signum), acks[-1]()))
-    code, out, _ = run_cli(capsys, "model", "activate", v2, *d, "--json")
+    code, out, _ = run_cli(capsys, "model", "activate", v2, *d, *audit, "--json")
     got = json.loads(out)
     assert code == 0 and (got["active"], got["previous"], got["server_pid"], got["serving"]) == (v2, v1, os.getpid(), v2)
     assert hangups == [signal.SIGHUP]
@@ -457,7 +461,7 @@ def test_cli_stage_activate_restore_status(data_dir, tmp_path, capsys, hangups):
     assert f"serving {v2} -- NOT the active release" in out
     # a server that does not answer at all
     acks.append(lambda: None)
-    code, out, _ = run_cli(capsys, "model", "activate", v2, *d, "--wait", "0.3")
+    code, out, _ = run_cli(capsys, "model", "activate", v2, *d, *audit, "--wait", "0.3")
     assert code == 1 and "NOT CONFIRMED" in out and "did not acknowledge within 0.3 s" in out
     assert hangups == [signal.SIGHUP] * 3
     remove_pid_file(data_dir)

@@ -124,17 +124,26 @@ def test_an_empty_production_store_on_postgresql_serves_an_empty_city_over_mtls(
     assert "password" not in out
 
 
-def test_the_reference_calibration_is_reproducible_and_fits_the_model():
-    """scripts/gen_reference_calibration.sh: the same population gives the same table; a spec
-    change without regenerating it fails here, naming the script."""
+@pytest.mark.parametrize("model", ["v1", "v2"])
+def test_the_reference_calibration_is_reproducible_and_fits_the_model(model):
+    """scripts/gen_reference_calibration.sh: the same population gives the same table, bit for
+    bit, for every shipped model; a spec change without regenerating it fails here, naming
+    the script. The default model is version 2."""
+    import numpy as np
+
     from kernel.calibrate import calibrate
+    from kernel.spec import DEFAULT_SPEC_PATH
     from kernel.synthetic import generate_features
 
-    spec = load_spec()
-    shipped = reference_table(spec)
+    path = DEFAULT_SPEC_PATH.with_name(f"{model}.toml")
+    spec = load_spec(path)
+    shipped = reference_table(spec, path)
     people, features = generate_features(spec, REFERENCE_CITIZENS, seed=REFERENCE_SEED)
-    assert calibrate(spec, features, people.adult, n_threads=2).calibration_version == shipped.calibration_version
-    assert reference_path().name == "v1.calibration.npz"
+    again = calibrate(spec, features, people.adult, n_threads=2)
+    assert again.calibration_version == shipped.calibration_version
+    assert np.array_equal(again.counts, shipped.counts) and (again.raw_min, again.raw_max) == (shipped.raw_min, shipped.raw_max)
+    assert reference_path(path).name == f"{model}.calibration.npz"
+    assert reference_path().name == "v2.calibration.npz" and load_spec().version == 2
 
 
 # --- the city's calendar ---------------------------------------------------------------------
