@@ -287,7 +287,10 @@ cdef Py_ssize_t score_block(
 # --- batch loop -----------------------------------------------------------------------
 
 cdef struct Out:
-    # Pointers to the first row of each output column (kernel/columns.py::ScoreColumns).
+    # Pointers to the first row of each output column (kernel/columns.py::ScoreColumns), in
+    # one of its two layouts: DTYPES (compact == 0: dims, pct, reasons) or COMPACT_DTYPES
+    # (compact == 1: dims32, pct32, reasons8). raw, score, level and flags are the same in both.
+    bint compact
     double* dims
     double* raw
     double* pct
@@ -295,30 +298,63 @@ cdef struct Out:
     signed char* level
     short* reasons
     unsigned char* flags
+    float* dims32
+    float* pct32
+    signed char* reasons8
 
 
 cdef Out out_pointers(out) except *:
     """Pointers into a checked ScoreColumns; valid while ``out``'s arrays live."""
-    cdef double[:, ::1] dims = out.dimension_points
     cdef double[::1] raw = out.raw
-    cdef double[::1] pct = out.percentile
     cdef short[::1] score = out.score
     cdef signed char[::1] level = out.level
-    cdef short[:, ::1] reasons = out.reasons
     cdef unsigned char[::1] flags = out.flags
+    cdef double[:, ::1] dims
+    cdef double[::1] pct
+    cdef short[:, ::1] reasons
+    cdef float[:, ::1] dims32
+    cdef float[::1] pct32
+    cdef signed char[:, ::1] reasons8
     cdef Out o
-    o.dims, o.raw, o.pct = &dims[0, 0], &raw[0], &pct[0]
-    o.score, o.level, o.reasons, o.flags = &score[0], &level[0], &reasons[0, 0], &flags[0]
+    o.dims, o.pct, o.reasons, o.dims32, o.pct32, o.reasons8 = NULL, NULL, NULL, NULL, NULL, NULL
+    o.compact = out.compact
+    if o.compact:
+        dims32, pct32, reasons8 = out.dimension_points, out.percentile, out.reasons
+        o.dims32, o.pct32, o.reasons8 = &dims32[0, 0], &pct32[0], &reasons8[0, 0]
+    else:
+        dims, pct, reasons = out.dimension_points, out.percentile, out.reasons
+        o.dims, o.pct, o.reasons = &dims[0, 0], &pct[0], &reasons[0, 0]
+    o.raw, o.score, o.level, o.flags = &raw[0], &score[0], &level[0], &flags[0]
     return o
 
 
 cdef inline Py_ssize_t score_at(const Model* m, const feature_t* features, const unsigned char* adult,
                                 Py_ssize_t first, Py_ssize_t n, const Out* o) noexcept nogil:
-    """score_block for rows first..first+n-1 of whole-population arrays."""
-    return score_block(
-        m, features + first * m.n_vars, adult + first, n, o.dims + first * m.n_dims, o.raw + first,
-        o.pct + first, o.score + first, o.level + first, o.reasons + first * N_REASONS, o.flags + first,
+    """score_block for rows first..first+n-1 of whole-population arrays. The compact layout:
+    the block is scored exactly as for the wide one, into buffers of its own, and only the
+    display-only results (dimension points, percentile, reasons) are narrowed on the way out;
+    raw, score, level and flags go straight to the columns."""
+    cdef double dims[MAX_DIMS * BLOCK]
+    cdef double pct[BLOCK]
+    cdef short reasons[N_REASONS * BLOCK]
+    cdef Py_ssize_t i, n_invalid
+    cdef int nd = m.n_dims
+    if not o.compact:
+        return score_block(
+            m, features + first * m.n_vars, adult + first, n, o.dims + first * nd, o.raw + first,
+            o.pct + first, o.score + first, o.level + first, o.reasons + first * N_REASONS, o.flags + first,
+        )
+    n_invalid = score_block(
+        m, features + first * m.n_vars, adult + first, n, dims, o.raw + first,
+        pct, o.score + first, o.level + first, reasons, o.flags + first,
     )
+    for i in range(n * nd):
+        o.dims32[first * nd + i] = <float>dims[i]
+    for i in range(n):
+        o.pct32[first + i] = <float>pct[i]
+    for i in range(n * N_REASONS):
+        o.reasons8[first * N_REASONS + i] = <signed char>reasons[i]
+    return n_invalid
 
 
 cdef Py_ssize_t score_rows(

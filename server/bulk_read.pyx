@@ -57,6 +57,7 @@ cdef extern from "sqlite3.h" nogil:
     int sqlite3_prepare_v2(sqlite3* db, const char* sql, int nbyte, sqlite3_stmt** stmt, const char** tail)
     int sqlite3_bind_int64(sqlite3_stmt* stmt, int i, sqlite3_int64 value)
     int sqlite3_step(sqlite3_stmt* stmt)
+    int sqlite3_reset(sqlite3_stmt* stmt)
     int sqlite3_finalize(sqlite3_stmt* stmt)
     int sqlite3_column_count(sqlite3_stmt* stmt)
     int sqlite3_column_type(sqlite3_stmt* stmt, int col)
@@ -345,6 +346,67 @@ cdef class SQLiteQuery:
         if i < room:
             self._check(rc)
         return i, skipped
+
+    def fill_records_of_rows(self, NameCodes variables not None, NameCodes scenarios not None, const int64_t[::1] rows,
+                             Py_ssize_t start, int32_t[::1] citizen, int16_t[::1] variable, int32_t[::1] day,
+                             float[::1] value, int8_t[::1] bit):
+        """:meth:`fill_records` for a statement with one parameter, the citizen row (``?1``),
+        run once for each of ``rows[start:]`` in turn (reset and bound again, in C without
+        the GIL): each row's records whole or not at all. Returns (the index in ``rows`` to
+        go on from, records written, records skipped); the arrays are full before that
+        row's records when it is not ``len(rows)``."""
+        cdef Py_ssize_t room = citizen.shape[0], i = 0, mark, smark, skipped = 0, k = start, n_rows = rows.shape[0]
+        if variable.shape[0] < room or day.shape[0] < room or value.shape[0] < room or bit.shape[0] < room:
+            raise ValueError("fill_records_of_rows: the arrays must have the same length")
+        cdef sqlite3_stmt* st = self.stmt
+        cdef int rc = SQLITE_DONE, full = 0
+        cdef int32_t code
+        cdef long long row
+        cdef const char* text
+        if st == NULL:
+            raise self.reader._error("closed statement")
+        with nogil:
+            while k < n_rows and not full:
+                sqlite3_reset(st)
+                rc = sqlite3_bind_int64(st, 1, rows[k])
+                if rc != SQLITE_OK:
+                    break
+                mark, smark = i, skipped
+                while True:
+                    rc = sqlite3_step(st)
+                    if rc != SQLITE_ROW:
+                        break
+                    if i == room:
+                        full = 1
+                        i, skipped = mark, smark  # this row's records go in the next block, whole
+                        break
+                    row = sqlite3_column_int64(st, 0)
+                    text = <const char*>sqlite3_column_text(st, 1)
+                    code = variables.find(text, sqlite3_column_bytes(st, 1)) if text != NULL else -1
+                    if code < 0:
+                        skipped += 1
+                        continue
+                    citizen[i] = <int32_t>row
+                    variable[i] = <int16_t>code
+                    day[i] = <int32_t>sqlite3_column_int64(st, 2)
+                    value[i] = <float>sqlite3_column_double(st, 3)
+                    if sqlite3_column_type(st, 4) == SQLITE_NULL:
+                        bit[i] = -1
+                    else:
+                        text = <const char*>sqlite3_column_text(st, 4)
+                        bit[i] = <int8_t>scenarios.find(text, sqlite3_column_bytes(st, 4))
+                    i += 1
+                if full:
+                    break
+                if rc != SQLITE_DONE:
+                    break
+                k += 1
+            sqlite3_reset(st)
+        if not full and rc != SQLITE_DONE and rc != SQLITE_OK:
+            raise self.reader._error("read")
+        if full and i == 0:
+            raise ValueError(f"fill_records_of_rows: row {rows[k]} has more records than a block holds ({room})")
+        return k, i, skipped
 
     def fill_citizens(self, long long first_row, Py_ssize_t count):
         """Rows ``(citizen_row, citizen_id, birth_day, consent)`` of citizens ``first_row ..

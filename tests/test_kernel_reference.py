@@ -1,5 +1,6 @@
 """The Cython kernel against its numpy reference: identical integer results, dimension
-points within 1e-6 relative, for float32 and float64, read-only inputs, 1 and 2 threads."""
+points within 1e-6 relative, for float32 and float64, read-only inputs, 1 and 2 threads; and
+its compact output layout (the serving state's) against its wide one."""
 
 from __future__ import annotations
 
@@ -94,6 +95,52 @@ def test_rescoring_one_row_in_place_equals_the_batch(spec, city, calibration):
     feats[r, spec.variable_index("court_listed_dishonest_debtor")] = 1.0
     assert rows.rescore(r) <= spec.hard_rule_cap
     assert out.score[r + 1] == -7, "only the bound row is written"
+
+
+def assert_compact_is_the_wide_narrowed(compact: ScoreColumns, wide: ScoreColumns):
+    """The serving state's compact layout holds the wide layout's results: score, level,
+    flags, raw and reasons to the bit, dimension points and percentile as their float64
+    values rounded once to float32."""
+    assert compact.compact and not wide.compact
+    for name in ("score", "level", "flags"):
+        np.testing.assert_array_equal(getattr(compact, name), getattr(wide, name), err_msg=name)
+    np.testing.assert_array_equal(compact.raw.view(np.uint64), wide.raw.view(np.uint64))  # NaNs too
+    np.testing.assert_array_equal(compact.reasons.astype(np.int16), wide.reasons)
+    np.testing.assert_array_equal(compact.dimension_points, wide.dimension_points.astype(np.float32))
+    np.testing.assert_array_equal(compact.percentile.view(np.uint32), wide.percentile.astype(np.float32).view(np.uint32))
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_the_compact_layout_holds_exactly_the_wide_results(spec, calibration, dtype, n_threads):
+    """A large synthetic city (200,000 people, every level and reason, minors, hard rules):
+    storing compact cannot change a score, a level or a raw value, and one row re-scored in
+    place writes what the batch wrote."""
+    from kernel.synthetic import generate_features
+
+    people, features = generate_features(spec, 200_000, seed=2024)
+    feats = features.astype(dtype)
+    scorer = Scorer(spec, calibration)
+    wide = scorer.score(feats, people.adult, n_threads=n_threads)
+    compact = ScoreColumns.empty(len(feats), compact=True)
+    assert scorer.score(feats, people.adult, out=compact, n_threads=n_threads) is compact
+    assert_compact_is_the_wide_narrowed(compact, wide)
+    assert len(np.unique(wide.level)) == len(spec.levels) + 1 and (wide.flags & 1).any()
+    out = ScoreColumns.empty(len(feats), compact=True)
+    out.score[:] = -7
+    rows = scorer.bind(feats, people.adult, out)
+    picked = np.arange(0, len(feats), 613)
+    for r in picked:
+        rows.rescore(int(r))
+    assert_compact_is_the_wide_narrowed(out.take(picked), wide.take(picked))
+    assert out.score[1] == -7
+
+
+def test_a_compact_output_of_the_wrong_shape_is_refused(spec):
+    with pytest.raises(ValueError, match=r"out.percentile: expected float32 \(4,\), got float64 \(4,\)"):
+        cols = ScoreColumns.empty(4, compact=True)
+        cols.percentile = np.empty(4)
+        Scorer(spec).score(np.zeros((4, len(spec.variables))), np.ones(4, np.uint8), out=cols)
 
 
 def test_invalid_row_in_a_batch_is_named_and_gets_no_score(spec, calibration):

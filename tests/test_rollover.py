@@ -113,3 +113,177 @@ def test_writes_during_a_rollover_land_and_readers_never_see_a_row_from_two_mome
     assert child.exitcode == 0 and len(written) == 40 and reads[0] > 1000
     assert not bad, bad[:5]
     assert_same(state, state_on(runtime, url, day + 3))
+
+
+# --- the rollover's index (server/ageing.py): nothing read from the store but written rows ---
+
+
+def test_day_by_day_for_weeks_the_index_alone_gives_a_whole_load_and_reads_nothing(city):
+    """Forty days one after another (records decay, expire, windows close, people turn 18),
+    then a jump of 200: every step equals a whole load of the store on that day, and none
+    reads a record from the store (no citizen was written)."""
+    runtime, url = city
+    scorer = Scorer(runtime.spec, runtime.calibration())
+    day = today()
+    state = state_on(runtime, url, day)
+    with open_store(url) as store:
+        for step in [*range(1, 41), 240]:
+            figures = roll_over(state, store, scorer, runtime.scenarios, day + step)
+            assert figures["read_rows"] == figures["records_read"] == figures["rederived"] == 0, figures
+            if step % 8 == 0 or step == 240:
+                want = state_on(runtime, url, day + step)
+                assert_same(state, want)
+                assert_same_index(state, want)  # pruned day by day to what a whole load keeps
+    assert figures["from_index"] > 0
+
+
+def test_written_future_and_back_in_time_citizens_come_from_the_store(tmp_path):
+    """A citizen written since the index was made, one with a record of a variable without a
+    window dated in the future (its cell needs their other records of it, which the index
+    does not keep) and one with an ageing record dated in the future: the first two are read
+    from the store at the rollover, the third comes into effect from the index; and a clock
+    set back re-reads everyone. Each time, exactly a whole load."""
+    data = tmp_path / "data"
+    runtime = Runtime.prepare(ServerConfig(data_dir=data, seed_citizens=400, metrics_port=0, port=0))
+    runtime.load()
+    url = f"sqlite:///{data / 'qianjiang.db'}"
+    spec, scorer, day = runtime.spec, Scorer(runtime.spec, runtime.calibration()), today()
+    with open_store(url) as store:
+        store.add_records([RecordIn("soon-1", "c00000011", "residence_years", day + 3, 4.0, "citizen_card_company"),
+                           RecordIn("soon-2", "c00000012", "charity_donations", day + 2, 1.0, "charity_platform")],
+                          "citizen_card_company")
+    state = state_on(runtime, url, day)
+    assert state.until[11] == 0 and 0 < state.until[12] <= day + 2  # DIRTY, and an event on its day
+    with open_store(url) as store:
+        store.add_records([RecordIn("now-1", "c00000013", "court_listed_dishonest_debtor", day, 1.0, "court")], "court")
+        bound = scorer.bind(state.features, state.adult, state.columns)
+        with state.lock:
+            state.apply(state.snapshot(store, 13), runtime.scenarios, bound)
+        assert state.until[13] == 0
+        figures = roll_over(state, store, scorer, runtime.scenarios, day + 1)
+        assert figures["read_rows"] == 2 and figures["from_store"] == 2  # rows 11 and 13
+        assert_same(state, state_on(runtime, url, day + 1))
+        for step in (2, 3, 4):
+            roll_over(state, store, scorer, runtime.scenarios, day + step)
+            assert_same(state, state_on(runtime, url, day + step))
+        assert state.until[11] != 0  # in effect: nothing left for the store to tell
+        figures = roll_over(state, store, scorer, runtime.scenarios, day - 5)  # the clock set back
+        assert figures["read_rows"] == state.n_citizens
+        assert_same(state, state_on(runtime, url, day - 5))
+
+
+def test_the_index_knows_every_change_day():
+    """record_events against record_weights, day by day: before its event day a record's
+    weight moves only while it decays linearly (and the index keeps it), on that day it
+    moves, and a record the index neither keeps nor sends to the store never moves again."""
+    from kernel.features import Records, record_weights
+    from kernel.spec import load_spec
+    from server.ageing import NEVER, linear_variables, record_events
+
+    spec = load_spec()
+    rng = np.random.default_rng(3)
+    n, as_of = 20_000, 20_000
+    records = Records.from_arrays(np.zeros(n), rng.integers(0, len(spec.variables), n),
+                                  as_of + rng.integers(-2000, 60, n), rng.integers(1, 5, n))
+    events, keep, needs_store = record_events(spec, records, as_of)
+    linear = np.isin(records.variable, linear_variables(spec))
+    w0 = record_weights(spec, records, as_of)
+    for d in range(as_of + 1, as_of + 1900, 7):
+        moved = record_weights(spec, records, d) != w0
+        assert not (moved & (d < events) & ~(linear & keep)).any(), d
+    dated = np.flatnonzero(events < NEVER)
+    assert len(dated) > n // 5  # expiring, and coming into effect
+    for i in dated:
+        one = Records(records.citizen[i : i + 1], records.variable[i : i + 1], records.day[i : i + 1],
+                      records.value[i : i + 1])
+        e = int(events[i])
+        assert record_weights(spec, one, e)[0] != record_weights(spec, one, e - 1)[0], i
+    still = ~keep & ~needs_store
+    for d in (as_of + 1, as_of + 400, as_of + 5000):
+        assert not ((record_weights(spec, records, d) != w0) & still).any(), d
+
+
+def test_eighteen_on_the_day_adults_says():
+    from server.ageing import adult_day
+    from server.state import adults
+
+    births = np.arange(-2000, 2000)  # four years of birthdays, two 29 Februaries among them
+    days = adult_day(births)
+    for birth, day in zip(births.tolist(), days.tolist()):
+        assert adults(np.array([birth]), day)[0] == 1 and adults(np.array([birth]), day - 1)[0] == 0, birth
+
+
+def assert_same_index(a: ServingState, b: ServingState) -> None:
+    for name, array in b.ageing.arrays().items():
+        np.testing.assert_array_equal(a.ageing.arrays()[name], array, err_msg=f"ageing.{name}")
+
+
+def test_a_citizen_written_while_the_rollover_reads_it_is_read_again(city):
+    """Written before the rollover (read from the store), then again right after that read,
+    on the old day: skipped at publication and read once more on the new day. The end: a
+    whole load's state, and the index a whole load builds."""
+    runtime, url = city
+    scorer, day = Scorer(runtime.spec, runtime.calibration()), today()
+    state = state_on(runtime, url, day)
+    bound = scorer.bind(state.features, state.adult, state.columns)
+    row, reads = 21, []
+
+    def write(store, record_id: str) -> None:
+        store.add_records([RecordIn(f"{record_id}-{row}", f"c{row:08d}", "tax_arrears", day, 1.0, "tax_bureau")],
+                          "tax_bureau")
+        with state.lock:
+            state.apply(state.snapshot(store, row), runtime.scenarios, bound)
+
+    class WritingStore:  # the store, but a write lands right after the rollover's first read
+        def __init__(self, store):
+            self.store = store
+
+        def __getattr__(self, name):
+            return getattr(self.store, name)
+
+        def rows_read(self):
+            reader, outer = self.store.rows_read(), self
+
+            class Reader:
+                def read(self, rows, variables, scenarios):
+                    got = reader.read(rows, variables, scenarios)
+                    reads.append(rows.tolist())
+                    if len(reads) == 1:
+                        write(outer.store, "while-reading")
+                    return got
+
+                def close(self):
+                    reader.close()
+
+                def __enter__(self):
+                    return self
+
+                def __exit__(self, *exc):
+                    reader.close()
+
+            return Reader()
+
+    with open_store(url) as store:
+        write(store, "before")
+        figures = roll_over(state, WritingStore(store), scorer, runtime.scenarios, day + 1)
+    assert reads[0] == [row] and row in reads[1] and figures["rederived"] >= 1, (reads, figures)
+    want = state_on(runtime, url, day + 1)
+    assert_same(state, want)
+    assert_same_index(state, want)
+
+    # A citizen the rollover re-derives from the index (a decaying record), written after
+    # the rollover chose its citizens and before it reads theirs: the index lacks the new
+    # record, so the row must be skipped and read from the store.
+    from server.ageing import linear_variables
+
+    decaying = np.setdiff1d(state.ageing.rows_with(linear_variables(runtime.spec)), [21])
+    row, reads = int(decaying[3]), []
+    with open_store(url) as store:
+        row_before, row = row, 22
+        write(store, "dirty-again")  # row 22: DIRTY, so the rollover reads the store first
+        row = row_before
+        figures = roll_over(state, WritingStore(store), scorer, runtime.scenarios, day + 2)
+    assert reads[0] == [22] and len(reads) == 2 and row in reads[1], (reads, figures)  # read again, after
+    want = state_on(runtime, url, day + 2)
+    assert_same(state, want)
+    assert_same_index(state, want)

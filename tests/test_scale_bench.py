@@ -14,7 +14,7 @@ KEYS = {
     "citizens", "records", "seed_s", "store_bytes", "seed_peak_rss_bytes", "cold_start_s", "start_peak_rss_bytes",
     "snapshot_bytes", "state_bytes_per_citizen", "snapshot_start_s", "rss_per_worker_bytes", "kill_restart_s",
     "snapshot_starts", "rollover_s", "rollover_rows", "max_write_ms", "max_write_ms_before", "check_p99_ms",
-    "full_rescore_s",
+    "full_rescore_s", "rollover_index_bytes_per_citizen", "max_write_ms_after", "writes",
 }
 
 
@@ -27,6 +27,9 @@ def test_the_scale_benchmark_prints_every_figure_and_cleans_up(tmp_path):
     assert r["citizens"] == 3000 and r["records"] > 20_000
     assert r["snapshot_starts"] == 2  # the snapshot start, and the restart after SIGKILL
     assert 0 < r["rollover_rows"] < 3000 and r["rollover"]["rederived"] >= 0
+    assert r["rollover"]["from_index"] > 0  # the day's changes from the index, not the store
+    assert {"before", "during", "after"} <= r["writes"].keys() and r["writes"]["during"]["n"] > 0
+    assert 0 < r["rollover_index_bytes_per_citizen"] < 200
     assert r["snapshot_bytes"] > r["state_bytes_per_citizen"] * 3000 > 0
     assert all(r[k] > 0 for k in ("seed_peak_rss_bytes", "start_peak_rss_bytes", "rss_per_worker_bytes"))
     assert list(tmp_path.iterdir()) == []  # the work directory is gone

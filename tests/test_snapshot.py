@@ -129,7 +129,7 @@ def _edit_header(path, **changes) -> None:
 
 
 @pytest.mark.parametrize("damage, reason", [
-    ("truncate", "truncated in part"),
+    ("truncate", "truncated or grown"),
     ("flip", "does not match its checksum"),
     ("foreign", "not a snapshot of this service"),
     ("format", "snapshot format 99"),
@@ -290,3 +290,61 @@ def test_a_row_caught_mid_write_by_a_snapshot_is_readable_after_the_start(city):
     runtime = start(data)
     assert runtime.state.row_seq[7] % 2 == 0
     assert runtime.state.read_row(7, lambda: int(runtime.state.columns.score[7])) == int(before.state.columns.score[7])
+
+
+def _loaded_on(runtime: Runtime, store_url: str, day: int) -> ServingState:
+    from kernel.score import Scorer
+
+    state = ServingState.allocate(runtime.spec, runtime.state.capacity, runtime.state.token_capacity,
+                                  audit_key=runtime.keys.audit)
+    with open_store(store_url) as store:
+        state.load(store, Scorer(runtime.spec, runtime.calibration()), runtime.scenarios, day)
+    return state
+
+
+def test_the_rollovers_index_comes_back_with_the_snapshot(city, caplog):
+    """The index of ageing records (server/ageing.py) is written beside the state and read
+    once the start serves; a rollover after a snapshot start is a whole load's, reading no
+    record from the store."""
+    from kernel.score import Scorer
+    from server.rollover import roll_over
+
+    data, url, before = city
+    caplog.set_level(logging.INFO)
+    runtime = start(data)
+    assert runtime._ageing_ready.wait(30) and "index of" in caplog.text
+    assert len(before.state.ageing) > 0
+    for name, array in before.state.ageing.arrays().items():
+        np.testing.assert_array_equal(runtime.state.ageing.arrays()[name], array, err_msg=name)
+    day = runtime.state.as_of_day + 3
+    with open_store(url) as store:
+        figures = roll_over(runtime.state, store, Scorer(runtime.spec, runtime.calibration()), runtime.scenarios, day)
+    assert figures["read_rows"] == 0 and figures["from_index"] > 0
+    want = _loaded_on(runtime, url, day)
+    for name in ("features", "adult", "defaults", "gate", "until"):
+        np.testing.assert_array_equal(getattr(runtime.state, name)[:N], getattr(want, name)[:N], err_msg=name)
+
+
+def test_a_damaged_index_is_not_used_and_the_next_rollover_reads_the_store(city, caplog):
+    from kernel.score import Scorer
+    from server.rollover import roll_over
+
+    data, url, _ = city
+    path = snapshot.snapshot_path(data)
+    with open(path, "r+b") as fh:  # the last byte: in the index, after the state's parts
+        fh.seek(-1, os.SEEK_END)
+        byte = fh.read(1)
+        fh.seek(-1, os.SEEK_END)
+        fh.write(bytes([byte[0] ^ 0xFF]))
+    caplog.set_level(logging.INFO)
+    runtime = start(data)
+    assert "started from the snapshot" in caplog.text  # the state itself is fine
+    assert runtime._ageing_ready.wait(30) and runtime.state.ageing is None
+    assert "index of ageing records not used" in caplog.text
+    day = runtime.state.as_of_day + 1
+    with open_store(url) as store:
+        figures = roll_over(runtime.state, store, Scorer(runtime.spec, runtime.calibration()), runtime.scenarios, day)
+    assert figures["read_rows"] == N and len(runtime.state.ageing) > 0
+    want = _loaded_on(runtime, url, day)
+    for name in ("features", "defaults", "gate", "until"):
+        np.testing.assert_array_equal(getattr(runtime.state, name)[:N], getattr(want, name)[:N], err_msg=name)
