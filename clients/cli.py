@@ -584,9 +584,21 @@ def ingest_file(args) -> int:
 
 
 def cmd_consent(args) -> int:
+    if args.until and args.action != "grant":
+        raise UsageError("--until: only a grant expires")
+    if args.until and not args.purpose:
+        raise UsageError("--until: name the purposes it applies to (--purpose); the blanket stands until revoked")
     with _client(args) as qj:
-        state = qj.grant_consent(args.citizen) if args.action == "grant" else qj.revoke_consent(args.citizen)
-    emit(args, as_dict(state), f"{state.citizen_id}: authorisation {'granted' if state.granted else 'revoked'}")
+        if args.action == "grant":
+            state = qj.grant_consent(args.citizen, args.purpose, args.until or "")
+        elif args.action == "revoke":
+            state = qj.revoke_consent(args.citizen, args.purpose)
+        else:
+            state = qj.get_consent(args.citizen)
+    rows = [(p.purpose, "yes" if p.authorised else "no", p.setting or "(blanket)", p.expires or "-") for p in state.purposes]
+    text = (f"{state.citizen_id}: blanket authorisation {'granted' if state.granted else 'not granted'}\n\n"
+            + table(rows, ("purpose", "authorised", "setting", "last day")))
+    emit(args, as_dict(state), text)
     return 0
 
 
@@ -645,6 +657,132 @@ def cmd_checks(args) -> int:
     return 0
 
 
+# --- the citizens' rights ------------------------------------------------------------------------
+
+
+def _when(ts) -> str:
+    return ts.ToDatetime().strftime("%Y-%m-%d %H:%M:%S UTC") if ts.seconds or ts.nanos else "-"
+
+
+def _dispute_text(d) -> str:
+    from qianjiang.v1 import rights_pb2
+
+    rows = [("dispute", d.dispute_id), ("citizen", d.citizen_id), ("record", f"{d.source} {d.record_id} ({d.variable})"),
+            ("reason", d.reason), ("state", rights_pb2.Dispute.State.Name(d.state) + ("  OVERDUE" if d.overdue else "")),
+            ("filed", _when(d.filed_at)), ("answer by", f"{d.due_date} (the end of the day, city time)")]
+    if d.suspended_at.seconds:
+        rows.append(("suspended", f"{_when(d.suspended_at)}: unanswered past the deadline, the record stopped counting"))
+    if d.answered_at.seconds:
+        rows += [("answered", f"{_when(d.answered_at)} by {d.answered_by}"), ("answer", d.note)]
+    rows.append(("record now", f"{d.record_status}, version {d.record_version}"))
+    if d.event_id:
+        rows.append(("event id", d.event_id))
+    return table(rows)
+
+
+def _repair_text(r) -> str:
+    from qianjiang.v1 import rights_pb2
+
+    rows = [("application", r.repair_id), ("citizen", r.citizen_id),
+            ("record", f"{r.source} {r.record_id} ({r.variable}, {r.tier})"), ("statement", r.statement),
+            ("state", rights_pb2.RepairApplication.State.Name(r.state) + ("  OVERDUE" if r.overdue else "")),
+            ("filed", _when(r.filed_at)), ("decide by", f"{r.due_date} (working days; the end of the day, city time)")]
+    if r.escalated_at.seconds:
+        rows.append(("escalated", f"{_when(r.escalated_at)}: undecided past the deadline (never approved by default)"))
+    if r.decided_at.seconds:
+        rows += [("decided", f"{_when(r.decided_at)} by {r.decided_by}"), ("reason", r.decision_reason or "-")]
+    rows.append(("record now", f"{r.record_status}, version {r.record_version}"))
+    if r.event_id:
+        rows.append(("event id", r.event_id))
+    return table(rows)
+
+
+def cmd_records(args) -> int:
+    """A citizen's records, with what may be done about each."""
+    with _client(args) as qj:
+        resp = qj.citizen_records(args.citizen)
+    rows = [(r.source, r.record_id, r.variable, r.tier or "-", r.date, f"{r.value:g}", r.status,
+             r.open_dispute_id or r.pending_repair_id or "-", r.counts_until or "-", r.repairable_from or "-")
+            for r in resp.records]
+    emit(args, as_dict(resp), table(rows, ("source", "record", "variable", "tier", "date", "value", "status",
+                                           "open procedure", "counts until", "repairable from"))
+         if rows else "no records")
+    return 0
+
+
+def cmd_dispute_file(args) -> int:
+    with _client(args) as qj:
+        d = qj.file_dispute(args.citizen, args.source, args.record_id, args.reason)
+    emit(args, as_dict(d), _dispute_text(d))
+    return 0
+
+
+def cmd_dispute_list(args) -> int:
+    from qianjiang.v1 import rights_pb2
+
+    with _client(args) as qj:
+        found = qj.list_disputes(args.citizen, args.source, args.open, args.limit)
+    rows = [(d.dispute_id, d.citizen_id, d.source, d.record_id, d.variable,
+             rights_pb2.Dispute.State.Name(d.state) + (" OVERDUE" if d.overdue else ""), d.due_date, d.record_status)
+            for d in found]
+    emit(args, [as_dict(d) for d in found],
+         table(rows, ("dispute", "citizen", "source", "record", "variable", "state", "answer by", "record now"))
+         if rows else "no disputes")
+    return 0
+
+
+def cmd_dispute_answer(args) -> int:
+    if args.answer == "correct" and (not args.date or args.value is None):
+        raise UsageError("correct: give --date and --value, the record's corrected date and value")
+    if args.answer != "correct" and (args.date or args.value is not None):
+        raise UsageError(f"{args.answer}: --date and --value are for correct only")
+    with _client(args) as qj:
+        d = qj.answer_dispute(args.dispute_id, args.answer, args.note, date=args.date or "", value=args.value or 0.0,
+                              source=args.source)
+    emit(args, as_dict(d), _dispute_text(d) + "\nthe citizen was re-scored")
+    return 0
+
+
+def cmd_repair_apply(args) -> int:
+    with _client(args) as qj:
+        r = qj.apply_repair(args.citizen, args.source, args.record_id, args.statement)
+    emit(args, as_dict(r), _repair_text(r))
+    return 0
+
+
+def cmd_repair_list(args) -> int:
+    from qianjiang.v1 import rights_pb2
+
+    with _client(args) as qj:
+        found = qj.list_repairs(args.citizen, args.source, args.pending, args.limit)
+    rows = [(r.repair_id, r.citizen_id, r.source, r.record_id, r.variable, r.tier,
+             rights_pb2.RepairApplication.State.Name(r.state) + (" OVERDUE" if r.overdue else ""), r.due_date)
+            for r in found]
+    emit(args, [as_dict(r) for r in found],
+         table(rows, ("application", "citizen", "source", "record", "variable", "tier", "state", "decide by"))
+         if rows else "no applications")
+    return 0
+
+
+def cmd_repair_decide(args) -> int:
+    if args.decision == "reject" and not args.reason.strip():
+        raise UsageError("reject: give --reason, the source's reason to the citizen")
+    with _client(args) as qj:
+        r = qj.decide_repair(args.repair_id, args.decision == "approve", args.reason, source=args.source)
+    emit(args, as_dict(r), _repair_text(r) + "\nthe citizen was re-scored")
+    return 0
+
+
+def cmd_test_clock(args) -> int:
+    seconds = args.days * 86_400 + args.seconds
+    if seconds <= 0:
+        raise UsageError("give --days or --seconds: how far forward to move the rights clock")
+    with _client(args) as qj:
+        c = qj.advance_test_clock(seconds)
+    emit(args, as_dict(c), f"rights clock now {_when(c.now)} ({c.today} in the city), {c.offset_seconds} s ahead")
+    return 0
+
+
 def cmd_certs(args) -> int:
     from server import tls
 
@@ -696,6 +834,7 @@ def serve_config(args):
         audit=not args.no_audit, event_loop=args.event_loop, audit_max_pending=args.audit_max_pending,
         batch_tokens_per_second=args.batch_tokens_per_second, purposes_path=args.purposes,
         snapshot_seconds=args.snapshot_interval,
+        rights_path=args.rights_config, test_clock=args.test_clock,
     )
 
 
@@ -839,7 +978,7 @@ def cmd_generate(args) -> int:
 
 
 def _spec(path: str | None):
-    """The model spec at --spec (default: the v1 model's)."""
+    """The model spec at --spec (default: the default model's, kernel/models/v2.toml)."""
     from kernel.spec import SpecError, load_spec
 
     try:
@@ -865,6 +1004,51 @@ def cmd_calibrate(args) -> int:
     except OSError as exc:  # --out or --png
         raise UsageError(f"{exc.filename}: {exc.strerror}") from None
     return 0
+
+
+# --- fairness (kernel/fairness.py) ----------------------------------------------------------------
+
+
+def _fairness_city_options(p) -> None:
+    p.add_argument("--fairness-citizens", type=_at_least(1), default=400_000, metavar="N",
+                   help="people in the synthetic city of the release's fairness audit")
+    p.add_argument("--fairness-seed", type=int, default=11, help="its random seed")
+
+
+def cmd_fairness(args) -> int:
+    """The fairness audit of a spec or a staged release; exit 1 when it fails the four-fifths rule."""
+    from kernel.calibration import CalibrationError, reference_table
+    from kernel.fairness import audit_city
+    from server.models import RELEASE_ID_RE, ModelRegistry, RegistryError
+    from server.scenarios import ScenarioConfigError, load_scenarios
+
+    try:
+        scenarios = load_scenarios(args.scenarios)
+    except (OSError, ScenarioConfigError) as exc:
+        raise UsageError(f"--scenarios {args.scenarios}: {exc}") from None
+    if args.model is not None and RELEASE_ID_RE.match(args.model):
+        try:
+            spec, table = ModelRegistry(args.data_dir).release(args.model)
+        except (RegistryError, CalibrationError, ValueError) as exc:
+            raise UsageError(f"--model {args.model}: {exc}") from None
+        where = f"release {args.model}"
+    else:
+        spec = _spec(args.model)
+        try:
+            table = reference_table(spec, args.model)
+            where = "its reference calibration"
+        except CalibrationError:
+            table, where = None, "a calibration frozen from this city"
+    report = audit_city(spec, table, scenarios, args.citizens, args.seed)
+    text = report.format() + f"\n(scored with {where})"
+    if args.out:
+        try:
+            paths = report.write(args.out)
+        except OSError as exc:
+            raise UsageError(f"--out {args.out}: {exc.strerror}") from None
+        text += "\n" + "\n".join(f"{kind:<5} {path}" for kind, path in paths.items())
+    emit(args, report.to_dict(), text)
+    return 0 if report.passed else 1
 
 
 # --- model releases (local: the registry in --data-dir) ------------------------------------------
@@ -942,16 +1126,22 @@ def cmd_model_stage(args) -> int:
     from server.scenarios import load_scenarios
     from server.store import open_store
 
-    reg = ModelRegistry(args.data_dir)
+    reg = ModelRegistry(args.data_dir, args.fairness_citizens, args.fairness_seed)
     reg.adopt_legacy()  # a data directory from before the registry: its v1 calibration is the active release
     store = open_store(_store_url(args))
     try:
         rid, report = reg.stage(args.spec, args.calibration, store=store, scenarios=load_scenarios(args.scenarios))
     finally:
         store.close()
-    obj = {"release_id": rid, "active": reg.active(), "report": report.to_dict() if report else None}
+    fairness = reg.fairness(rid)
+    obj = {"release_id": rid, "active": reg.active(), "report": report.to_dict() if report else None,
+           "fairness": fairness.summary(), "fairness_report": str(reg.path(rid) / "fairness.html")}
     text = f"staged    {rid}\n" + (report.format() if report else "nothing is active yet: no comparison")
-    text += f"\n\nactivate with: qjscore model activate {rid}" + (f" --data-dir {args.data_dir}" if args.data_dir != "data" else "")
+    text += f"\n\n{fairness.format()}\nfairness report: {reg.path(rid) / 'fairness.html'}"
+    more = f" --data-dir {args.data_dir}" if args.data_dir != "data" else ""
+    if not fairness.passed:
+        more += " --reason TEXT  (it fails the four-fifths rule: activation needs a reason)"
+    text += f"\n\nactivate with: qjscore model activate {rid}" + more
     emit(args, obj, text)
     return 0
 
@@ -959,10 +1149,12 @@ def cmd_model_stage(args) -> int:
 def cmd_model_activate(args) -> int:
     from server.models import ModelRegistry
 
-    reg = ModelRegistry(args.data_dir)
+    reg = ModelRegistry(args.data_dir, args.fairness_citizens, args.fairness_seed)
     reg.adopt_legacy()
-    before = reg.activate(args.release)
+    before = reg.activate(args.release, reason=args.reason)
     done = f"{args.release} is already active" if before == args.release else f"activated {args.release}"
+    if before != args.release and args.reason:
+        done += f" (reason: {args.reason})"
     return _tell_server(args, reg, done)
 
 
@@ -1014,8 +1206,8 @@ def parser() -> argparse.ArgumentParser:
     ap = _Parser(prog="qjscore", description="Qianjiang Score service: serve it, query it, feed it.")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    def client_cmd(name, fn, help):
-        p = sub.add_parser(name, help=help)
+    def client_cmd(name, fn, help, within=None):
+        p = (within or sub).add_parser(name, help=help)
         p.add_argument("--target", type=_arg(parse_target), default=DEFAULT_TARGET,
                        help="host:port of the service ($QJ_TARGET sets the default)")
         p.add_argument("--timeout", type=_arg(parse_timeout), default=5.0, metavar="SECONDS",
@@ -1077,9 +1269,13 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--value", type=_arg(parse_record_value), default=1.0, help="amount (hours, months, ...): 1 for a plain event")
     p.add_argument("--source", default="", help=source)
     p.add_argument("--scenario", help="pay-later scenario of an unpaid default")
-    p = client_cmd("consent", cmd_consent, "grant or revoke a citizen's authorisation")
-    p.add_argument("action", choices=("grant", "revoke"), help="grant or revoke")
+    p = client_cmd("consent", cmd_consent, "grant, revoke or show a citizen's authorisation, of everything or by purpose")
+    p.add_argument("action", choices=("grant", "revoke", "show"), help="grant, revoke, or show it as it stands")
     p.add_argument("citizen", help=citizen)
+    p.add_argument("--purpose", action="append", default=[], metavar="NAME",
+                   help="a scenario or read purpose, e.g. metro_pay_later (repeatable; none: every purpose at once)")
+    p.add_argument("--until", type=_arg(parse_date), metavar="YYYY-MM-DD",
+                   help="a grant of the named purposes holds until this day (city calendar); default: until revoked")
     p = client_cmd("withdraw", cmd_withdraw, "withdraw a record, or mark it repaired (--repaired)")
     p.add_argument("record_id", help="the record's id")
     p.add_argument("--repaired", action="store_true", help="credit repair: the citizen remedied it (default: withdrawn as an error)")
@@ -1098,6 +1294,49 @@ def parser() -> argparse.ArgumentParser:
     p = client_cmd("checks", cmd_checks, "who checked a citizen: the audit log's disclosures about them")
     p.add_argument("citizen", help=citizen)
     p.add_argument("--limit", type=_at_least(0, 1000), default=100, help="the most entries to list, newest first (at most 1000)")
+    # the citizens' rights: a citizen's records, disputes, credit repair (RightsService)
+    p = client_cmd("records", cmd_records, "a citizen's records: status, open dispute or repair, when repairable")
+    p.add_argument("citizen", help=citizen)
+    group = sub.add_parser("dispute", help="disputes: a citizen files, a record's source answers within 20 days")
+    dispute = group.add_subparsers(dest="dispute_command", required=True)
+    p = client_cmd("file", cmd_dispute_file, "dispute one of a citizen's records (a citizen app)", dispute)
+    p.add_argument("citizen", help=citizen)
+    p.add_argument("--source", required=True, help="the record's source, e.g. police")
+    p.add_argument("--record-id", required=True, help="the record's id at its source (qjscore records lists them)")
+    p.add_argument("--reason", required=True, help="why the record is wrong (at most 500 characters)")
+    p = client_cmd("list", cmd_dispute_list, "a citizen's disputes, or those of the caller's records (a source)", dispute)
+    p.add_argument("--citizen", default="", help=citizen)
+    p.add_argument("--source", default="", help="a source's records (a source: its own, the default)")
+    p.add_argument("--open", action="store_true", help="only the disputes waiting for an answer")
+    p.add_argument("--limit", type=_at_least(0, 1000), default=100, help="the most to list, newest first")
+    p = client_cmd("answer", cmd_dispute_answer, "the record's source answers a dispute (once)", dispute)
+    p.add_argument("dispute_id", help="the dispute, e.g. dsp-3f9c...")
+    p.add_argument("answer", choices=("confirm", "correct", "withdraw"),
+                   help="confirm: the record stands; correct: a new version (--date, --value); withdraw: it goes")
+    p.add_argument("--note", required=True, help="the answer to the citizen (at most 500 characters)")
+    p.add_argument("--date", type=_arg(parse_date), default=None, help="correct: the record's date, YYYY-MM-DD")
+    p.add_argument("--value", type=_arg(parse_record_value), default=None, help="correct: the record's value")
+    p.add_argument("--source", default="", help=source)
+    group = sub.add_parser("repair", help="credit repair: a citizen applies, the record's source decides in 5 working days")
+    repair = group.add_subparsers(dest="repair_command", required=True)
+    p = client_cmd("apply", cmd_repair_apply, "apply to repair one of a citizen's negative records (a citizen app)", repair)
+    p.add_argument("citizen", help=citizen)
+    p.add_argument("--source", required=True, help="the record's source, e.g. tax_bureau")
+    p.add_argument("--record-id", required=True, help="the record's id at its source (qjscore records lists them)")
+    p.add_argument("--statement", required=True, help="how it was remedied, e.g. arrears paid (at most 1000 characters)")
+    p = client_cmd("list", cmd_repair_list, "a citizen's applications, or those for the caller's records (a source)", repair)
+    p.add_argument("--citizen", default="", help=citizen)
+    p.add_argument("--source", default="", help="a source's records (a source: its own, the default)")
+    p.add_argument("--pending", action="store_true", help="only the applications waiting for a decision")
+    p.add_argument("--limit", type=_at_least(0, 1000), default=100, help="the most to list, newest first")
+    p = client_cmd("decide", cmd_repair_decide, "the record's source decides an application (once)", repair)
+    p.add_argument("repair_id", help="the application, e.g. rep-9a0b...")
+    p.add_argument("decision", choices=("approve", "reject"), help="approve: the record is repaired; reject: --reason")
+    p.add_argument("--reason", default="", help="why (required to reject; at most 500 characters)")
+    p.add_argument("--source", default="", help=source)
+    p = client_cmd("test-clock", cmd_test_clock, "development: move a --test-clock server's rights clock forward")
+    p.add_argument("--days", type=_at_least(0, 1098), default=0, help="days forward")
+    p.add_argument("--seconds", type=_at_least(0), default=0, help="and seconds forward")
     p = client_cmd("health", cmd_health, "the server's health status")
     p.add_argument("--service", default="", help="one service, e.g. qianjiang.v1.EligibilityService (default: the whole server)")
 
@@ -1170,12 +1409,18 @@ def parser() -> argparse.ArgumentParser:
                         "RESOURCE_EXHAUSTED CALLER_QUOTA (0: no limit; not applied in the insecure mode; "
                         "default %(default)s)")
     p.add_argument("--purposes", help="the purposes a score may be read for (default config/purposes.toml)")
+    p.add_argument("--rights-config", default=None, metavar="FILE",
+                   help="disputes' and credit repair's deadlines, tier rules and working-day calendar "
+                        "(default config/rights.toml)")
+    p.add_argument("--test-clock", action="store_true",
+                   help="development and tests only: let RightsService/AdvanceTestClock (qjscore test-clock) move the "
+                        "rights clock forward; --production refuses it")
     p.add_argument("--snapshot-interval", type=_seconds, default=600.0, metavar="SECONDS",
                    help="write the serving state's snapshot this often, and at every clean stop, so that a start "
                         "maps it instead of loading the whole city (0: only at a clean stop; default %(default)s)")
     p.set_defaults(fn=cmd_serve)
 
-    spec = "model spec TOML (default: the v1 model, kernel/models/v1.toml)"
+    spec = "model spec TOML (default: the default model, kernel/models/v2.toml)"
     p = sub.add_parser("certs", help="make a development CA and certificates for the server and callers")
     p.add_argument("--out", default="data/certs", metavar="DIR", help="directory for ca, server and <caller> .pem/.key")
     p.add_argument("--caller", action="append", type=_arg(parse_caller), metavar="IDENTITY",
@@ -1206,6 +1451,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.set_defaults(fn=cmd_calibrate)
 
+    p = sub.add_parser("fairness", help="the fairness audit of a model on a synthetic city: approval rates and "
+                                         "four-fifths ratios of every protected group, and the proxy check "
+                                         "(exit 1 if a ratio is below 0.8)")
+    p.add_argument("--citizens", type=_at_least(1), default=400_000, metavar="N", help="people in the synthetic city")
+    p.add_argument("--seed", type=int, default=11, help="the synthetic city's random seed")
+    p.add_argument("--model", default=None, metavar="SPEC|RELEASE",
+                   help="a model spec TOML (scored with its reference calibration kernel/models/<name>.calibration.npz "
+                        "if it has one, else one frozen from the city) or a staged release id (its own calibration; "
+                        "see --data-dir) (default: the default model, kernel/models/v2.toml)")
+    p.add_argument("--data-dir", default="data", help="the data directory whose registry holds --model RELEASE")
+    p.add_argument("--scenarios", default=None, help="scenarios config (default config/scenarios.toml)")
+    p.add_argument("--out", default=None, metavar="DIR", help="write fairness.json, fairness.png and fairness.html here "
+                                                              "(default: print only)")
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(fn=cmd_fairness)
+
     model = sub.add_parser("model", help="model releases: status, stage (with a rollout report), activate, restore")
     msub = model.add_subparsers(dest="model_command", required=True)
 
@@ -1222,10 +1483,16 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("spec", nargs="?", default=None, help="model spec TOML (default: the active release's, to recalibrate it)")
     p.add_argument("--calibration", default=None, help="a frozen calibration table (.npz) for the spec (default: freeze one on the store's population)")
     p.add_argument("--scenarios", default=None, help="scenarios config (default config/scenarios.toml)")
+    _fairness_city_options(p)
     wait = "seconds to wait for the running server to confirm the switch (default %(default)s)"
-    p = model_cmd("activate", cmd_model_activate, "make a staged release active and tell the running server to switch")
+    p = model_cmd("activate", cmd_model_activate, "make a staged release active and tell the running server to switch "
+                                                  "(refused if its fairness audit fails the four-fifths rule, unless --reason)")
     p.add_argument("release", help="release id, as `model stage` or `model status` prints it")
     p.add_argument("--wait", type=_seconds, default=120.0, metavar="SECONDS", help=wait)
+    p.add_argument("--reason", default=None, metavar="TEXT",
+                   help="why a release with a four-fifths ratio below 0.8 is activated anyway (kept in the release "
+                        "history with who activated it)")
+    _fairness_city_options(p)
     p = model_cmd("restore", cmd_model_restore, "go back to the previous release and tell the running server to switch")
     p.add_argument("--wait", type=_seconds, default=120.0, metavar="SECONDS", help=wait)
     return ap

@@ -40,6 +40,8 @@ from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
 )
 
+from qianjiang.v1 import rights_pb2, rights_pb2_grpc  # disputes and credit repair
+
 Outcome = eligibility_pb2.Outcome
 Record = records_pb2.Record
 Why = records_pb2.WithdrawRecordRequest.Why
@@ -53,6 +55,7 @@ RETRY_POLICY = {
                 {"service": "qianjiang.v1.EligibilityService"},
                 {"service": "qianjiang.v1.RecordsService"},
                 {"service": "qianjiang.v1.AuditService"},
+                {"service": "qianjiang.v1.RightsService"},
                 {"service": "grpc.health.v1.Health"},
             ],
             "retryPolicy": {
@@ -331,6 +334,7 @@ class QianjiangClient:
         self.records = records_pb2_grpc.RecordsServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.audit = audit_pb2_grpc.AuditServiceStub(self.channel)
+        self.rights = rights_pb2_grpc.RightsServiceStub(self.channel)
 
     def __enter__(self) -> "QianjiangClient":
         return self
@@ -437,14 +441,24 @@ class QianjiangClient:
         return self.records.GetRecordHistory(req, timeout=self._t(timeout))
 
     @_typed
-    def grant_consent(self, citizen_id: str, timeout: float | None = None) -> records_pb2.ConsentState:
-        return self.records.GrantConsent(records_pb2.ConsentRequest(citizen_id=citizen_id), timeout=self._t(timeout),
-                                         metadata=self._for(citizen_id))
+    def grant_consent(self, citizen_id: str, purposes: Iterable[str] = (), expires: str = "",
+                      timeout: float | None = None) -> records_pb2.ConsentState:
+        """Every purpose (none named), or each of ``purposes`` alone, until ``expires``
+        (YYYY-MM-DD, a grant of purposes only) or revocation."""
+        req = records_pb2.ConsentRequest(citizen_id=citizen_id, purposes=list(purposes), expires=expires)
+        return self.records.GrantConsent(req, timeout=self._t(timeout), metadata=self._for(citizen_id))
 
     @_typed
-    def revoke_consent(self, citizen_id: str, timeout: float | None = None) -> records_pb2.ConsentState:
-        return self.records.RevokeConsent(records_pb2.ConsentRequest(citizen_id=citizen_id), timeout=self._t(timeout),
-                                          metadata=self._for(citizen_id))
+    def revoke_consent(self, citizen_id: str, purposes: Iterable[str] = (), timeout: float | None = None) -> records_pb2.ConsentState:
+        """Everything (none named), or each of ``purposes`` alone."""
+        req = records_pb2.ConsentRequest(citizen_id=citizen_id, purposes=list(purposes))
+        return self.records.RevokeConsent(req, timeout=self._t(timeout), metadata=self._for(citizen_id))
+
+    @_typed
+    def get_consent(self, citizen_id: str, timeout: float | None = None) -> records_pb2.ConsentState:
+        """The citizen's consent as it stands, purpose by purpose."""
+        return self.records.GetConsent(records_pb2.ConsentRequest(citizen_id=citizen_id), timeout=self._t(timeout),
+                                       metadata=self._for(citizen_id))
 
     @_typed
     def upsert_citizen(self, citizen_id: str, birth_date: str, timeout: float | None = None) -> records_pb2.CitizenAck:
@@ -469,6 +483,70 @@ class QianjiangClient:
         ``citizen_id``: the citizen a citizen app asks for (the decision must be about them)."""
         req = audit_pb2.ReplayDecisionRequest(decision_id=decision_id)
         return self.audit.ReplayDecision(req, timeout=self._t(timeout), metadata=self._for(citizen_id))
+
+    # --- the citizens' rights: disputes and credit repair (proto/qianjiang/v1/rights.proto) ------
+    #
+    # A step that failed UNAVAILABLE is retried like any call; if it had committed before the
+    # failure, its retry answers DISPUTE_OPEN, REPAIR_PENDING or ALREADY_ANSWERED: list to see it.
+
+    @_typed
+    def citizen_records(self, citizen_id: str, timeout: float | None = None) -> rights_pb2.ListCitizenRecordsResponse:
+        """A citizen's records (every status), with their open dispute or repair application."""
+        req = rights_pb2.ListCitizenRecordsRequest(citizen_id=citizen_id)
+        return self.rights.ListCitizenRecords(req, timeout=self._t(timeout), metadata=self._for(citizen_id))
+
+    @_typed
+    def file_dispute(self, citizen_id: str, source: str, record_id: str, reason: str,
+                     timeout: float | None = None) -> rights_pb2.Dispute:
+        """The citizen disputes one of their records (a citizen app)."""
+        req = rights_pb2.FileDisputeRequest(citizen_id=citizen_id, source=source, record_id=record_id, reason=reason)
+        return self.rights.FileDispute(req, timeout=self._t(timeout), metadata=self._for(citizen_id))
+
+    @_typed
+    def list_disputes(self, citizen_id: str = "", source: str = "", open_only: bool = False, limit: int = 0,
+                      timeout: float | None = None) -> list[rights_pb2.Dispute]:
+        """A citizen's disputes (a citizen app), or those of the caller's records (a source)."""
+        req = rights_pb2.ListDisputesRequest(citizen_id=citizen_id, source=source, open_only=open_only, limit=limit)
+        return list(self.rights.ListDisputes(req, timeout=self._t(timeout), metadata=self._for(citizen_id)).disputes)
+
+    @_typed
+    def answer_dispute(self, dispute_id: str, answer: str | int, note: str, date: str = "", value: float = 0.0,
+                       source: str = "", timeout: float | None = None) -> rights_pb2.Dispute:
+        """The record's source answers: ``answer`` "confirm", "correct" (with ``date`` and
+        ``value``) or "withdraw" (or the AnswerDisputeRequest.Answer value)."""
+        if isinstance(answer, str):
+            answer = rights_pb2.AnswerDisputeRequest.Answer.Value(answer.upper())
+        req = rights_pb2.AnswerDisputeRequest(dispute_id=dispute_id, answer=answer, note=note, date=date, value=value,
+                                              source=source)
+        return self.rights.AnswerDispute(req, timeout=self._t(timeout))
+
+    @_typed
+    def apply_repair(self, citizen_id: str, source: str, record_id: str, statement: str,
+                     timeout: float | None = None) -> rights_pb2.RepairApplication:
+        """The citizen applies to repair one of their negative records (a citizen app)."""
+        req = rights_pb2.ApplyRepairRequest(citizen_id=citizen_id, source=source, record_id=record_id,
+                                            statement=statement)
+        return self.rights.ApplyRepair(req, timeout=self._t(timeout), metadata=self._for(citizen_id))
+
+    @_typed
+    def list_repairs(self, citizen_id: str = "", source: str = "", pending_only: bool = False, limit: int = 0,
+                     timeout: float | None = None) -> list[rights_pb2.RepairApplication]:
+        """A citizen's repair applications (a citizen app), or those for the caller's records (a source)."""
+        req = rights_pb2.ListRepairsRequest(citizen_id=citizen_id, source=source, pending_only=pending_only, limit=limit)
+        return list(self.rights.ListRepairs(req, timeout=self._t(timeout), metadata=self._for(citizen_id)).applications)
+
+    @_typed
+    def decide_repair(self, repair_id: str, approve: bool, reason: str = "", source: str = "",
+                      timeout: float | None = None) -> rights_pb2.RepairApplication:
+        """The record's source decides: approve (the record is repaired) or reject (with a reason)."""
+        decision = rights_pb2.DecideRepairRequest.APPROVE if approve else rights_pb2.DecideRepairRequest.REJECT
+        req = rights_pb2.DecideRepairRequest(repair_id=repair_id, decision=decision, reason=reason, source=source)
+        return self.rights.DecideRepair(req, timeout=self._t(timeout))
+
+    @_typed
+    def advance_test_clock(self, seconds: int, timeout: float | None = None) -> rights_pb2.TestClock:
+        """Development and tests: move a --test-clock server's rights clock forward."""
+        return self.rights.AdvanceTestClock(rights_pb2.AdvanceTestClockRequest(seconds=seconds), timeout=self._t(timeout))
 
     # --- health -------------------------------------------------------------------------------
 

@@ -68,14 +68,14 @@ import numpy as np
 from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
-from qianjiang.v1 import audit_pb2, eligibility_pb2, records_pb2, score_pb2
+from qianjiang.v1 import audit_pb2, eligibility_pb2, records_pb2, rights_pb2, score_pb2
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = ROOT / "tests" / "fuzz_corpus"
 SPEC_TEXT = (ROOT / "kernel" / "models" / "v1.toml").read_bytes()
 
 #: The modules whose services are fuzzed: every rpc of every service they declare.
-SERVICE_MODULES = (score_pb2, eligibility_pb2, records_pb2, audit_pb2)
+SERVICE_MODULES = (score_pb2, eligibility_pb2, records_pb2, audit_pb2, rights_pb2)
 
 
 # --- the rpcs, from the descriptors ------------------------------------------------------------
@@ -128,6 +128,8 @@ FIELD_KINDS: dict[str, dict[str, str]] = {
     "ScoreService/GetScore": {"citizen_id": "citizen_id", "purpose": "purpose"},
     "ScoreService/ExplainScore": {"citizen_id": "citizen_id", "purpose": "purpose"},
     "ScoreService/BatchGetScores": {"citizen_ids": "citizen_ids", "purpose": "purpose"},
+    "ScoreService/SimulateScore": {"citizen_id": "citizen_id", "purpose": "purpose", "changes": "changes",
+                                   "next_level": "bool"},
     "EligibilityService/Check": {"scenario": "scenario", "card_token": "token", "request_id": "uint64"},
     "EligibilityService/BatchCheck": {"scenario": "scenario", "card_tokens": "tokens"},
     "EligibilityService/StreamCheck": {"scenario": "scenario", "card_token": "token", "request_id": "uint64"},
@@ -139,18 +141,32 @@ FIELD_KINDS: dict[str, dict[str, str]] = {
     "RecordsService/CorrectRecord": {"record_id": "record_id", "date": "date", "value": "value", "source": "source"},
     "RecordsService/WithdrawRecord": {"record_id": "record_id", "why": "enum", "source": "source"},
     "RecordsService/GetRecordHistory": {"record_id": "record_id", "source": "source"},
-    "RecordsService/GrantConsent": {"citizen_id": "citizen_id"},
-    "RecordsService/RevokeConsent": {"citizen_id": "citizen_id"},
+    "RecordsService/GrantConsent": {"citizen_id": "citizen_id", "purposes": "purposes", "expires": "date"},
+    "RecordsService/RevokeConsent": {"citizen_id": "citizen_id", "purposes": "purposes", "expires": "date"},
+    "RecordsService/GetConsent": {"citizen_id": "citizen_id", "purposes": "purposes", "expires": "date"},
     "RecordsService/UpsertCitizen": {"citizen_id": "new_citizen_id", "birth_date": "date"},
     "RecordsService/RegisterCard": {"citizen_id": "citizen_id", "card_token": "token"},
     "AuditService/ListChecks": {"citizen_id": "citizen_id", "limit": "uint32"},
     "AuditService/ReplayDecision": {"decision_id": "decision_id"},
+    "RightsService/ListCitizenRecords": {"citizen_id": "citizen_id"},
+    "RightsService/FileDispute": {"citizen_id": "citizen_id", "source": "source", "record_id": "record_id",
+                                  "reason": "text"},
+    "RightsService/ListDisputes": {"citizen_id": "citizen_id", "source": "source", "open_only": "bool",
+                                   "limit": "uint32"},
+    "RightsService/AnswerDispute": {"dispute_id": "text", "answer": "enum", "date": "date", "value": "value",
+                                    "note": "text", "source": "source"},
+    "RightsService/ApplyRepair": {"citizen_id": "citizen_id", "source": "source", "record_id": "record_id",
+                                  "statement": "text"},
+    "RightsService/ListRepairs": {"citizen_id": "citizen_id", "source": "source", "pending_only": "bool",
+                                  "limit": "uint32"},
+    "RightsService/DecideRepair": {"repair_id": "text", "decision": "enum", "reason": "text", "source": "source"},
+    "RightsService/AdvanceTestClock": {"seconds": "int64"},
 }
 
 KINDS = frozenset({
     "citizen_id", "new_citizen_id", "citizen_ids", "record_id", "new_record_id", "text", "scenario",
     "record_scenario", "variable", "date", "value", "token", "tokens", "uint64", "uint32", "enum", "purpose",
-    "source", "decision_id",
+    "source", "decision_id", "changes", "bool", "purposes", "int64",
 })
 
 
@@ -493,8 +509,52 @@ def gen_uint32(c, v: Vocab) -> int:
     return c.choice(EDGE_UINT32) if c.index(2) else c.integer(0, 2**32 - 1)
 
 
+def gen_int64(c, v: Vocab) -> int:
+    return c.choice((0, 1, -1, 86_400, 95_000_000, 2**31, 2**63 - 1, -(2**63))) if c.index(2) else c.integer(-(2**63), 2**63 - 1)
+
+
 def gen_enum(c, v: Vocab) -> int:
     return c.choice(EDGE_ENUM) if c.index(3) else c.integer(-(2**31), 2**31 - 1)
+
+
+def gen_bool(c, v: Vocab) -> bool:
+    return c.index(2) == 0
+
+
+def gen_purposes(c, v: Vocab) -> list[str]:
+    """What a consent names: nothing (the blanket), scenarios and read purposes, near misses
+    and junk, sometimes more than the limit."""
+    branch = c.weighted((30, 50, 15, 5))
+    if branch == 0:
+        return []
+    if branch == 1:
+        return [gen_scenario(c, v) if c.index(2) else gen_purpose(c, v) for _ in range(c.integer(1, 4))]
+    if branch == 2:
+        return [c.choice(v.scenarios)] * c.integer(2, 40)
+    return [gen_text(c, 80) for _ in range(c.integer(1, 50))]
+
+
+def gen_changes(c, v: Vocab) -> list:
+    """A what-if's changes (SimulateScore): repairs of the citizen's (or anyone's, or no)
+    records, whole variables, hypothetical records with odd values, dates and counts, empty
+    ones; sometimes more than the limit."""
+    from qianjiang.v1 import score_pb2
+
+    def one():
+        branch = c.weighted((30, 20, 40, 10))
+        if branch == 0:
+            return score_pb2.SimulatedChange(remove_record=score_pb2.RecordRef(
+                record_id=gen_record_id(c, v), source=gen_source(c, v)))
+        if branch == 1:
+            return score_pb2.SimulatedChange(remove_variable=gen_variable(c, v))
+        if branch == 2:
+            return score_pb2.SimulatedChange(add_record=score_pb2.HypotheticalRecord(
+                variable=gen_variable(c, v), value=gen_value(c, v), date=gen_date(c, v) if c.index(2) else "",
+                count=gen_uint32(c, v) if c.index(4) == 0 else c.integer(0, 3)))
+        return score_pb2.SimulatedChange()
+
+    n = c.choice((0, 1, 1, 2, 3, 5)) if c.weighted((19, 1)) == 0 else c.choice((50, 51, 200))
+    return [one() for _ in range(n)]
 
 
 GENERATORS = {
@@ -503,7 +563,8 @@ GENERATORS = {
     "scenario": gen_scenario, "record_scenario": gen_record_scenario, "variable": gen_variable,
     "date": gen_date, "value": gen_value, "token": gen_token, "tokens": gen_tokens, "uint64": gen_uint64,
     "uint32": gen_uint32, "enum": gen_enum, "purpose": gen_purpose, "source": gen_source,
-    "decision_id": gen_decision_id,
+    "decision_id": gen_decision_id, "changes": gen_changes, "bool": gen_bool, "purposes": gen_purposes,
+    "int64": gen_int64,
 }
 assert set(GENERATORS) == KINDS
 

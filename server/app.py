@@ -53,6 +53,7 @@ from server.keys import Keys, load_keys, synthetic_card_number
 from server.keys import card_token as keyed_card_token
 from server.metrics import Metrics
 from server.models import ModelRegistry, lock_data_dir, remove_pid_file, write_pid_file
+from server.consent import ConsentPurposes
 from server.purposes import load_purposes
 from server.quotas import TokenBuckets
 from server.reflection import enable_reflection
@@ -62,6 +63,9 @@ from server.scenarios import Outcome, load_scenarios
 from server.seed import citizen_id, seed_store  # development seeding (--seed-citizens)
 from server.service import CreditService
 from server.servicers import AuditServicer, EligibilityServicer, RecordsServicer, ScoreServicer
+from qianjiang.v1 import rights_pb2, rights_pb2_grpc
+from server.rights import DeadlineSweep, Rights, RightsShared, load_rights_config
+from server.servicers import RightsServicer
 from server.state import (
     ACTIVE_GENERATION, CONTROL_WORKERS_SERVING, PREPARED_GENERATION, READY, WARMED, Control, ServingState,
 )
@@ -77,6 +81,8 @@ SERVICE_NAMES = (
     records_pb2.DESCRIPTOR.services_by_name["RecordsService"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
 )
+RIGHTS_SERVICE = rights_pb2.DESCRIPTOR.services_by_name["RightsService"].full_name  # disputes, credit repair
+SERVICE_NAMES += (RIGHTS_SERVICE,)
 
 #: Bigger messages are refused by grpc with RESOURCE_EXHAUSTED (a BatchCheck of the maximum
 #: 100,000 tokens is 1.6 MB).
@@ -184,6 +190,11 @@ class ServerConfig:
     # clean stop; a start maps it instead of loading the whole city. 0: only at a clean stop.
     snapshot_seconds: float = 600.0
     event_loop: str = "uvloop"  # or "asyncio" (server/event_loop.py)
+    # The citizens' rights (server/rights.py): deadlines, tier rules, the working-day calendar
+    # (default config/rights.toml); and, for development and tests only, a rights clock that
+    # RightsService/AdvanceTestClock moves forward (--production refuses it).
+    rights_path: Path | None = None
+    test_clock: bool = False
 
     @property
     def stream_limit(self) -> int:
@@ -211,6 +222,28 @@ class ServerConfig:
     @property
     def resolved_store_url(self) -> str:
         return self.store_url or f"sqlite:///{Path(self.data_dir).resolve()}/qianjiang.db"
+
+
+def since_start() -> float:
+    """Seconds since this process began (its start time in /proc; 0 where there is none)."""
+    try:
+        with open("/proc/self/stat") as fh:
+            started = int(fh.read().rsplit(")", 1)[1].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as fh:
+            return float(fh.read().split()[0]) - started
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+_BEGAN: list[float] = []  # when the server's (first) process began, epoch seconds: workers inherit it
+
+
+def _phase(what: str) -> None:
+    """A step of a start, with the time since the server's process began (where a start's
+    seconds go; a worker counts from its parent's beginning)."""
+    if not _BEGAN:
+        _BEGAN.append(time.time() - since_start())
+    log.info("start: %s (%.2f s after the process began)", what, time.time() - _BEGAN[0])
 
 
 def _ms(seconds: float) -> int:
@@ -266,11 +299,17 @@ class Runtime:
         self.registry = ModelRegistry(config.data_dir)
         self._calibration, self.release = calibration, release
         self.snapshot_header: dict | None = None  # the snapshot to start from (Runtime.prepare)
+        self._ageing_ready = threading.Event()  # the rollover's index is in (or will never be)
+        self._ageing_ready.set()
+        self._rolling = False  # a day rollover is under way: no snapshot of a state half moved
         self._positions: deque[tuple[float, int]] = deque()  # (monotonic time, state position), for replay floors
         self._snapshot_lock = threading.Lock()
         self.calibration_path = Path(config.data_dir) / f"calibration-{spec.model_version}.npz"
         self.policy = load_policy(config.policy_path)
         self.purposes = load_purposes(config.purposes_path)
+        # what a citizen can consent to, each its bit (server/consent.py)
+        self.consent_purposes = ConsentPurposes(list(scenarios), list(self.purposes))
+        state.consent_purposes = self.consent_purposes
         # the policy's grants must name this model's record types and these scenarios, each
         # record type granted only to its spec source (PolicyError otherwise: no start)
         try:
@@ -303,6 +342,14 @@ class Runtime:
             return Authenticator("mtls", self.policy, identity_of=caller_identity, end_user_keys=self._end_user_keys())
         raise ValueError(f"--security {cfg.security!r}: expected insecure, token or mtls")
 
+    def _end_user_keys(self) -> dict:
+        """Each citizen app's public key for the end users it signs for (server/end_user.py):
+        made in development when missing; required in production."""
+        from server.end_user import load_public_keys
+
+        apps = [identity for identity, c in self.policy.callers.items() if c.role == "citizen_app"]
+        return load_public_keys(self.config.data_dir, apps, create=not self.config.production)
+
     def synthetic_card_token(self, row: int) -> bytes:
         return keyed_card_token(self.keys.card, synthetic_card_number(row))
 
@@ -313,14 +360,6 @@ class Runtime:
 
     @classmethod
     def prepare(cls, config: ServerConfig) -> "Runtime":
-    def _end_user_keys(self) -> dict:
-        """Each citizen app's public key for the end users it signs for (server/end_user.py):
-        made in development when missing; required in production."""
-        from server.end_user import load_public_keys
-
-        apps = [identity for identity, c in self.policy.callers.items() if c.role == "citizen_app"]
-        return load_public_keys(self.config.data_dir, apps, create=not self.config.production)
-
         """Open the store (seeding an empty one when asked) and allocate the shared state.
         Cheap enough to run before the workers fork; loading comes after (:meth:`load`)."""
         check_stance(config)
@@ -338,9 +377,12 @@ class Runtime:
         keys = load_keys(Path(config.data_dir))
         store = open_store(config.resolved_store_url)
         try:
-            if store.counts()["citizens"] == 0 and config.seed_citizens > 0:
-                seed_store(store, spec, config.seed_citizens, config.seed, keys)
+            # population_bounds reads two keys' maxima; counts() would count every record
+            # (15 s at 12.5 M, and its scan evicts the page cache a snapshot start needs)
             citizens, cards = store.population_bounds()
+            if citizens == 0 and config.seed_citizens > 0:
+                seed_store(store, spec, config.seed_citizens, config.seed, keys)
+                citizens, cards = store.population_bounds()
             if citizens == 0:
                 log.warning("the store %s has no citizens: serving an empty city (every card is unknown) until "
                             "sources add people (UpsertCitizen, RegisterCard, IngestRecords)%s", store.name,
@@ -364,6 +406,13 @@ class Runtime:
                                       lock=control.lock)
         runtime = cls(config, spec, scenarios, state, keys, control, calibration, release)
         runtime.snapshot_header = header
+        # the citizens' rights: their configuration, the rights clock and the dispute marks,
+        # shared by the workers like the state (server/rights.py)
+        runtime.rights_config = load_rights_config(config.rights_path)
+        runtime.rights_shared = RightsShared(capacity, test_clock=config.test_clock)
+        if config.test_clock:
+            log.warning("--test-clock: RightsService/AdvanceTestClock may move this server's rights clock forward "
+                        "(development and tests only)")
         return runtime
 
     def open_store(self, metrics: Metrics | None = None) -> Store:
@@ -387,6 +436,9 @@ class Runtime:
         try:
             calibrated = self._calibration is not None or self.calibration_path.exists()
             scorer = Scorer(self.spec, self.calibration()) if calibrated else Scorer(self.spec)
+            marked = self.rights_shared.rebuild(store)  # before the state is ready: no call sees marks missing
+            if marked:
+                log.info("%d citizens have open disputes", marked)
             if not (calibrated and self._restore_snapshot(store, scorer)):
                 self.state.load(store, scorer, self.scenarios, today(), mark_ready=calibrated)
         finally:
@@ -424,9 +476,12 @@ class Runtime:
         path, t0, touched = snapshot.snapshot_path(self.config.data_dir), time.perf_counter(), False
         try:
             snapshot.check(header, self.state, **self._snapshot_identity(store), store_position=store.high_water_mark())
+            _phase("snapshot checked")
             touched = True
             snapshot.load_into(path, header, self.state)
+            _phase("snapshot read")
             replayed = snapshot.replay(self.state, store, self.scenarios, scorer, header["position"])
+            _phase(f"{replayed} changed citizens replayed")
         except (snapshot.SnapshotRefused, StoreError, OSError) as exc:
             log.warning("snapshot not used: %s; loading from the store", exc)
             if touched:
@@ -434,11 +489,33 @@ class Runtime:
             return False
         log.info("started from the snapshot of %d citizens (position %d) in %.1f s; %d citizens changed since were "
                  "re-derived from the store", self.state.n_citizens, header["position"], time.perf_counter() - t0, replayed)
-        if self.state.as_of_day != today():  # a snapshot of another day
+        self._consent_settings_from(store)  # the snapshot's consent bits may mean other purposes
+        if self.state.as_of_day != today():  # a snapshot of another day: its index first
+            self._read_ageing(path, header)
             roll_over(self.state, store, scorer, self.scenarios, today())
+        else:  # the index only serves the next rollover: read once the state serves
+            self._ageing_ready.clear()
+            threading.Thread(target=self._read_ageing, args=(path, header), name="qj-ageing", daemon=True).start()
         with self.state.lock:
             self.state.meta[READY] = 1
         return True
+
+    def _read_ageing(self, path: Path, header: dict) -> None:
+        """The snapshot's index of ageing records into the state (server/ageing.py). A
+        damaged one leaves none: the next rollover then reads every citizen from the store."""
+        state = self.state
+        try:
+            t0 = time.perf_counter()
+            ageing = snapshot.read_ageing(path, header)
+            if state is self.state:
+                state.ageing = ageing
+            log.info("the rollover's index of %d ageing records read from the snapshot in %.1f s",
+                     len(ageing) if ageing is not None else 0, time.perf_counter() - t0)
+        except (snapshot.SnapshotRefused, OSError) as exc:
+            log.warning("the snapshot's index of ageing records not used (%s): the next day rollover reads every "
+                        "citizen from the store", exc)
+        finally:
+            self._ageing_ready.set()
 
     def note_position(self) -> None:
         """Sample the state's position (the maintenance loop, once a second): a snapshot
@@ -454,6 +531,10 @@ class Runtime:
         position; otherwise from the newest sampled position old enough."""
         if self.release is None or not self.state.ready:
             return None
+        if self._rolling:  # its rows half moved to the new day: the previous snapshot stays
+            log.warning("snapshot not written: a day rollover is under way")
+            return None
+        self._ageing_ready.wait(300)  # the rollover's index, read after the start, goes in it too
         with self._snapshot_lock:
             if exact or not self._positions:
                 position = self.state.position
@@ -466,6 +547,33 @@ class Runtime:
                 store.close()
             return snapshot.write(snapshot.snapshot_path(self.config.data_dir), self.state, **identity, position=position)
 
+    def _consent_settings_from(self, store: Store) -> None:
+        """Every row's purpose exceptions from the store, and the gate of each that changed:
+        after a snapshot (written under another list of purposes, perhaps), before serving."""
+        s = self.state
+        n = s.n_citizens
+        with s.lock:
+            before = s.consent_except[:n].copy()
+            s.load_consent_settings(store, n)
+            changed = np.flatnonzero(before != s.consent_except[:n])
+            if len(changed):
+                with s.writing(changed):
+                    s.refresh_gate(changed)
+
+    def expire_consents(self, store: Store, old_day: int, new_day: int) -> int:
+        """At the city's midnight: the citizens whose purpose grants ended on a day now past
+        (their last day in [old_day, new_day - 1]) get their consent re-derived. Returns how
+        many."""
+        rows = store.consent_rows_expiring(old_day, new_day - 1)
+        for row in rows:
+            blanket, exceptions = self.state.consent_of(store, row)
+            position = store.high_water_mark()
+            with self.state.lock:
+                self.state.set_consent(row, blanket, max(position, int(self.state.consent_position[row])), exceptions)
+        if rows:
+            log.info("consent: %d citizens' purpose grants expired at the day's start", len(rows))
+        return len(rows)
+
     def _snapshot_identity(self, store: Store) -> dict:
         """What a snapshot is of (server/snapshot.py write and check): the release, the keys'
         fingerprint and the store."""
@@ -473,15 +581,23 @@ class Runtime:
                 "calibration_version": self.calibration().calibration_version,
                 "keys_id": snapshot.keys_fingerprint(self.keys), "store": snapshot.store_identity(store)}
 
-    def refresh_if_new_day(self, metrics: Metrics | None = None) -> bool:
-        """Records age out and people turn 18 by the city's day: on a new day, re-derive the
-        citizens that changes, without stalling writes (server/rollover.py)."""
-        day = today()
+    def refresh_if_new_day(self, metrics: Metrics | None = None, day: int | None = None) -> bool:
+        """Records age out, people turn 18 and purpose grants end by the city's day: on a
+        new day (``day``: the city's today by default), re-derive the citizens that changes,
+        without stalling writes (server/rollover.py)."""
+        day = today() if day is None else day
         if day == self.state.as_of_day:
             return False
         store = self.open_store()
         try:
-            figures = roll_over(self.state, store, Scorer(self.spec, self.calibration()), self.scenarios, day)
+            old_day = self.state.as_of_day
+            self._ageing_ready.wait(300)  # read after a snapshot start (else every citizen is read again)
+            self._rolling = True
+            try:
+                figures = roll_over(self.state, store, Scorer(self.spec, self.calibration()), self.scenarios, day)
+            finally:
+                self._rolling = False
+            self.expire_consents(store, old_day, day)
         finally:
             store.close()
         if metrics:
@@ -510,6 +626,8 @@ def check_stance(config: ServerConfig) -> None:
         raise ValueError(f"--production never seeds a synthetic city: drop --seed-citizens {config.seed_citizens}")
     if config.security != "mtls":
         raise ValueError(f"--production serves with mutual TLS (--security mtls --certs DIR), not --security {config.security}")
+    if config.test_clock:
+        raise ValueError("--production keeps the real clock: drop --test-clock (development and tests only)")
 
 
 # --- one process's server -------------------------------------------------------------------
@@ -542,6 +660,8 @@ class Node:
         self.eligibility = EligibilityServicer(self.pool, self._ready)
         self.records = RecordsServicer(self.pool, self._ready)
         self.audit_servicer = AuditServicer(self.pool, self._ready)
+        self.rights = RightsServicer(self.pool, self._ready)
+        self.score.rights_marks = runtime.rights_shared
         self.service: CreditService | None = None
         self.store_watch: StoreWatch | None = None
         self._next: tuple[int, CreditService] | None = None  # built for the next generation
@@ -584,6 +704,7 @@ class Node:
             ],
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, self.server)
+        rights_pb2_grpc.add_RightsServiceServicer_to_server(self.rights, self.server)
         score_pb2_grpc.add_ScoreServiceServicer_to_server(self.score, self.server)
         eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(self.eligibility, self.server)
         records_pb2_grpc.add_RecordsServiceServicer_to_server(self.records, self.server)
@@ -683,13 +804,14 @@ class Node:
         self.metrics.store_up.set(1 if up else 0)
         status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
         try:
-            self.set_health(status, names=(RECORDS_SERVICE,))
+            self.set_health(status, names=(RECORDS_SERVICE, RIGHTS_SERVICE))
         except RuntimeError:  # the loop is closed: draining
             pass
 
     def _serve(self, service: CreditService) -> None:
         old = self.service
         self.score.service = self.eligibility.service = self.records.service = self.audit_servicer.service = service
+        self.rights.service = Rights(service, self.runtime.rights_shared, self.runtime.rights_config)
         self.service = service
         info = self.metrics.model_info
         if old is not None:
@@ -724,6 +846,7 @@ class Node:
                 old = self.service
                 state = ServingState.attach(path, spec, old.state.capacity, old.state.token_capacity,
                                             old.state.audit_key, control.lock)
+                state.consent_purposes = old.state.consent_purposes
                 service = self._service_on(state, spec, calibration, generation, previous=old)
                 _warm_up(service)
             except Exception:  # noqa: BLE001 - the parent times out and keeps the old release
@@ -767,9 +890,9 @@ def _warm_up(service: CreditService) -> None:
     calls after the switch pay no page faults or first-call costs."""
     s = service.state
     n = s.n_citizens
-    for column in (s.columns.score, s.columns.flags, s.adult, s.consent, s.defaults, s.subject, s.tokens.rows):
+    for column in (s.columns.score, s.columns.flags, s.adult, s.consent, s.defaults, s.subject, s.gate):
         int(np.asarray(column[: max(n, 1)]).view(np.uint8).sum())
-    int(s.tokens.keys.view(np.uint8).sum())
+    int(s.tokens.slots.view(np.uint8).sum())
     scenario = next(iter(service.scenarios.values()))
     service._check_tokens(scenario, bytes(16 * 64))
 
@@ -875,9 +998,11 @@ def serve(config: ServerConfig, on_ready=None) -> None:
     answers (the CLI prints how to query it)."""
     if config.workers > 1 and config.port == 0:
         raise ValueError("--workers > 1 needs a fixed --port (every worker binds the same one)")
+    _phase("imports done")
     lock_data_dir(config.data_dir)  # one server per data directory, before anything touches it
     signals = _Signals()
     runtime = Runtime.prepare(config)
+    _phase("store opened, state allocated")
     write_pid_file(config.data_dir)  # `qjscore model activate|restore` signals this process
     atexit.register(remove_pid_file, config.data_dir)
     if config.security == "insecure":
@@ -895,7 +1020,9 @@ def serve(config: ServerConfig, on_ready=None) -> None:
 def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event, reload: threading.Event, nodes: int) -> None:
     """The parent's background work, one thing at a time: a model rollout when SIGHUP asks
     for one (server/rollout.py), the snapshot every ``snapshot_seconds`` (server/snapshot.py)
-    and the day rollover at the city's midnight (server/rollover.py). It runs at a lower CPU
+    and the day rollover at the city's midnight (server/rollover.py); every second, the rights'
+    deadline sweep (server/rights.py: disputes unanswered past their deadline suspend their
+    record, repair applications undecided past theirs are escalated). It runs at a lower CPU
     priority (this thread only) so that all of it takes what the workers leave."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
@@ -904,8 +1031,10 @@ def _maintenance(runtime: Runtime, metrics: Metrics, stop: threading.Event, relo
     next_refresh = time.monotonic() + 60
     every = runtime.config.snapshot_seconds
     next_snapshot = time.monotonic() + every if every > 0 else float("inf")
+    sweep = DeadlineSweep(runtime)  # disputes and repair applications past their deadlines (server/rights.py)
     while not stop.is_set():
         runtime.note_position()
+        sweep()
         if time.monotonic() >= next_snapshot:
             next_snapshot = time.monotonic() + every
             try:
@@ -972,6 +1101,7 @@ def _serve_workers(runtime: Runtime, on_ready, signals: _Signals) -> None:
             finally:
                 os._exit(code)
         children.append(pid)
+    _phase(f"{cfg.workers} workers forked")
     metrics = Metrics()
     if cfg.metrics_port:
         from prometheus_client import CollectorRegistry, start_http_server
@@ -981,9 +1111,11 @@ def _serve_workers(runtime: Runtime, on_ready, signals: _Signals) -> None:
         multiprocess.MultiProcessCollector(registry)
         start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=registry)
     runtime.load(metrics)
+    _phase("state ready")
     deadline = time.monotonic() + 60
     while runtime.control.meta[CONTROL_WORKERS_SERVING] < cfg.workers and time.monotonic() < deadline:
         time.sleep(0.05)
+    _phase("every worker serving")
     if on_ready:
         on_ready(runtime, cfg.port)
     stop = threading.Event()
@@ -1015,11 +1147,13 @@ def _worker(runtime: Runtime, parent: int) -> None:
     signals = _Signals(reload=False)  # this process's own (the parent's were inherited)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent decides; SIGTERM drains
     node = Node(runtime, reuseport=True).start()
+    _phase(f"worker {os.getpid()} listening")
     while not runtime.state.ready:
         if os.getppid() != parent:
             return
         time.sleep(0.05)
     node.attach()
+    _phase(f"worker {os.getpid()} serving")
     with runtime.control.lock:
         runtime.control.meta[CONTROL_WORKERS_SERVING] += 1
     _wait_for_signal(signals, parent)

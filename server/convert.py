@@ -141,6 +141,19 @@ def explanation_message(view: ScoreView, contributions: list[Contribution], spec
     )
 
 
+def consent_state(citizen_id: str, view) -> records_pb2.ConsentState:
+    """A citizen's consent (service.ConsentView), purpose by purpose."""
+    out = records_pb2.ConsentState(citizen_id=citizen_id, granted=view.blanket)
+    for name, authorised, setting in view.purposes:
+        p = out.purposes.add(purpose=name, authorised=authorised)
+        if setting is not None:
+            granted, expires = setting
+            p.setting = "granted" if granted else "revoked"
+            if expires is not None:
+                p.expires = date_of(expires)
+    return out
+
+
 def changes_in(msgs) -> list[Change]:
     """SimulateScoreRequest.changes -> what-if changes (server/whatif.py), each field checked."""
     out = []

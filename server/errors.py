@@ -16,13 +16,20 @@ INVALID_ARGUMENT also carries a ``BadRequest`` with one ``FieldViolation``. The 
 * UNAUTHENTICATED: ``UNAUTHENTICATED``; PERMISSION_DENIED: ``PERMISSION_DENIED``
 * NOT_FOUND: ``UNKNOWN_SCENARIO`` (``scenario``), ``UNKNOWN_CITIZEN``, ``RECORD_NOT_FOUND``
   (also another source's record: "not yours" and "not there" are one answer),
-  ``UNKNOWN_DECISION`` (ReplayDecision)
+  ``UNKNOWN_DECISION`` (ReplayDecision), ``DISPUTE_NOT_FOUND`` and ``REPAIR_NOT_FOUND`` (also
+  another source's: RightsService)
 * FAILED_PRECONDITION: ``NOT_AUTHORISED`` (no consent, or revoked), ``UNDER_18`` (no score),
-  ``RECORD_NOT_ACTIVE`` (the record is withdrawn or repaired), ``STORE_REJECTED`` (the store
+  ``RECORD_NOT_ACTIVE`` (the record is withdrawn, repaired, or suspended by a dispute),
+  ``UNDER_REVIEW`` (a dispute while a repair application waits, or the reverse),
+  ``ALREADY_ANSWERED`` (a dispute answered, an application decided: final), ``NOT_REPAIRABLE``
+  (a positive record, one that no longer counts, one inside its minimum publicity period),
+  ``TEST_CLOCK_OFF``, ``STORE_REJECTED`` (the store
   refused the write for good: resending it fails again), ``NOTHING_TO_REPLAY`` (a decision
   about an unknown card, or one whose release is gone)
 * ALREADY_EXISTS: ``RECORD_CONFLICT`` (``field`` where the store names it: a record id
-  resent with other content), ``CONFLICT`` (a card token bound to another citizen)
+  resent with other content), ``CONFLICT`` (a card token bound to another citizen),
+  ``DISPUTE_OPEN`` (a second open dispute on a record), ``REPAIR_PENDING`` (a second waiting
+  repair application)
 * RESOURCE_EXHAUSTED: ``STREAM_LIMIT`` (``limit``: too many open streams on this worker;
   retry with backoff), ``CALL_LIMIT`` (``limit``: this worker has its most calls in flight),
   ``CALLER_QUOTA`` (``limit``, ``quota``: ``calls`` or ``streams``: this caller identity has
@@ -54,7 +61,10 @@ from google.rpc import error_details_pb2, status_pb2
 
 from server import store
 from server.audit import AuditFull, AuditUnavailable
-from server.store import Conflict, NotFound, StoreError, StoreRejected, StoreUnavailable, WrongState
+from server.store import (
+    AlreadyClosed, Conflict, DisputeNotFound, DisputeOpen, NotFound, NotRepairable, RepairNotFound, RepairPending,
+    StoreError, StoreRejected, StoreUnavailable, UnderReview, WrongState,
+)
 from server.token_index import TokenIndexFull
 
 #: Longest message a status carries. Messages quote what the caller sent (a scenario, a
@@ -201,6 +211,14 @@ class UnknownDecision(ServiceError):
         super().__init__("no decision or disclosure has this id")
 
 
+class TestClockOff(ServiceError):
+    """RightsService/AdvanceTestClock on a server started without --test-clock."""
+
+    def __init__(self):
+        super().__init__("this server's rights clock is the real one: only a server started with --test-clock "
+                         "(development and tests; --production refuses it) moves it")
+
+
 class NothingToReplay(ServiceError):
     """An appeal's replay cannot be made: the disclosure concerns nobody (an unknown card),
     or what made it is gone (the audit log is off, the release left the registry)."""
@@ -243,6 +261,15 @@ ERRORS: dict[type[BaseException], Kind] = {
     NotReady: Kind(_S.UNAVAILABLE, "NOT_READY"),
     UnknownDecision: Kind(_S.NOT_FOUND, "UNKNOWN_DECISION"),
     NothingToReplay: Kind(_S.FAILED_PRECONDITION, "NOTHING_TO_REPLAY"),
+    # The citizens' rights (server/rights.py, proto/qianjiang/v1/rights.proto).
+    DisputeNotFound: Kind(_S.NOT_FOUND, "DISPUTE_NOT_FOUND"),
+    RepairNotFound: Kind(_S.NOT_FOUND, "REPAIR_NOT_FOUND"),
+    DisputeOpen: Kind(_S.ALREADY_EXISTS, "DISPUTE_OPEN"),
+    RepairPending: Kind(_S.ALREADY_EXISTS, "REPAIR_PENDING"),
+    UnderReview: Kind(_S.FAILED_PRECONDITION, "UNDER_REVIEW"),
+    AlreadyClosed: Kind(_S.FAILED_PRECONDITION, "ALREADY_ANSWERED"),
+    NotRepairable: Kind(_S.FAILED_PRECONDITION, "NOT_REPAIRABLE"),
+    TestClockOff: Kind(_S.FAILED_PRECONDITION, "TEST_CLOCK_OFF"),
     DeadlineExceeded: Kind(_S.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     # Clients retry UNAVAILABLE, and only it: only what may succeed on a retry maps to it.
     StoreUnavailable: Kind(_S.UNAVAILABLE, "STORE_UNAVAILABLE"),

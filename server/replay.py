@@ -79,7 +79,8 @@ def _at(entry, position: int, row: int, birth_day: int, store: Store, spec: Mode
     reasons = tuple(spec.variables[v].reason.code for v in cols.reasons[0] if v != NO_REASON)
 
     # the one precedence of every API (proto/qianjiang/v1/eligibility.proto)
-    if not store.consent_at(row, position):
+    # the consent for the entry's own purpose (a scenario, or a read's purpose: server/consent.py)
+    if not store.consent_at(row, position, entry.scenario or None, day):
         result = Outcome.NOT_AUTHORISED
     elif not adult[0]:
         result = Outcome.UNDER_18

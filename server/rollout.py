@@ -80,6 +80,7 @@ def roll_out(runtime, nodes: int, metrics=None, warm_timeout: float = 60.0) -> R
     control, old = runtime.control, runtime.state
     new = ServingState.allocate(spec, old.capacity, token_capacity=old.token_capacity, audit_key=old.audit_key,
                                 lock=control.lock, by_path=True)
+    new.consent_purposes = old.consent_purposes
     scorer = Scorer(spec, table)
     store = runtime.open_store()
     try:

@@ -23,7 +23,9 @@ from server.config_files import DEFAULT_CONFIG_DIR, read_toml
 DEFAULT_SCENARIOS_PATH = DEFAULT_CONFIG_DIR / "scenarios.toml"
 
 #: At most this many pay-later scenarios: each has one bit of the per-citizen default mask.
-MAX_PAY_LATER = 32
+MAX_PAY_LATER = 16
+#: Scenarios a configuration may have: each has its consent bit (server/consent.py).
+MAX_SCENARIOS = 16
 
 
 class Outcome(enum.IntEnum):
@@ -81,6 +83,7 @@ class Scenario:
     min_score: int
     pay_later: bool
     default_bit: int  # bit in the citizen's unpaid-default mask (pay-later only), else -1
+    consent_bit: int = -1  # bit of the citizen's consent for this scenario (server/consent.py); -1: the blanket
 
     @property
     def rules_version(self) -> str:
@@ -131,7 +134,10 @@ def load_scenarios(path: str | Path | None = None) -> dict[str, Scenario]:
             if bit >= MAX_PAY_LATER:
                 raise ScenarioConfigError(f"{where}: at most {MAX_PAY_LATER} pay-later scenarios")
             default_bit, bit = bit, bit + 1
-        out[name] = Scenario(name, item["zh"], item["en"], min_score, pay_later, default_bit)
+        if len(out) >= MAX_SCENARIOS:
+            raise ScenarioConfigError(f"{where}: at most {MAX_SCENARIOS} scenarios (each has its bit of consent "
+                                      "in a citizen's gate word)")
+        out[name] = Scenario(name, item["zh"], item["en"], min_score, pay_later, default_bit, consent_bit=len(out))
     if not out:
         raise ScenarioConfigError(f"{path}: no scenarios")
     return out

@@ -32,6 +32,7 @@ from kernel.columns import FLAG_HARD_RULE, NO_REASON
 from kernel.reference import variable_points
 from kernel.score import Scorer
 from server.auth import INSECURE_CALLER, Caller, check_call_deadline
+from server.consent import MAX_PURPOSES_PER_CALL, ConsentPurposes
 from server.decision_ids import DecisionIds
 from server.errors import (
     BatchQuota, CapacityExhausted, InvalidArgument, NoScore, NotAuthorised, NothingToReplay, PermissionDenied, UnknownCitizen,
@@ -55,6 +56,8 @@ TOKEN_BYTES = 16
 #: of them, and a bigger value (or enough of them) would overflow to inf and fail the re-score
 #: of the citizen after the record was stored.
 MAX_RECORD_VALUE = 1e9
+#: Longest a purpose grant may run before it must be given again (5 years).
+MAX_CONSENT_DAYS = 5 * 366
 
 _ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,63}")
 
@@ -193,6 +196,17 @@ class SimulationView:
     next_view: ScoreView | None  # the score the next-level changes reach
 
 
+@dataclass(frozen=True)
+class ConsentView:
+    """A citizen's consent (server/consent.py): the blanket, the exception mask the state
+    holds, and per purpose ``(name, authorised now, setting)`` with setting ``(granted,
+    expires_day or None)`` or None (the blanket answers)."""
+
+    blanket: bool
+    exceptions: int
+    purposes: tuple
+
+
 class _NoAudit:
     """Stands in when the audit log is off (benchmarks of its cost, unit tests)."""
 
@@ -228,7 +242,7 @@ class Update:
     result: object = None
     snapshot: RowSnapshot | None = None  # the row's records, re-scored if fresher
     birth_day: int | None = None  # set with the snapshot
-    consent: tuple[bool, int] | None = None  # (granted, position of the change)
+    consent: tuple[bool, int, int] | None = None  # (blanket granted, position of the change, exceptions)
     citizen_key: bytes | None = None  # a citizen to index (upsert)
     subject: int = 0
     created: bool = False
@@ -269,7 +283,10 @@ class CreditService:
         # the audit log's ids (it finds a past decision by its id); without it, any key will do
         self.ids = ids or self.audit.ids or DecisionIds(secrets.token_bytes(16))
         self.releases = releases
-        self.purposes = frozenset(purposes if purposes is not None else load_purposes())
+        purposes = list(purposes if purposes is not None else load_purposes())
+        self.purposes = frozenset(purposes)
+        # which bit of a citizen's consent each scenario and read purpose is (server/consent.py)
+        self.consent_purposes = state.consent_purposes or ConsentPurposes(list(scenarios), purposes)
         self.batch_quota = batch_quota
         self.score_release = Release.of(self.model_version, self.calibration_version)
         self._release = {name: Release.of(self.model_version, self.calibration_version, sc.rules_version)
@@ -307,7 +324,8 @@ class CreditService:
         purpose = check_purpose(purpose, self.purposes)
         row = self.row_of(citizen_id)
         caller.check_citizen(citizen_id)
-        return self._disclose(self._view(citizen_id, row, self._read(row)), row, caller, purpose, method, SCORE_VIEWED)
+        return self._disclose(self._view(citizen_id, row, self._read(row, purpose)), row, caller, purpose, method,
+                              SCORE_VIEWED)
 
     def _disclose(self, view: ScoreView, row: int, caller: Caller, purpose: str, method: str, result: int) -> ScoreView:
         check_call_deadline()  # an answer nobody waits for any more is no disclosure
@@ -316,12 +334,14 @@ class CreditService:
                           self.score_release.audit, view.records_position, view.as_of_day)
         return dataclasses.replace(view, disclosure_id=disclosure_id)
 
-    def _read(self, row: int) -> _Row:
-        """The row's columns as of one moment (server/state.py read_row), and then the
-        state's position: a write sets it before it touches a row (server/state.py POSITION)."""
+    def _read(self, row: int, purpose: str) -> _Row:
+        """The row's columns as of one moment (server/state.py read_row), with its consent
+        for ``purpose`` (server/consent.py), and then the state's position: a write sets it
+        before it touches a row (server/state.py POSITION)."""
         s, cols = self.state, self.state.columns
+        bit = self.consent_purposes.bit(purpose)
         values = s.read_row(row, lambda: (
-            bool(s.consent[row]), bool(s.adult[row]), int(cols.score[row]), int(cols.level[row]),
+            s.reads_allowed(row, bit), bool(s.adult[row]), int(cols.score[row]), int(cols.level[row]),
             float(cols.percentile[row]), float(cols.raw[row]), tuple(float(x) for x in cols.dimension_points[row]),
             tuple(int(v) for v in cols.reasons[row]), int(cols.flags[row]), float(s.computed_at[row]),
             s.features[row].copy(),
@@ -340,10 +360,18 @@ class CreditService:
         )
         return ScoreView(
             citizen_id=citizen_id, score=r.score, level=r.level, percentile=r.percentile, raw_points=r.raw,
-            dimension_points=r.dimension_points, reasons=reasons, hard_rule_applied=bool(r.flags & FLAG_HARD_RULE),
+            dimension_points=self._dimension_points(pts), reasons=reasons, hard_rule_applied=bool(r.flags & FLAG_HARD_RULE),
             model_version=self.model_version, calibration_version=self.calibration_version, computed_at=r.computed_at,
             records_position=r.position, as_of_day=r.as_of_day,
         )
+
+    def _dimension_points(self, pts: np.ndarray) -> tuple[float, ...]:
+        """Each dimension's points from its variables' in float64, in spec order: exactly what
+        ExplainScore's weighted points add up to (the state keeps them float32, for display:
+        kernel/columns.py COMPACT_DTYPES)."""
+        c = self.spec.compiled
+        sums = np.bincount(c.var_dim, weights=pts * self._loss_weight, minlength=len(self.spec.dimensions))
+        return tuple(float(x) for x in sums)
 
     def _points(self, features: np.ndarray) -> np.ndarray:
         """Unweighted points of each variable (the reference maths, for one citizen)."""
@@ -353,7 +381,7 @@ class CreditService:
         purpose = check_purpose(purpose, self.purposes)
         row = self.row_of(citizen_id)
         caller.check_citizen(citizen_id)
-        r = self._read(row)
+        r = self._read(row, purpose)
         view = self._disclose(self._view(citizen_id, row, r), row, caller, purpose, "ScoreService/ExplainScore", SCORE_EXPLAINED)
         feats = r.features
         pts = self._points(feats)
@@ -373,10 +401,11 @@ class CreditService:
         purpose = check_purpose(purpose, self.purposes)
         row = self.row_of(citizen_id)
         caller.check_citizen(citizen_id)
-        now = self._read(row)
+        now = self._read(row, purpose)
         self._view(citizen_id, row, now)  # NOT_AUTHORISED / UNDER_18 before any store read
         snap = self._snapshot(row)
-        sim = Simulator(self.spec, self.scorer, {n: sc.default_bit for n, sc in self.scenarios.items()}, now.as_of_day)
+        sim = Simulator(self.spec, self.scorer, {n: sc.default_bit for n, sc in self.scenarios.items()}, now.as_of_day,
+                        compact=self.state.columns.compact)
         base = sim.base(snap.active)
         keep, added = sim.resolve(base, changes)
         current, simulated = sim.score(base, [(np.ones(len(base), bool), []), (keep, added)], adult=1)
@@ -399,12 +428,13 @@ class CreditService:
             raise InvalidArgument("citizen_ids", f"{len(citizen_ids)} ids exceed the limit of {MAX_BATCH_SCORES}")
         for i, cid in enumerate(citizen_ids):  # all before any disclosure: none is audited for a refused batch
             check_id(cid, f"citizen_ids[{i}]")
+            caller.check_citizen(cid)  # a citizen app's batch can hold only its own citizen
         purpose = check_purpose(purpose, self.purposes)
         views = []  # every answer first, then the disclosures: all of them, or (deadline) none
         for cid in citizen_ids:
             try:
                 row = self.row_of(cid)
-                views.append(("OK", (self._view(cid, row, self._read(row)), row)))
+                views.append(("OK", (self._view(cid, row, self._read(row, purpose)), row)))
             except UnknownCitizen:
                 views.append(("NOT_FOUND", None))
             except NotAuthorised:
@@ -423,7 +453,7 @@ class CreditService:
     def _check_tokens(self, scenario: Scenario, tokens: bytes, counts: np.ndarray | None = None):
         """The compiled lookup and rule (server/token_index.pyx): (outcomes, subjects, allowed);
         ``counts`` (int64, 8) receives the number of each outcome."""
-        return self._checker.check(tokens, *scenario.rule, counts)
+        return self._checker.check(tokens, *scenario.rule, counts, consent_bit=scenario.consent_bit)
 
     def check(self, scenario_name: str, token: bytes, caller: Caller, method: str = "EligibilityService/Check") -> DecisionView:
         # the request first (proto/qianjiang/v1/eligibility.proto): the scenario exists (the
@@ -432,7 +462,7 @@ class CreditService:
         caller.check_scenario(scenario_name)
         check_token(token)
         state = self.state
-        value, subject = self._checker.check_one(token, *scenario.rule)
+        value, subject = self._checker.check_one(token, *scenario.rule, scenario.consent_bit)
         position = state.position  # after the row was read (server/state.py POSITION)
         outcome = _OUTCOME[value]
         self._on_decision(scenario.name, outcome)
@@ -571,13 +601,61 @@ class CreditService:
         with self.store_watch.watching():
             return record, self.store.record_history(source, record_id)
 
-    def set_consent(self, citizen_id: str, granted: bool, caller: Caller = INSECURE_CALLER) -> None:
+    def set_consent(self, citizen_id: str, granted: bool, caller: Caller = INSECURE_CALLER, purposes=(),
+                    expires_day: int | None = None) -> ConsentView:
+        """Grant or revoke the blanket authorisation (no ``purposes``), or each of
+        ``purposes`` alone, a grant until ``expires_day`` (inclusive) or revocation
+        (server/consent.py). Returns the citizen's consent as it then stands."""
         row = self.row_of(citizen_id)
         caller.check_citizen(citizen_id)
+        purposes = self._consent_purposes_of(purposes)
+        if expires_day is not None:
+            if not granted:
+                raise InvalidArgument("expires", "a revocation does not expire")
+            if not purposes:
+                raise InvalidArgument("expires", "only a grant of named purposes expires (the blanket stands until revoked)")
+            if expires_day < self.state.as_of_day:
+                raise InvalidArgument("expires", "is before today: the grant would never hold")
+            if expires_day > self.state.as_of_day + MAX_CONSENT_DAYS:
+                raise InvalidArgument("expires", f"is more than {MAX_CONSENT_DAYS} days ahead; grant it again later")
         with self._writing():
-            self.store.set_consent(citizen_id, granted)  # every call is a change: it has a position
+            if purposes:  # every call is a change: it has a position
+                self.store.set_purpose_consent(citizen_id, purposes, granted, expires_day)
+            else:
+                self.store.set_consent(citizen_id, granted)
             position = self.store.last_position()
-        self._apply(Update(row, consent=(granted, position), position=position))
+        view = self.consent_of(row)
+        self._apply(Update(row, consent=(view.blanket, position, view.exceptions), position=position))
+        return view
+
+    def get_consent(self, citizen_id: str, caller: Caller = INSECURE_CALLER) -> ConsentView:
+        row = self.row_of(citizen_id)
+        caller.check_citizen(citizen_id)
+        return self.consent_of(row)
+
+    def consent_of(self, row: int) -> ConsentView:
+        """A citizen's consent as the store holds it now: the blanket, each purpose's
+        setting and answer (read after the write: its own change, or a newer one)."""
+        self.store_watch.check()
+        with self.store_watch.watching():
+            _, _, blanket = self.store.citizen_by_row(row)
+            settings = {p: (bool(g), e) for _, p, g, e in self.store.purpose_consents(row)}
+        blanket = bool(blanket)
+        cp = self.consent_purposes
+        exceptions = cp.exceptions(blanket, [(p, g, e) for p, (g, e) in settings.items()], self.state.as_of_day)
+        return ConsentView(blanket, exceptions, tuple(
+            (name, bool(blanket ^ ((exceptions >> cp.bit(name)) & 1)), settings.get(name)) for name in cp.names))
+
+    def _consent_purposes_of(self, purposes) -> tuple[str, ...]:
+        purposes = tuple(purposes)
+        if len(purposes) > MAX_PURPOSES_PER_CALL:
+            raise InvalidArgument("purposes", f"{len(purposes)} purposes exceed the limit of {MAX_PURPOSES_PER_CALL}")
+        for i, name in enumerate(purposes):
+            if name == UNSPECIFIED or name not in self.consent_purposes:
+                shown = name if len(name) <= 64 else name[:64] + "..."
+                raise InvalidArgument(f"purposes[{i}]", f"{shown!r} is neither a scenario nor a read purpose one can "
+                                      f"consent to (one of {', '.join(n for n in self.consent_purposes.names if n != UNSPECIFIED)})")
+        return tuple(dict.fromkeys(purposes))  # each once, in the order given
 
     def upsert_citizen(self, citizen_id: str, birth_day: int) -> bool:
         check_id(citizen_id, "citizen_id")
@@ -593,7 +671,7 @@ class CreditService:
             position = self.store.last_position()
         # A new citizen starts without consent, as stored; its position is the upsert's.
         return self._apply(Update(row, created, snapshot=self._snapshot(row), birth_day=birth_day,
-                                  consent=(False, position) if created else None, citizen_key=key,
+                                  consent=(False, position, 0) if created else None, citizen_key=key,
                                   subject=subject, created=created, position=position if created else 0))
 
     def audit_subject(self, citizen_id: str) -> int:
@@ -627,6 +705,8 @@ class CreditService:
             raise PermissionDenied(f"{caller.identity}'s call is bound to a citizen the decision is not about")
         if entry.subject == 0:
             raise NothingToReplay("the decision was about an unknown card: it concerns nobody")
+        if entry.method.startswith("RightsService/"):  # server/rights.py: a step of a dispute or a repair
+            raise NothingToReplay("a dispute's or a credit repair's event, not a decision: RightsService lists it")
         rows = np.flatnonzero(self.state.subject[: self.state.n_citizens] == np.uint64(entry.subject))
         if not len(rows):
             raise NothingToReplay("the decision's citizen is no longer held")

@@ -22,7 +22,8 @@ from concurrent.futures import Executor, ThreadPoolExecutor
 from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
 )
-from server import convert
+from qianjiang.v1 import rights_pb2, rights_pb2_grpc
+from server import convert, rights
 from server.auth import current_caller
 from server.errors import NotReady
 from server.service import CreditService, StaleGeneration
@@ -81,15 +82,21 @@ class Offload:
 
 
 class ScoreServicer(Offload, score_pb2_grpc.ScoreServiceServicer):
-    READS = frozenset({"get_score", "explain", "batch_scores"})
+    READS = frozenset({"get_score", "explain", "batch_scores", "simulate"})
 
     async def GetScore(self, request, context):
         view = await self.run("get_score", request.citizen_id, current_caller(), request.purpose)
         return convert.score_message(view, self.service.spec)
 
+    #: The citizens' dispute marks (server/rights.py RightsShared), shown in explanations.
+    rights_marks = None
+
     async def ExplainScore(self, request, context):
         view, contributions = await self.run("explain", request.citizen_id, current_caller(), request.purpose)
-        return convert.explanation_message(view, contributions, self.service.spec)
+        explanation = convert.explanation_message(view, contributions, self.service.spec)
+        if self.rights_marks is not None:  # from memory: disputed and suspended records' variables
+            self.rights_marks.mark_explanation(explanation, self.service.row_of(request.citizen_id))
+        return explanation
 
     async def SimulateScore(self, request, context):
         changes = convert.changes_in(request.changes)
@@ -133,6 +140,8 @@ class EligibilityServicer(Offload, eligibility_pb2_grpc.EligibilityServiceServic
 class RecordsServicer(Offload, records_pb2_grpc.RecordsServiceServicer):
     """Writes: store first, then the shared state, on the thread pool."""
 
+    READS = frozenset({"get_consent"})
+
     async def IngestRecords(self, request_iterator, context):
         caller = current_caller()
         i = 0
@@ -156,12 +165,19 @@ class RecordsServicer(Offload, records_pb2_grpc.RecordsServiceServicer):
         return convert.record_history(record, versions)
 
     async def GrantConsent(self, request, context):
-        await self.run("set_consent", request.citizen_id, True, current_caller())
-        return records_pb2.ConsentState(citizen_id=request.citizen_id, granted=True)
+        return await self._consent(request, True)
 
     async def RevokeConsent(self, request, context):
-        await self.run("set_consent", request.citizen_id, False, current_caller())
-        return records_pb2.ConsentState(citizen_id=request.citizen_id, granted=False)
+        return await self._consent(request, False)
+
+    async def _consent(self, request, granted: bool):
+        expires = convert.parse_date(request.expires, "expires") if request.expires else None
+        view = await self.run("set_consent", request.citizen_id, granted, current_caller(), list(request.purposes), expires)
+        return convert.consent_state(request.citizen_id, view)
+
+    async def GetConsent(self, request, context):
+        view = await self.run("get_consent", request.citizen_id, current_caller())
+        return convert.consent_state(request.citizen_id, view)
 
     async def UpsertCitizen(self, request, context):
         birth_day = convert.parse_date(request.birth_date, "birth_date")
@@ -183,3 +199,50 @@ class AuditServicer(Offload, audit_pb2_grpc.AuditServiceServicer):
     async def ReplayDecision(self, request, context):
         entry, replayed, spec = await self.run("replay", request.decision_id, current_caller())
         return convert.replay_message(entry, replayed, spec)
+
+
+class RightsServicer(Offload, rights_pb2_grpc.RightsServiceServicer):
+    """Disputes and credit repair (server/rights.py): ``service`` is the generation's Rights.
+    Listings read the store (bounded) on the reads' pool; every step writes, then re-scores."""
+
+    READS = frozenset({"citizen_records", "list_disputes", "list_repairs"})
+
+    async def ListCitizenRecords(self, request, context):
+        items, disclosure_id = await self.run("citizen_records", request.citizen_id, current_caller())
+        return rights.records_message(items, disclosure_id)
+
+    async def FileDispute(self, request, context):
+        view = await self.run("file_dispute", request.citizen_id, request.source, request.record_id, request.reason,
+                              current_caller())
+        return rights.dispute_message(view)
+
+    async def ListDisputes(self, request, context):
+        views = await self.run("list_disputes", request.citizen_id, request.source, request.open_only, request.limit,
+                               current_caller())
+        return rights_pb2.ListDisputesResponse(disputes=[rights.dispute_message(v) for v in views])
+
+    async def AnswerDispute(self, request, context):
+        answer = rights.answer_in(request.answer)
+        day = convert.parse_date(request.date, "date") if request.date else None
+        view = await self.run("answer_dispute", request.dispute_id, answer, day, request.value, request.note,
+                              current_caller(), request.source)
+        return rights.dispute_message(view)
+
+    async def ApplyRepair(self, request, context):
+        view = await self.run("apply_repair", request.citizen_id, request.source, request.record_id, request.statement,
+                              current_caller())
+        return rights.repair_message(view)
+
+    async def ListRepairs(self, request, context):
+        views = await self.run("list_repairs", request.citizen_id, request.source, request.pending_only, request.limit,
+                               current_caller())
+        return rights_pb2.ListRepairsResponse(applications=[rights.repair_message(v) for v in views])
+
+    async def DecideRepair(self, request, context):
+        approve = rights.decision_in(request.decision)
+        view = await self.run("decide_repair", request.repair_id, approve, request.reason, current_caller(),
+                              request.source)
+        return rights.repair_message(view)
+
+    async def AdvanceTestClock(self, request, context):
+        return rights.clock_message(self.service.advance_test_clock(request.seconds))

@@ -19,6 +19,15 @@ The eligibility checks read a row's rule inputs from one packed word, ``gate`` (
 consent, score, flags, defaults: server/token_index.pyx pack_gate), one cache miss instead of
 five: every write to those columns ends with :meth:`ServingState.refresh_gate` of its rows.
 
+Memory (measured at 12.5 M: 252 bytes a citizen, the 5 % spare rows and both indexes in):
+the score columns in the kernel's compact layout (kernel/columns.py COMPACT_DTYPES: float32
+dimension points and percentile, int8 reasons, float64 raw), ``computed_at`` in whole
+seconds (uint32), ``row_seq`` uint16, the token and citizen indexes in 16-byte slots
+(server/token_index.pyx). ``until`` (uint16) tells the day rollover when a row next changes,
+with ``state.ageing`` (the loading process's own index of ageing records, not in the mapping:
+server/ageing.py); every write sets its row's ``until`` to DIRTY, so the rollover reads it
+from the store again.
+
 A model rollout builds a second state for the new release while the first one serves
 (server/rollout.py): the :class:`Control` block, also created before the fork and shared by
 every generation of state, holds the write lock, which generation is active, and the rows
@@ -45,6 +54,7 @@ from kernel.columns import ScoreColumns
 from kernel.features import Records, build_features, future_records, record_weights
 from kernel.score import Scorer
 from kernel.spec import ModelSpec
+from server.ageing import DIRTY, Ageing, until_of
 from server.city_time import EPOCH, today  # noqa: F401 - today: the city's day, used with these helpers
 from server.keys import subject_of
 from server.scenarios import Scenario
@@ -190,16 +200,18 @@ class ServingState:
     meta: np.ndarray  # int64: N_CITIZENS, AS_OF_DAY, READY, GENERATION (re-scores), POSITION
     features: np.ndarray  # float32 (capacity, V)
     adult: np.ndarray  # uint8
-    consent: np.ndarray  # uint8: 1 while the citizen's authorisation stands
+    consent: np.ndarray  # uint8: 1 while the citizen's blanket authorisation stands
+    consent_except: np.ndarray  # uint32: purposes whose consent differs from the blanket (server/consent.py)
     birth_day: np.ndarray  # int32
     defaults: np.ndarray  # uint32: bit per pay-later scenario with an unpaid default
-    computed_at: np.ndarray  # float64 unix seconds of the last re-score
+    computed_at: np.ndarray  # uint32 unix seconds of the last re-score
     subject: np.ndarray  # uint64 pseudonymous subject of the audit log (server/keys.py)
     gate: np.ndarray  # uint64: adult, consent, score, flags and defaults of a row in one word
     row_position: np.ndarray  # int64: the store position a row's records were read at (apply)
-    row_seq: np.ndarray  # uint32: the row's sequence lock (odd while a writer is in the row: read_row)
+    row_seq: np.ndarray  # uint16: the row's sequence lock (odd while a writer is in the row: read_row)
     consent_position: np.ndarray  # int64: the store position of the consent a row holds
-    columns: ScoreColumns
+    until: np.ndarray  # uint16: the next day the row's features may change but by decay; 0: written since (server/ageing.py)
+    columns: ScoreColumns  # the compact layout (kernel/columns.py COMPACT_DTYPES)
     tokens: TokenIndex  # card token -> row
     citizens: TokenIndex  # citizen_key(citizen id) -> row: reads never need the store
     lock: object  # multiprocessing.Lock: serialises writers across processes (Control.lock)
@@ -207,6 +219,10 @@ class ServingState:
     path: str = ""  # where another process maps it (_SharedArena.path)
     token_capacity: int = 0
     last_batch_seconds: float = 0.0  # the kernel's last whole-population batch (0: none yet)
+    # The ageing records for the day rollover (server/ageing.py): the loading process's own,
+    # not in the shared mapping (the workers never need it); None until a load builds it.
+    ageing: Ageing | None = None
+    consent_purposes: object = None  # server/consent.py ConsentPurposes: reads purpose settings (None: blanket only)
 
     def subject_of(self, citizen_id: str) -> int:
         return subject_of(self.audit_key, citizen_id)
@@ -220,22 +236,22 @@ class ServingState:
             "features": (np.float32, (capacity, n_vars)),
             "adult": (np.uint8, (capacity,)),
             "consent": (np.uint8, (capacity,)),
+            "consent_except": (np.uint32, (capacity,)),
             "birth_day": (np.int32, (capacity,)),
             "defaults": (np.uint32, (capacity,)),
-            "computed_at": (np.float64, (capacity,)),
+            "computed_at": (np.uint32, (capacity,)),
             "subject": (np.uint64, (capacity,)),
             "gate": (np.uint64, (capacity,)),
             "row_position": (np.int64, (capacity,)),
-            "row_seq": (np.uint32, (capacity,)),
+            "row_seq": (np.uint16, (capacity,)),
             "consent_position": (np.int64, (capacity,)),
-            "token_keys": (np.uint64, (tcap, 2)),
-            "token_rows": (np.int32, (tcap,)),
+            "until": (np.uint16, (capacity,)),
+            "token_slots": (np.uint64, (tcap, 2)),  # server/token_index.pyx: 16 bytes a slot
             "token_meta": (np.int64, (1,)),
-            "citizen_keys": (np.uint64, (TokenIndex.capacity_for(capacity), 2)),
-            "citizen_rows": (np.int32, (TokenIndex.capacity_for(capacity),)),
+            "citizen_slots": (np.uint64, (TokenIndex.capacity_for(capacity), 2)),
             "citizen_meta": (np.int64, (1,)),
         }
-        for name, (dtype, shape) in ScoreColumns.DTYPES.items():
+        for name, (dtype, shape) in ScoreColumns.COMPACT_DTYPES.items():
             layout[f"col_{name}"] = (dtype, (capacity, *shape))
         return layout
 
@@ -264,12 +280,12 @@ class ServingState:
         columns = ScoreColumns(**{name: a[f"col_{name}"] for name in ScoreColumns.DTYPES})
         state = cls(
             spec=spec, capacity=capacity, meta=a["meta"], features=a["features"], adult=a["adult"],
-            consent=a["consent"], birth_day=a["birth_day"], defaults=a["defaults"],
+            consent=a["consent"], consent_except=a["consent_except"], birth_day=a["birth_day"], defaults=a["defaults"],
             computed_at=a["computed_at"], subject=a["subject"], gate=a["gate"], row_position=a["row_position"],
-            row_seq=a["row_seq"],
+            row_seq=a["row_seq"], until=a["until"],
             consent_position=a["consent_position"], columns=columns, audit_key=audit_key,
-            tokens=TokenIndex(a["token_keys"], a["token_rows"], a["token_meta"]),
-            citizens=TokenIndex(a["citizen_keys"], a["citizen_rows"], a["citizen_meta"]),
+            tokens=TokenIndex(a["token_slots"], a["token_meta"]),
+            citizens=TokenIndex(a["citizen_slots"], a["citizen_meta"]),
             lock=lock if lock is not None else multiprocessing.get_context("fork").Lock(),
             path=arena.path, token_capacity=token_capacity,
         )
@@ -310,6 +326,7 @@ class ServingState:
         np.frombuffer(self._arena.buffer, np.uint8)[:] = 0
         self.tokens.rows[:] = -1
         self.citizens.rows[:] = -1
+        self.ageing = None
 
     def release_fd(self) -> None:
         """Close the creating process's descriptor once every worker has mapped the state
@@ -394,6 +411,7 @@ class ServingState:
                     hash_s += time.perf_counter() - t
                     self.subject[lo:hi] = subjects
                     self.citizens.insert_many(keys, np.arange(lo, hi))
+                self.load_consent_settings(store, n, as_of_day)
             except BaseException:
                 buckets.stop()
                 raise
@@ -417,36 +435,43 @@ class ServingState:
         bucket of records (each freed once used). Returns (features seconds, kernel seconds)."""
         self.meta[AS_OF_DAY] = as_of_day
         future, features_s, kernel_s = 0, 0.0, 0.0
+        ageing = []
         for j, (lo, hi) in enumerate(buckets.chunks()):
             t = time.perf_counter()
             block = buckets.take(j)
             records = Records(block.citizen_row.astype(np.int64) - lo, block.variable, block.day, block.value)
             future += future_records(records, as_of_day)
-            self._derive(lo, hi, records, block.scenario, as_of_day)
+            ageing.append(self._derive(lo, hi, records, block.scenario, as_of_day))
             del block, records
+            _trim_heap()  # the bucket's many small arrays: back to the system, or the index adds on top
             t1 = time.perf_counter()
             scorer.score(self.features[lo:hi], self.adult[lo:hi], out=self.columns.take(slice(lo, hi)),
                          n_threads=n_threads)
             t2 = time.perf_counter()
             self.refresh_gate(slice(lo, hi))
-            self.computed_at[lo:hi] = time.time()
+            self.computed_at[lo:hi] = _now()
             features_s += t1 - t
             kernel_s += t2 - t1
         if future:
             log.warning("%d stored records are dated after today (%s in the city): they count from their day on; "
                         "check the clocks and time zones of the host and of the sources", future, iso_of(as_of_day))
         self.last_batch_seconds = kernel_s
+        self.ageing = Ageing.concat(ageing)
         self.meta[GENERATION] += 1
         return features_s, kernel_s
 
-    def _derive(self, lo: int, hi: int, records: Records, bits: np.ndarray, as_of_day: int) -> None:
-        """Rows ``lo .. hi - 1``'s features, default masks and adulthood on ``as_of_day`` from
-        their records (``records.citizen``: the row less ``lo``; ``bits``: each record's
-        pay-later default bit, -1 none)."""
+    def _derive(self, lo: int, hi: int, records: Records, bits: np.ndarray, as_of_day: int) -> Ageing:
+        """Rows ``lo .. hi - 1``'s features, default masks, adulthood and ``until`` on
+        ``as_of_day`` from their records (``records.citizen``: the row less ``lo``; ``bits``:
+        each record's pay-later default bit, -1 none). Returns their ageing records
+        (server/ageing.py)."""
         m = hi - lo
         build_features(self.spec, records, m, as_of_day, out=self.features[lo:hi])
         self.defaults[lo:hi] = default_masks(self.spec, records, bits, m, as_of_day)
         self.adult[lo:hi] = adults(self.birth_day[lo:hi], as_of_day)
+        until, keep = until_of(self.spec, records, m, as_of_day, self.birth_day[lo:hi], self.adult[lo:hi])
+        self.until[lo:hi] = until
+        return Ageing.of(records.citizen + lo, records, bits, keep)
 
     def adopt(self, old: ServingState) -> None:
         """Take what does not depend on the model from the serving state (caller holds the
@@ -455,14 +480,14 @@ class ServingState:
         n = old.n_citizens
         self.advance(old.position)
         self.consent[:n] = old.consent[:n]
+        self.consent_except[:n] = old.consent_except[:n]
         self.consent_position[:n] = old.consent_position[:n]
         self.birth_day[:n] = old.birth_day[:n]
         self.subject[:n] = old.subject[:n]
         if self.tokens.capacity != old.tokens.capacity:
             raise ValueError("the new state's token index has another capacity than the serving one")
         for mine, theirs in ((self.tokens, old.tokens), (self.citizens, old.citizens)):
-            np.copyto(mine.keys, theirs.keys)
-            np.copyto(mine.rows, theirs.rows)
+            np.copyto(mine.slots, theirs.slots)
             mine.meta[:] = theirs.meta
         self.meta[N_CITIZENS] = n
         self.refresh_gate(slice(0, n))  # the consents are the old state's
@@ -505,8 +530,11 @@ class ServingState:
             self.adult[row] = adults(self.birth_day[row : row + 1], self.as_of_day)[0]
             rows.rescore(row)
             self.refresh_gate(slice(row, row + 1))
-            self.computed_at[row] = time.time()
+            self.computed_at[row] = _now()
             self.row_position[row] = snap.position
+            # read again at the next day rollover: the rollover's index of ageing records (the
+            # loading process's, server/ageing.py) may not hold this row's any more
+            self.until[row] = DIRTY
         return True
 
     def rescore(self, scorer: Scorer, n_threads: int = 2) -> None:
@@ -522,11 +550,12 @@ class ServingState:
         scorer.score(self.features[:n], self.adult[:n], out=self.columns.take(slice(0, n)), n_threads=n_threads)
         self.last_batch_seconds = time.perf_counter() - t0
         self.refresh_gate(slice(0, n))
-        self.computed_at[:n] = time.time()
+        self.computed_at[:n] = _now()
         self.meta[GENERATION] += 1
 
-    def set_consent(self, row: int, granted: bool, position: int | None = None) -> bool:
-        """A citizen's consent, in its column and in the gate word the checks read. Caller
+    def set_consent(self, row: int, granted: bool, position: int | None = None, exceptions: int = 0) -> bool:
+        """A citizen's consent, the blanket and the purposes whose answer differs from it
+        (server/consent.py), in their columns and in the gate word the checks read. Caller
         holds the lock. With the store ``position`` of the change, applied only if the row
         holds no newer one (two workers' consent changes may apply in either order); False
         when it was older."""
@@ -537,8 +566,43 @@ class ServingState:
             self.consent_position[row] = position
         with self.writing(row):
             self.consent[row] = 1 if granted else 0
+            self.consent_except[row] = exceptions
             self.refresh_gate(slice(row, row + 1))
         return True
+
+    def consent_of(self, store: Store, row: int) -> tuple[bool, int]:
+        """A row's (blanket, exceptions) from the store now (no lock needed)."""
+        _, _, blanket = store.citizen_by_row(row)
+        settings = [(p, g, e) for _, p, g, e in store.purpose_consents(row)] if self.consent_purposes else []
+        return bool(blanket), self._exceptions(bool(blanket), settings)
+
+    def _exceptions(self, blanket: bool, settings) -> int:
+        if not self.consent_purposes or not settings:
+            return 0
+        return self.consent_purposes.exceptions(blanket, settings, self.as_of_day)
+
+    def load_consent_settings(self, store: Store, n: int, day: int | None = None) -> int:
+        """Every row's exception mask from the store's purpose settings on ``day`` (default:
+        the state's; a load, where few rows have any). Returns how many rows have one."""
+        self.consent_except[:n] = 0
+        if not self.consent_purposes:
+            return 0
+        settings = store.purpose_consents()
+        if not settings:
+            return 0
+        rows, purposes, granted, expires = zip(*settings)
+        rows = np.asarray(rows, np.int64)
+        keep = rows < n
+        masks = self.consent_purposes.exceptions_bulk(
+            self.consent[:n], rows[keep], np.asarray(purposes, object)[keep], np.asarray(granted, np.int64)[keep],
+            np.asarray([-1 if e is None else e for e in expires], np.int64)[keep],
+            self.as_of_day if day is None else day)
+        self.consent_except[:n] = masks
+        return int(np.count_nonzero(masks))
+
+    def reads_allowed(self, row: int, bit: int) -> bool:
+        """Whether the purpose of consent ``bit`` is authorised for ``row`` now."""
+        return bool((int(self.consent[row]) != 0) ^ ((int(self.consent_except[row]) >> bit) & 1))
 
     def refresh_gate(self, rows) -> None:
         """Re-pack the gate words of ``rows`` (a slice, or an index array) after a write to
@@ -546,9 +610,27 @@ class ServingState:
         words, not the columns (server/token_index.pyx pack_gate; each word is one store,
         never seen half written)."""
         words = pack_gate(self.adult[rows], self.consent[rows], self.columns.score[rows], self.columns.flags[rows],
-                          self.defaults[rows], out=self.gate[rows] if isinstance(rows, slice) else None)
+                          self.defaults[rows], out=self.gate[rows] if isinstance(rows, slice) else None,
+                          consent_except=self.consent_except[rows])
         if not isinstance(rows, slice):  # an index array selects a copy: write the words back
             self.gate[rows] = words
+
+
+def _trim_heap() -> None:
+    """Give the C heap's free pages back to the system (glibc malloc_trim; nothing elsewhere):
+    a load's record buckets are many arrays below malloc's mmap threshold, whose memory
+    freeing alone leaves in the process."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _now() -> int:
+    """Now, in the whole unix seconds ``computed_at`` holds."""
+    return int(time.time())
 
 
 def default_bits(scenarios: dict[str, Scenario]) -> dict[str, int]:

@@ -182,6 +182,69 @@ MIGRATIONS: list[list[str]] = [
            SELECT id, 1, day, value, status, 0, source, (SELECT n FROM changes_v1) FROM records ORDER BY id""",
         "DROP TABLE changes_v1",
     ],
+    [
+        # The citizens' rights, as in SQLite (server/store.py): disputes and credit-repair
+        # applications. No foreign key to records: _PostgresLoad drops and restores the records
+        # table's keys, which a reference from here would pin.
+        """CREATE TABLE disputes (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            dispute_id TEXT NOT NULL UNIQUE,
+            record BIGINT NOT NULL,
+            citizen_row BIGINT NOT NULL,
+            source TEXT NOT NULL,
+            reason TEXT NOT NULL,
+            state TEXT NOT NULL,
+            filed_by TEXT NOT NULL,
+            filed_at DOUBLE PRECISION NOT NULL,
+            due_at DOUBLE PRECISION NOT NULL,
+            suspended_at DOUBLE PRECISION,
+            answered_by TEXT,
+            answered_at DOUBLE PRECISION,
+            note TEXT,
+            position BIGINT NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX disputes_one_open ON disputes (record) WHERE state IN ('open', 'suspended')",
+        "CREATE INDEX disputes_by_citizen ON disputes (citizen_row)",
+        "CREATE INDEX disputes_by_source ON disputes (source, state)",
+        "CREATE INDEX disputes_due ON disputes (state, due_at)",
+        """CREATE TABLE repairs (
+            id BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+            repair_id TEXT NOT NULL UNIQUE,
+            record BIGINT NOT NULL,
+            citizen_row BIGINT NOT NULL,
+            source TEXT NOT NULL,
+            tier TEXT NOT NULL,
+            statement TEXT NOT NULL,
+            state TEXT NOT NULL,
+            filed_by TEXT NOT NULL,
+            filed_at DOUBLE PRECISION NOT NULL,
+            due_at DOUBLE PRECISION NOT NULL,
+            escalated_at DOUBLE PRECISION,
+            decided_by TEXT,
+            decided_at DOUBLE PRECISION,
+            decision_reason TEXT,
+            position BIGINT NOT NULL
+        )""",
+        "CREATE UNIQUE INDEX repairs_one_pending ON repairs (record) WHERE state = 'pending'",
+        "CREATE INDEX repairs_by_citizen ON repairs (citizen_row)",
+        "CREATE INDEX repairs_by_source ON repairs (source, state)",
+        "CREATE INDEX repairs_due ON repairs (state, due_at)",
+    ],
+    [
+        # Consent by purpose, as in SQLite (server/store.py, server/consent.py). Adding a
+        # column with a constant default rewrites nothing.
+        "ALTER TABLE consent_history ADD COLUMN purpose TEXT NOT NULL DEFAULT ''",
+        "ALTER TABLE consent_history ADD COLUMN expires_day INTEGER",
+        """CREATE TABLE purpose_consents (
+            citizen_row BIGINT NOT NULL,
+            purpose TEXT NOT NULL,
+            granted SMALLINT NOT NULL,
+            expires_day INTEGER,
+            position BIGINT NOT NULL,
+            PRIMARY KEY (citizen_row, purpose)
+        )""",
+        "CREATE INDEX purpose_consents_expiring ON purpose_consents (expires_day) WHERE expires_day IS NOT NULL",
+    ],
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -597,6 +660,7 @@ class PostgresStore(SQLStore):
             listed = rows.tolist()
             db.execute("UPDATE citizens SET consent = %s WHERE citizen_row = ANY(%s::bigint[])",
                        (int(granted), listed))
+            db.execute("DELETE FROM purpose_consents WHERE citizen_row = ANY(%s::bigint[])", (listed,))
             # One event per listed row, in list order (repeats included, as one by one).
             db.execute("INSERT INTO consent_history (citizen_row, granted, at, position)"
                        " SELECT u.r, %s, %s, %s FROM unnest(%s::bigint[]) WITH ORDINALITY AS u (r, i)"

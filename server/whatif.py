@@ -110,8 +110,12 @@ class NextLevel:
 class Simulator:
     """Scores copies of one citizen's records on ``as_of_day`` (see the module docstring)."""
 
-    def __init__(self, spec: ModelSpec, scorer: Scorer, bits_of: dict[str, int], as_of_day: int):
+    def __init__(self, spec: ModelSpec, scorer: Scorer, bits_of: dict[str, int], as_of_day: int,
+                 compact: bool = True):
+        """``compact``: the column layout of the serving state (kernel/columns.py), so that a
+        simulated score's stored-narrower fields round exactly as the served ones do."""
         self.spec, self.scorer, self.bits_of, self.day = spec, scorer, bits_of, as_of_day
+        self.compact = compact
         self._index = {v.name: i for i, v in enumerate(spec.variables)}
 
     # --- the citizen's records and a request's changes ---------------------------------
@@ -194,7 +198,7 @@ class Simulator:
         records = Records.from_arrays(np.concatenate(parts_c) if n else [], np.concatenate(parts_v) if n else [],
                                       np.concatenate(parts_d) if n else [], np.concatenate(parts_x) if n else [])
         features = build_features(self.spec, records, n, self.day)
-        columns = ScoreColumns.empty(n)
+        columns = ScoreColumns.empty(n, compact=self.compact)
         self.scorer.score(features, np.full(n, adult, np.uint8), out=columns, n_threads=1)
         return [Outcome(features[i].copy(), columns.take(slice(i, i + 1))) for i in range(n)]
 

@@ -1,6 +1,6 @@
 """Fuzzing, the short variant (``python -m loadtest.fuzz`` is the long one, 100,000 inputs per rpc).
 
-* Every rpc of the four qianjiang.v1 services, listed from the generated descriptors (an rpc
+* Every rpc of the five qianjiang.v1 services, listed from the generated descriptors (an rpc
   without a fuzzing strategy fails :func:`test_every_rpc_has_a_fuzzing_strategy`), gets
   hypothesis-generated requests through the real client against a real server of its own
   (500 citizens, so the writes disturb no other test): structured messages (odd ids, empty,
@@ -86,7 +86,7 @@ class Target:
         self.service = s.service
         self.channel = s.client.channel
         self.stubs = {"ScoreService": s.client.scores, "EligibilityService": s.client.eligibility,
-                      "RecordsService": s.client.records, "AuditService": s.client.audit}
+                      "RecordsService": s.client.records, "AuditService": s.client.audit, "RightsService": s.client.rights}
         self.probe_citizen, self.probe_token = fuzz.make_probe(s.client, f"t{seed}")
         rows = range(n_citizens)
         scenarios = s.service.scenarios
@@ -152,7 +152,8 @@ def call_typed(target: Target, rpc: fuzz.Rpc, msg, deadline: float) -> fuzz.Outc
 
 
 def test_every_rpc_has_a_fuzzing_strategy():
-    assert {r.service for r in RPCS} == {"ScoreService", "EligibilityService", "RecordsService", "AuditService"}
+    assert {r.service for r in RPCS} == {"ScoreService", "EligibilityService", "RecordsService", "AuditService",
+                                         "RightsService"}
     assert len(RPCS) >= 15
     assert fuzz.missing_strategies() == []
 

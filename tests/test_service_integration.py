@@ -273,7 +273,7 @@ def test_decision_ids_are_unique(served):
 
 def test_campus_fitness_allows_from_581_for_everyone_in_the_city(served):
     st = served.runtime.state
-    n = st.n_citizens
+    n = served.config.seed_citizens  # the seeded city, each with its synthetic card (other tests add people)
     tokens = [served.token(r) for r in range(n)]
     result = served.client.check_batch("campus_fitness", tokens)
     got = np.frombuffer(result.outcomes, np.uint8)

@@ -97,7 +97,8 @@ def test_any_capacity_holds_its_load_limit_and_probes_wrap_round(cap):
     """Capacities are not powers of two (a city of 13 million tokens needs 18.6 million
     slots, not 33.5 million): every token up to the limit is found, the last slot's probe
     wraps to the first, and one more token is refused."""
-    idx = TokenIndex(np.zeros((cap, 2), np.uint64), np.full(cap, -1, np.int32), np.zeros(1, np.int64))
+    idx = TokenIndex(np.zeros((cap, 2), np.uint64), np.zeros(1, np.int64))
+    idx.clear()
     rng = np.random.default_rng(cap)
     limit = cap * 7 // 10
     tokens = rng.integers(0, 256, (limit, 16), dtype=np.uint8)

@@ -123,18 +123,36 @@ class RecordHistory(_message.Message):
     def __init__(self, record_id: _Optional[str] = ..., source: _Optional[str] = ..., versions: _Optional[_Iterable[_Union[RecordVersion, _Mapping]]] = ...) -> None: ...
 
 class ConsentRequest(_message.Message):
-    __slots__ = ("citizen_id",)
+    __slots__ = ("citizen_id", "purposes", "expires")
     CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PURPOSES_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
     citizen_id: str
-    def __init__(self, citizen_id: _Optional[str] = ...) -> None: ...
+    purposes: _containers.RepeatedScalarFieldContainer[str]
+    expires: str
+    def __init__(self, citizen_id: _Optional[str] = ..., purposes: _Optional[_Iterable[str]] = ..., expires: _Optional[str] = ...) -> None: ...
+
+class PurposeConsent(_message.Message):
+    __slots__ = ("purpose", "authorised", "setting", "expires")
+    PURPOSE_FIELD_NUMBER: _ClassVar[int]
+    AUTHORISED_FIELD_NUMBER: _ClassVar[int]
+    SETTING_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_FIELD_NUMBER: _ClassVar[int]
+    purpose: str
+    authorised: bool
+    setting: str
+    expires: str
+    def __init__(self, purpose: _Optional[str] = ..., authorised: _Optional[bool] = ..., setting: _Optional[str] = ..., expires: _Optional[str] = ...) -> None: ...
 
 class ConsentState(_message.Message):
-    __slots__ = ("citizen_id", "granted")
+    __slots__ = ("citizen_id", "granted", "purposes")
     CITIZEN_ID_FIELD_NUMBER: _ClassVar[int]
     GRANTED_FIELD_NUMBER: _ClassVar[int]
+    PURPOSES_FIELD_NUMBER: _ClassVar[int]
     citizen_id: str
     granted: bool
-    def __init__(self, citizen_id: _Optional[str] = ..., granted: _Optional[bool] = ...) -> None: ...
+    purposes: _containers.RepeatedCompositeFieldContainer[PurposeConsent]
+    def __init__(self, citizen_id: _Optional[str] = ..., granted: _Optional[bool] = ..., purposes: _Optional[_Iterable[_Union[PurposeConsent, _Mapping]]] = ...) -> None: ...
 
 class Citizen(_message.Message):
     __slots__ = ("citizen_id", "birth_date")

@@ -64,6 +64,11 @@ class RecordsServiceStub:
                 request_serializer=qianjiang_dot_v1_dot_records__pb2.ConsentRequest.SerializeToString,
                 response_deserializer=qianjiang_dot_v1_dot_records__pb2.ConsentState.FromString,
                 _registered_method=True)
+        self.GetConsent = channel.unary_unary(
+                '/qianjiang.v1.RecordsService/GetConsent',
+                request_serializer=qianjiang_dot_v1_dot_records__pb2.ConsentRequest.SerializeToString,
+                response_deserializer=qianjiang_dot_v1_dot_records__pb2.ConsentState.FromString,
+                _registered_method=True)
         self.UpsertCitizen = channel.unary_unary(
                 '/qianjiang.v1.RecordsService/UpsertCitizen',
                 request_serializer=qianjiang_dot_v1_dot_records__pb2.Citizen.SerializeToString,
@@ -117,14 +122,24 @@ class RecordsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GrantConsent(self, request, context):
-        """The citizen authorises scoring and its use by city services.
+        """The citizen authorises scoring and its use by city services: every purpose (no
+        purposes named), or each purpose named (server/consent.py), optionally until a day.
+        An unknown purpose, or an expiry on the blanket or in the past, is INVALID_ARGUMENT.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RevokeConsent(self, request, context):
-        """The citizen withdraws authorisation; effective for the very next request.
+        """The citizen withdraws authorisation, of everything or of the purposes named alone;
+        effective for the very next request.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetConsent(self, request, context):
+        """The citizen's consent as it stands, purpose by purpose (purposes and expires ignored).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -174,6 +189,11 @@ def add_RecordsServiceServicer_to_server(servicer, server):
             ),
             'RevokeConsent': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeConsent,
+                    request_deserializer=qianjiang_dot_v1_dot_records__pb2.ConsentRequest.FromString,
+                    response_serializer=qianjiang_dot_v1_dot_records__pb2.ConsentState.SerializeToString,
+            ),
+            'GetConsent': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetConsent,
                     request_deserializer=qianjiang_dot_v1_dot_records__pb2.ConsentRequest.FromString,
                     response_serializer=qianjiang_dot_v1_dot_records__pb2.ConsentState.SerializeToString,
             ),
@@ -348,6 +368,33 @@ class RecordsService:
             request,
             target,
             '/qianjiang.v1.RecordsService/RevokeConsent',
+            qianjiang_dot_v1_dot_records__pb2.ConsentRequest.SerializeToString,
+            qianjiang_dot_v1_dot_records__pb2.ConsentState.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetConsent(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/qianjiang.v1.RecordsService/GetConsent',
             qianjiang_dot_v1_dot_records__pb2.ConsentRequest.SerializeToString,
             qianjiang_dot_v1_dot_records__pb2.ConsentState.FromString,
             options,

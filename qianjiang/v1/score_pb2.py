@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from qianjiang.v1 import common_pb2 as qianjiang_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qianjiang/v1/score.proto\x12\x0cqianjiang.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19qianjiang/v1/common.proto\"6\n\x0fGetScoreRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"\xa7\x03\n\x05Score\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x05\x12\"\n\x05level\x18\x03 \x01(\x0e\x32\x13.qianjiang.v1.Level\x12\x10\n\x08level_zh\x18\x04 \x01(\t\x12\x12\n\npercentile\x18\x05 \x01(\x01\x12\x12\n\nraw_points\x18\x06 \x01(\x01\x12\x31\n\ndimensions\x18\x07 \x03(\x0b\x32\x1d.qianjiang.v1.DimensionPoints\x12%\n\x07reasons\x18\x08 \x03(\x0b\x32\x14.qianjiang.v1.Reason\x12\x19\n\x11hard_rule_applied\x18\t \x01(\x08\x12\x15\n\rmodel_version\x18\n \x01(\t\x12\x1b\n\x13\x63\x61libration_version\x18\x0b \x01(\t\x12/\n\x0b\x63omputed_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rdisclosure_id\x18\r \x01(\t\x12\x18\n\x10records_position\x18\x0e \x01(\x04\x12\x12\n\nas_of_date\x18\x0f \x01(\t\"\xc2\x01\n\x14VariableContribution\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x04 \x01(\x01\x12\x0e\n\x06points\x18\x05 \x01(\x01\x12\x13\n\x0b\x62\x65st_points\x18\x06 \x01(\x01\x12\x0e\n\x06weight\x18\x07 \x01(\x01\x12\x17\n\x0fweighted_points\x18\x08 \x01(\x01\x12\x13\n\x0bpoints_lost\x18\t \x01(\x01\"h\n\x0b\x45xplanation\x12\"\n\x05score\x18\x01 \x01(\x0b\x32\x13.qianjiang.v1.Score\x12\x35\n\tvariables\x18\x02 \x03(\x0b\x32\".qianjiang.v1.VariableContribution\"=\n\x15\x42\x61tchGetScoresRequest\x12\x13\n\x0b\x63itizen_ids\x18\x01 \x03(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"\xd2\x01\n\x0bScoreResult\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32 .qianjiang.v1.ScoreResult.Status\x12\"\n\x05score\x18\x03 \x01(\x0b\x32\x13.qianjiang.v1.Score\"Y\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x12\n\x0eNOT_AUTHORISED\x10\x03\x12\x0c\n\x08UNDER_18\x10\x04\"D\n\x16\x42\x61tchGetScoresResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.qianjiang.v1.ScoreResult\"\xa0\x01\n\x0fSimulatedChange\x12\x30\n\rremove_record\x18\x01 \x01(\x0b\x32\x17.qianjiang.v1.RecordRefH\x00\x12\x19\n\x0fremove_variable\x18\x02 \x01(\tH\x00\x12\x36\n\nadd_record\x18\x03 \x01(\x0b\x32 .qianjiang.v1.HypotheticalRecordH\x00\x42\x08\n\x06\x63hange\".\n\tRecordRef\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"R\n\x12HypotheticalRecord\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0c\n\x04\x64\x61te\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\r\"\x7f\n\x14SimulateScoreRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12.\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x1d.qianjiang.v1.SimulatedChange\x12\x12\n\nnext_level\x18\x04 \x01(\x08\"\xb5\x01\n\x06\x41\x63tion\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x0e\n\x06repair\x18\x02 \x01(\x08\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x01\x12\x11\n\trecord_id\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x12\n\nimprove_zh\x18\x06 \x01(\t\x12\x12\n\nimprove_en\x18\x07 \x01(\t\x12.\n\x07\x63hanges\x18\x08 \x03(\x0b\x32\x1d.qianjiang.v1.SimulatedChange\"\xba\x01\n\tNextLevel\x12\"\n\x05level\x18\x01 \x01(\x0e\x32\x13.qianjiang.v1.Level\x12\x11\n\tmin_score\x18\x02 \x01(\x05\x12\x11\n\treachable\x18\x03 \x01(\x08\x12%\n\x07\x61\x63tions\x18\x04 \x03(\x0b\x32\x14.qianjiang.v1.Action\x12\"\n\x05score\x18\x05 \x01(\x0b\x32\x13.qianjiang.v1.Score\x12\x18\n\x10\x63\x61ndidates_tried\x18\x06 \x01(\r\"\x96\x01\n\nSimulation\x12$\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x13.qianjiang.v1.Score\x12&\n\tsimulated\x18\x02 \x01(\x0b\x32\x13.qianjiang.v1.Score\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x05\x12+\n\nnext_level\x18\x04 \x01(\x0b\x32\x17.qianjiang.v1.NextLevel2\xc4\x02\n\x0cScoreService\x12>\n\x08GetScore\x12\x1d.qianjiang.v1.GetScoreRequest\x1a\x13.qianjiang.v1.Score\x12H\n\x0c\x45xplainScore\x12\x1d.qianjiang.v1.GetScoreRequest\x1a\x19.qianjiang.v1.Explanation\x12[\n\x0e\x42\x61tchGetScores\x12#.qianjiang.v1.BatchGetScoresRequest\x1a$.qianjiang.v1.BatchGetScoresResponse\x12M\n\rSimulateScore\x12\".qianjiang.v1.SimulateScoreRequest\x1a\x18.qianjiang.v1.Simulationb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18qianjiang/v1/score.proto\x12\x0cqianjiang.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x19qianjiang/v1/common.proto\"6\n\x0fGetScoreRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"\xa7\x03\n\x05Score\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\r\n\x05score\x18\x02 \x01(\x05\x12\"\n\x05level\x18\x03 \x01(\x0e\x32\x13.qianjiang.v1.Level\x12\x10\n\x08level_zh\x18\x04 \x01(\t\x12\x12\n\npercentile\x18\x05 \x01(\x01\x12\x12\n\nraw_points\x18\x06 \x01(\x01\x12\x31\n\ndimensions\x18\x07 \x03(\x0b\x32\x1d.qianjiang.v1.DimensionPoints\x12%\n\x07reasons\x18\x08 \x03(\x0b\x32\x14.qianjiang.v1.Reason\x12\x19\n\x11hard_rule_applied\x18\t \x01(\x08\x12\x15\n\rmodel_version\x18\n \x01(\t\x12\x1b\n\x13\x63\x61libration_version\x18\x0b \x01(\t\x12/\n\x0b\x63omputed_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rdisclosure_id\x18\r \x01(\t\x12\x18\n\x10records_position\x18\x0e \x01(\x04\x12\x12\n\nas_of_date\x18\x0f \x01(\t\"\xe7\x01\n\x14VariableContribution\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x11\n\tdimension\x18\x02 \x01(\t\x12\x11\n\tdirection\x18\x03 \x01(\t\x12\x0f\n\x07\x66\x65\x61ture\x18\x04 \x01(\x01\x12\x0e\n\x06points\x18\x05 \x01(\x01\x12\x13\n\x0b\x62\x65st_points\x18\x06 \x01(\x01\x12\x0e\n\x06weight\x18\x07 \x01(\x01\x12\x17\n\x0fweighted_points\x18\x08 \x01(\x01\x12\x13\n\x0bpoints_lost\x18\t \x01(\x01\x12\x10\n\x08\x64isputed\x18\n \x01(\x08\x12\x11\n\tsuspended\x18\x0b \x01(\x08\"h\n\x0b\x45xplanation\x12\"\n\x05score\x18\x01 \x01(\x0b\x32\x13.qianjiang.v1.Score\x12\x35\n\tvariables\x18\x02 \x03(\x0b\x32\".qianjiang.v1.VariableContribution\"=\n\x15\x42\x61tchGetScoresRequest\x12\x13\n\x0b\x63itizen_ids\x18\x01 \x03(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\"\xd2\x01\n\x0bScoreResult\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x30\n\x06status\x18\x02 \x01(\x0e\x32 .qianjiang.v1.ScoreResult.Status\x12\"\n\x05score\x18\x03 \x01(\x0b\x32\x13.qianjiang.v1.Score\"Y\n\x06Status\x12\x16\n\x12STATUS_UNSPECIFIED\x10\x00\x12\x06\n\x02OK\x10\x01\x12\r\n\tNOT_FOUND\x10\x02\x12\x12\n\x0eNOT_AUTHORISED\x10\x03\x12\x0c\n\x08UNDER_18\x10\x04\"D\n\x16\x42\x61tchGetScoresResponse\x12*\n\x07results\x18\x01 \x03(\x0b\x32\x19.qianjiang.v1.ScoreResult\"\xa0\x01\n\x0fSimulatedChange\x12\x30\n\rremove_record\x18\x01 \x01(\x0b\x32\x17.qianjiang.v1.RecordRefH\x00\x12\x19\n\x0fremove_variable\x18\x02 \x01(\tH\x00\x12\x36\n\nadd_record\x18\x03 \x01(\x0b\x32 .qianjiang.v1.HypotheticalRecordH\x00\x42\x08\n\x06\x63hange\".\n\tRecordRef\x12\x11\n\trecord_id\x18\x01 \x01(\t\x12\x0e\n\x06source\x18\x02 \x01(\t\"R\n\x12HypotheticalRecord\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01\x12\x0c\n\x04\x64\x61te\x18\x03 \x01(\t\x12\r\n\x05\x63ount\x18\x04 \x01(\r\"\x7f\n\x14SimulateScoreRequest\x12\x12\n\ncitizen_id\x18\x01 \x01(\t\x12\x0f\n\x07purpose\x18\x02 \x01(\t\x12.\n\x07\x63hanges\x18\x03 \x03(\x0b\x32\x1d.qianjiang.v1.SimulatedChange\x12\x12\n\nnext_level\x18\x04 \x01(\x08\"\xb5\x01\n\x06\x41\x63tion\x12\x10\n\x08variable\x18\x01 \x01(\t\x12\x0e\n\x06repair\x18\x02 \x01(\x08\x12\x0e\n\x06\x61mount\x18\x03 \x01(\x01\x12\x11\n\trecord_id\x18\x04 \x01(\t\x12\x0e\n\x06source\x18\x05 \x01(\t\x12\x12\n\nimprove_zh\x18\x06 \x01(\t\x12\x12\n\nimprove_en\x18\x07 \x01(\t\x12.\n\x07\x63hanges\x18\x08 \x03(\x0b\x32\x1d.qianjiang.v1.SimulatedChange\"\xba\x01\n\tNextLevel\x12\"\n\x05level\x18\x01 \x01(\x0e\x32\x13.qianjiang.v1.Level\x12\x11\n\tmin_score\x18\x02 \x01(\x05\x12\x11\n\treachable\x18\x03 \x01(\x08\x12%\n\x07\x61\x63tions\x18\x04 \x03(\x0b\x32\x14.qianjiang.v1.Action\x12\"\n\x05score\x18\x05 \x01(\x0b\x32\x13.qianjiang.v1.Score\x12\x18\n\x10\x63\x61ndidates_tried\x18\x06 \x01(\r\"\x96\x01\n\nSimulation\x12$\n\x07\x63urrent\x18\x01 \x01(\x0b\x32\x13.qianjiang.v1.Score\x12&\n\tsimulated\x18\x02 \x01(\x0b\x32\x13.qianjiang.v1.Score\x12\r\n\x05\x64\x65lta\x18\x03 \x01(\x05\x12+\n\nnext_level\x18\x04 \x01(\x0b\x32\x17.qianjiang.v1.NextLevel2\xc4\x02\n\x0cScoreService\x12>\n\x08GetScore\x12\x1d.qianjiang.v1.GetScoreRequest\x1a\x13.qianjiang.v1.Score\x12H\n\x0c\x45xplainScore\x12\x1d.qianjiang.v1.GetScoreRequest\x1a\x19.qianjiang.v1.Explanation\x12[\n\x0e\x42\x61tchGetScores\x12#.qianjiang.v1.BatchGetScoresRequest\x1a$.qianjiang.v1.BatchGetScoresResponse\x12M\n\rSimulateScore\x12\".qianjiang.v1.SimulateScoreRequest\x1a\x18.qianjiang.v1.Simulationb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,31 +38,31 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SCORE']._serialized_start=159
   _globals['_SCORE']._serialized_end=582
   _globals['_VARIABLECONTRIBUTION']._serialized_start=585
-  _globals['_VARIABLECONTRIBUTION']._serialized_end=779
-  _globals['_EXPLANATION']._serialized_start=781
-  _globals['_EXPLANATION']._serialized_end=885
-  _globals['_BATCHGETSCORESREQUEST']._serialized_start=887
-  _globals['_BATCHGETSCORESREQUEST']._serialized_end=948
-  _globals['_SCORERESULT']._serialized_start=951
-  _globals['_SCORERESULT']._serialized_end=1161
-  _globals['_SCORERESULT_STATUS']._serialized_start=1072
-  _globals['_SCORERESULT_STATUS']._serialized_end=1161
-  _globals['_BATCHGETSCORESRESPONSE']._serialized_start=1163
-  _globals['_BATCHGETSCORESRESPONSE']._serialized_end=1231
-  _globals['_SIMULATEDCHANGE']._serialized_start=1234
-  _globals['_SIMULATEDCHANGE']._serialized_end=1394
-  _globals['_RECORDREF']._serialized_start=1396
-  _globals['_RECORDREF']._serialized_end=1442
-  _globals['_HYPOTHETICALRECORD']._serialized_start=1444
-  _globals['_HYPOTHETICALRECORD']._serialized_end=1526
-  _globals['_SIMULATESCOREREQUEST']._serialized_start=1528
-  _globals['_SIMULATESCOREREQUEST']._serialized_end=1655
-  _globals['_ACTION']._serialized_start=1658
-  _globals['_ACTION']._serialized_end=1839
-  _globals['_NEXTLEVEL']._serialized_start=1842
-  _globals['_NEXTLEVEL']._serialized_end=2028
-  _globals['_SIMULATION']._serialized_start=2031
-  _globals['_SIMULATION']._serialized_end=2181
-  _globals['_SCORESERVICE']._serialized_start=2184
-  _globals['_SCORESERVICE']._serialized_end=2508
+  _globals['_VARIABLECONTRIBUTION']._serialized_end=816
+  _globals['_EXPLANATION']._serialized_start=818
+  _globals['_EXPLANATION']._serialized_end=922
+  _globals['_BATCHGETSCORESREQUEST']._serialized_start=924
+  _globals['_BATCHGETSCORESREQUEST']._serialized_end=985
+  _globals['_SCORERESULT']._serialized_start=988
+  _globals['_SCORERESULT']._serialized_end=1198
+  _globals['_SCORERESULT_STATUS']._serialized_start=1109
+  _globals['_SCORERESULT_STATUS']._serialized_end=1198
+  _globals['_BATCHGETSCORESRESPONSE']._serialized_start=1200
+  _globals['_BATCHGETSCORESRESPONSE']._serialized_end=1268
+  _globals['_SIMULATEDCHANGE']._serialized_start=1271
+  _globals['_SIMULATEDCHANGE']._serialized_end=1431
+  _globals['_RECORDREF']._serialized_start=1433
+  _globals['_RECORDREF']._serialized_end=1479
+  _globals['_HYPOTHETICALRECORD']._serialized_start=1481
+  _globals['_HYPOTHETICALRECORD']._serialized_end=1563
+  _globals['_SIMULATESCOREREQUEST']._serialized_start=1565
+  _globals['_SIMULATESCOREREQUEST']._serialized_end=1692
+  _globals['_ACTION']._serialized_start=1695
+  _globals['_ACTION']._serialized_end=1876
+  _globals['_NEXTLEVEL']._serialized_start=1879
+  _globals['_NEXTLEVEL']._serialized_end=2065
+  _globals['_SIMULATION']._serialized_start=2068
+  _globals['_SIMULATION']._serialized_end=2218
+  _globals['_SCORESERVICE']._serialized_start=2221
+  _globals['_SCORESERVICE']._serialized_end=2545
 # @@protoc_insertion_point(module_scope)

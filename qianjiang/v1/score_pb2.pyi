@@ -54,7 +54,7 @@ class Score(_message.Message):
     def __init__(self, citizen_id: _Optional[str] = ..., score: _Optional[int] = ..., level: _Optional[_Union[_common_pb2.Level, str]] = ..., level_zh: _Optional[str] = ..., percentile: _Optional[float] = ..., raw_points: _Optional[float] = ..., dimensions: _Optional[_Iterable[_Union[_common_pb2.DimensionPoints, _Mapping]]] = ..., reasons: _Optional[_Iterable[_Union[_common_pb2.Reason, _Mapping]]] = ..., hard_rule_applied: _Optional[bool] = ..., model_version: _Optional[str] = ..., calibration_version: _Optional[str] = ..., computed_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., disclosure_id: _Optional[str] = ..., records_position: _Optional[int] = ..., as_of_date: _Optional[str] = ...) -> None: ...
 
 class VariableContribution(_message.Message):
-    __slots__ = ("variable", "dimension", "direction", "feature", "points", "best_points", "weight", "weighted_points", "points_lost")
+    __slots__ = ("variable", "dimension", "direction", "feature", "points", "best_points", "weight", "weighted_points", "points_lost", "disputed", "suspended")
     VARIABLE_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     DIRECTION_FIELD_NUMBER: _ClassVar[int]
@@ -64,6 +64,8 @@ class VariableContribution(_message.Message):
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     WEIGHTED_POINTS_FIELD_NUMBER: _ClassVar[int]
     POINTS_LOST_FIELD_NUMBER: _ClassVar[int]
+    DISPUTED_FIELD_NUMBER: _ClassVar[int]
+    SUSPENDED_FIELD_NUMBER: _ClassVar[int]
     variable: str
     dimension: str
     direction: str
@@ -73,7 +75,9 @@ class VariableContribution(_message.Message):
     weight: float
     weighted_points: float
     points_lost: float
-    def __init__(self, variable: _Optional[str] = ..., dimension: _Optional[str] = ..., direction: _Optional[str] = ..., feature: _Optional[float] = ..., points: _Optional[float] = ..., best_points: _Optional[float] = ..., weight: _Optional[float] = ..., weighted_points: _Optional[float] = ..., points_lost: _Optional[float] = ...) -> None: ...
+    disputed: bool
+    suspended: bool
+    def __init__(self, variable: _Optional[str] = ..., dimension: _Optional[str] = ..., direction: _Optional[str] = ..., feature: _Optional[float] = ..., points: _Optional[float] = ..., best_points: _Optional[float] = ..., weight: _Optional[float] = ..., weighted_points: _Optional[float] = ..., points_lost: _Optional[float] = ..., disputed: _Optional[bool] = ..., suspended: _Optional[bool] = ...) -> None: ...
 
 class Explanation(_message.Message):
     __slots__ = ("score", "variables")
