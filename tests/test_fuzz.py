@@ -104,7 +104,8 @@ class Target:
         # Whatever the fuzzed writes changed, the checks' packed gate words follow the columns.
         state = self.served.runtime.state
         n = state.n_citizens
-        packed = pack_gate(state.adult[:n], state.consent[:n], state.columns.score[:n], state.columns.flags[:n], state.defaults[:n])
+        packed = pack_gate(state.adult[:n], state.consent[:n], state.columns.score[:n], state.columns.flags[:n], state.defaults[:n],
+                           consent_except=state.consent_except[:n])
         assert (state.gate[:n] == packed).all(), "a write left the checks' gate words stale"
 
     def stop(self, timeout: float = 30.0) -> bool:
