@@ -566,10 +566,12 @@ class Runtime:
         many."""
         rows = store.consent_rows_expiring(old_day, new_day - 1)
         for row in rows:
-            blanket, exceptions = self.state.consent_of(store, row)
+            # the position first, then the consent: what is read is at least that new, and a
+            # write the state applied since (re-derived on the new day already) is kept
             position = store.high_water_mark()
+            blanket, exceptions = self.state.consent_of(store, row)
             with self.state.lock:
-                self.state.set_consent(row, blanket, max(position, int(self.state.consent_position[row])), exceptions)
+                self.state.set_consent(row, blanket, position, exceptions)
         if rows:
             log.info("consent: %d citizens' purpose grants expired at the day's start", len(rows))
         return len(rows)
@@ -796,6 +798,7 @@ class Node:
             control=self.runtime.control, generation=generation,
             ids=previous.ids if previous else None, store_watch=self.store_watch,
             releases=self.runtime.release_of, purposes=self.runtime.purposes, batch_quota=self.batch_quota,
+            repair_after=self.runtime.rights_config.min_publicity_days,
         )
 
     def _store_changed(self, up: bool) -> None:

@@ -84,24 +84,21 @@ class ConsentPurposes:
 
     def exceptions(self, blanket: int, settings, today: int) -> int:
         """One row's exception mask from its purpose settings ``(purpose, granted,
-        expires_day or None)`` (names no longer configured are ignored)."""
-        out = 0
-        for purpose, granted, expires in settings:
-            bit = self._bits.get(purpose)
-            if bit is None:
-                continue
-            if granted:  # a grant differs from a withheld blanket while it has not expired
-                if not blanket and (expires is None or expires >= today):
-                    out |= 1 << bit
-            elif blanket:  # a revocation differs from a blanket that stands
-                out |= 1 << bit
-        return out
+        expires_day or None)`` (:meth:`exceptions_bulk` for one row)."""
+        if not settings:
+            return 0
+        names, granted, expires = zip(*settings)
+        return int(self.exceptions_bulk(
+            np.array([blanket], np.uint8), np.zeros(len(names), np.int64), names, np.asarray(granted, np.int64),
+            np.array([-1 if e is None else e for e in expires], np.int64), today)[0])
 
     def exceptions_bulk(self, blanket: np.ndarray, rows: np.ndarray, purposes, granted: np.ndarray,
                         expires: np.ndarray, today: int) -> np.ndarray:
         """Every row's exception mask (uint32, len(blanket)) from all purpose settings
-        (``rows``, ``purposes`` names, ``granted``, ``expires`` days with -1 for none): numpy
-        over the settings, a Python step only per distinct purpose name."""
+        (``rows``, ``purposes`` names, ``granted``, ``expires`` days with -1 for none; names no
+        longer configured are ignored): a grant differs from a withheld blanket while it has
+        not expired (an expired one leaves the answer to the blanket), a revocation from a
+        blanket that stands. numpy over the settings, a Python step per distinct name."""
         out = np.zeros(len(blanket), np.uint32)
         if not len(rows):
             return out

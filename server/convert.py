@@ -5,20 +5,23 @@ Parsing validates every field and raises InvalidArgument naming it.
 
 from __future__ import annotations
 
-import datetime as _dt
 import functools
 import re
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from kernel.spec import ModelSpec
-from qianjiang.v1 import audit_pb2, common_pb2, eligibility_pb2, records_pb2, score_pb2
+from qianjiang.v1 import audit_pb2, common_pb2, eligibility_pb2, records_pb2, rights_pb2, score_pb2
 from server.auth import BY_THE_CITIZEN
 from server.errors import InvalidArgument
 from server.scenarios import RESULT_NAMES, Outcome, Scenario
 from server.service import BatchDecision, Contribution, DecisionView, RecordAck, ScoreView, SimulationView
 from server.state import day_of, iso_of
-from server.store import ACCEPTED, DUPLICATE, RecordIn, RecordRow, RecordVersion
+from server.rights import ClockView, DisputeView, RecordItem, RepairView, city_day
+from server.store import (
+    ACCEPTED, DISPUTE_CONFIRMED, DISPUTE_CORRECTED, DISPUTE_OPEN, DISPUTE_SUSPENDED, DISPUTE_WITHDRAWN, DUPLICATE,
+    REPAIR_APPROVED, REPAIR_PENDING, REPAIR_REJECTED, RecordIn, RecordRow, RecordVersion,
+)
 from server.whatif import Change
 
 #: Level index in the spec -> proto enum (the spec's five levels, in order).
@@ -44,9 +47,12 @@ def parse_date(value: str, field: str) -> int:
 date_of = functools.lru_cache(maxsize=64)(iso_of)
 
 
-def _timestamp(seconds: float) -> Timestamp:
+def _timestamp(seconds: float | None) -> Timestamp | None:
+    """Unix seconds as a Timestamp (None: unset)."""
+    if seconds is None:
+        return None
     ts = Timestamp()
-    ts.FromDatetime(_dt.datetime.fromtimestamp(seconds, _dt.timezone.utc))
+    ts.FromNanoseconds(int(round(seconds * 1e9)))
     return ts
 
 
@@ -121,7 +127,11 @@ def reason_message(spec: ModelSpec, v: int, lost: float) -> common_pb2.Reason:
     )
 
 
-def explanation_message(view: ScoreView, contributions: list[Contribution], spec: ModelSpec) -> score_pb2.Explanation:
+def explanation_message(view: ScoreView, contributions: list[Contribution], spec: ModelSpec,
+                        marks: tuple[frozenset, frozenset] | None = None) -> score_pb2.Explanation:
+    """``marks``: the variables with an open dispute and with a suspended one (server/rights.py
+    RightsShared.marked; None: none)."""
+    disputed, suspended = marks or (frozenset(), frozenset())
     return score_pb2.Explanation(
         score=score_message(view, spec),
         variables=[
@@ -135,6 +145,8 @@ def explanation_message(view: ScoreView, contributions: list[Contribution], spec
                 weight=c.weight,
                 weighted_points=c.weighted_points,
                 points_lost=c.points_lost,
+                disputed=spec.variables[c.variable].name in disputed,
+                suspended=spec.variables[c.variable].name in suspended,
             )
             for c in contributions
         ],
@@ -275,3 +287,71 @@ def replay_message(entry, replayed, spec: ModelSpec) -> audit_pb2.Replay:
         level=spec.levels[replayed.level].code if replayed.level >= 0 else "",
         hard_rule_applied=replayed.hard_rule_applied, reason_codes=replayed.reason_codes,
     )
+
+
+# --- citizens' rights (server/rights.py) ------------------------------------------------------
+
+_DISPUTE_STATES = {DISPUTE_OPEN: rights_pb2.Dispute.OPEN, DISPUTE_SUSPENDED: rights_pb2.Dispute.SUSPENDED,
+                   DISPUTE_CONFIRMED: rights_pb2.Dispute.CONFIRMED, DISPUTE_CORRECTED: rights_pb2.Dispute.CORRECTED,
+                   DISPUTE_WITHDRAWN: rights_pb2.Dispute.WITHDRAWN}
+_REPAIR_STATES = {REPAIR_PENDING: rights_pb2.RepairApplication.PENDING,
+                  REPAIR_APPROVED: rights_pb2.RepairApplication.APPROVED,
+                  REPAIR_REJECTED: rights_pb2.RepairApplication.REJECTED}
+ANSWER_OF = {rights_pb2.AnswerDisputeRequest.CONFIRM: DISPUTE_CONFIRMED,
+             rights_pb2.AnswerDisputeRequest.CORRECT: DISPUTE_CORRECTED,
+             rights_pb2.AnswerDisputeRequest.WITHDRAW: DISPUTE_WITHDRAWN}
+
+
+def answer_in(value: int) -> str:
+    try:
+        return ANSWER_OF[value]
+    except KeyError:
+        raise InvalidArgument("answer", f"{value} is not CONFIRM (1), CORRECT (2) or WITHDRAW (3)") from None
+
+
+def decision_in(value: int) -> bool:
+    if value not in (rights_pb2.DecideRepairRequest.APPROVE, rights_pb2.DecideRepairRequest.REJECT):
+        raise InvalidArgument("decision", f"{value} is not APPROVE (1) or REJECT (2)")
+    return value == rights_pb2.DecideRepairRequest.APPROVE
+
+
+def dispute_message(view: DisputeView) -> rights_pb2.Dispute:
+    d = view.row
+    return rights_pb2.Dispute(
+        dispute_id=d.dispute_id, citizen_id=d.citizen_id, source=d.source, record_id=d.record_id, variable=d.variable,
+        reason=d.reason, state=_DISPUTE_STATES[d.state], filed_at=_timestamp(d.filed_at), due_at=_timestamp(d.due_at),
+        due_date=iso_of(city_day(d.due_at) - 1), overdue=d.state == DISPUTE_OPEN and view.now >= d.due_at,
+        suspended_at=_timestamp(d.suspended_at), answered_at=_timestamp(d.answered_at), answered_by=d.answered_by or "",
+        note=d.note or "", record_status=d.record_status, record_version=d.record_version, position=d.position,
+        event_id=view.event_id,
+    )
+
+
+def repair_message(view: RepairView) -> rights_pb2.RepairApplication:
+    r = view.row
+    return rights_pb2.RepairApplication(
+        repair_id=r.repair_id, citizen_id=r.citizen_id, source=r.source, record_id=r.record_id, variable=r.variable,
+        tier=r.tier, statement=r.statement, state=_REPAIR_STATES[r.state], filed_at=_timestamp(r.filed_at), due_at=_timestamp(r.due_at),
+        due_date=iso_of(city_day(r.due_at) - 1), overdue=r.state == REPAIR_PENDING and view.now >= r.due_at,
+        escalated_at=_timestamp(r.escalated_at), decided_at=_timestamp(r.decided_at), decided_by=r.decided_by or "",
+        decision_reason=r.decision_reason or "", record_status=r.record_status, record_version=r.record_version,
+        position=r.position, event_id=view.event_id,
+    )
+
+
+def records_message(items: list[RecordItem], disclosure_id: str) -> rights_pb2.ListCitizenRecordsResponse:
+    return rights_pb2.ListCitizenRecordsResponse(disclosure_id=disclosure_id, records=[
+        rights_pb2.CitizenRecord(
+            source=i.record.record.source, record_id=i.record.record.record_id, variable=i.record.record.variable,
+            direction=i.direction, tier=i.tier, date=iso_of(i.record.record.day), value=i.record.record.value,
+            status=i.record.record.status, version=i.record.record.version, open_dispute_id=i.record.open_dispute,
+            pending_repair_id=i.record.pending_repair,
+            counts_until=iso_of(i.counts_until) if i.counts_until is not None else "",
+            repairable_from=iso_of(i.repairable_from) if i.repairable_from is not None else "",
+        )
+        for i in items
+    ])
+
+
+def clock_message(view: ClockView) -> rights_pb2.TestClock:
+    return rights_pb2.TestClock(now=_timestamp(view.now), offset_seconds=int(round(view.offset)), today=iso_of(view.today))

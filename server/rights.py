@@ -68,9 +68,8 @@ from pathlib import Path
 from typing import NamedTuple
 
 import numpy as np
-from google.protobuf.timestamp_pb2 import Timestamp
 
-from qianjiang.v1 import rights_pb2
+from kernel.spec import TIER_REPAIR_AFTER_DAYS
 from server.audit import AuditFull, AuditUnavailable
 from server.auth import Caller, check_call_deadline
 from server.city_time import EPOCH, current_zone, day_in
@@ -80,9 +79,8 @@ from server.scenarios import RESULT_NAMES
 from server.service import CreditService, Update, check_id, check_value
 from server.state import _SharedArena, iso_of
 from server.store import (
-    DISPUTE_CONFIRMED, DISPUTE_CORRECTED, DISPUTE_OPEN, DISPUTE_WITHDRAWN, REPAIR_APPROVED,
-    REPAIR_PENDING, REPAIR_REJECTED, CitizenRecord, DisputeNotFound, DisputeRow, NotRepairable, RecordRow, RepairNotFound,
-    RepairRow, RightsMarks,
+    DISPUTE_CONFIRMED, DISPUTE_CORRECTED, DISPUTE_OPEN, DISPUTE_WITHDRAWN, CitizenRecord, DisputeNotFound, DisputeRow,
+    NotRepairable, RecordRow, RepairNotFound, RepairRow, RightsMarks,
 )
 
 log = logging.getLogger("qianjiang.rights")
@@ -112,7 +110,7 @@ _ANSWER_EVENTS = {DISPUTE_CONFIRMED: DISPUTE_CONFIRMED_EVENT, DISPUTE_CORRECTED:
 MAX_CLOCK_STEP = 3 * 366 * 86_400
 #: What a listing returns at most.
 MAX_LIST = 1000
-TIERS = ("minor", "general", "serious")
+TIERS = tuple(TIER_REPAIR_AFTER_DAYS)  # kernel/spec.py: the tiers and their least publicity
 
 
 class RightsConfigError(ValueError):
@@ -181,7 +179,7 @@ class RightsConfig:
     max_text_chars: int = 500
     decision_working_days: int = 5
     max_statement_chars: int = 1000
-    min_publicity_days: dict = field(default_factory=lambda: {"minor": 0, "general": 90, "serious": 365})
+    min_publicity_days: dict = field(default_factory=lambda: dict(TIER_REPAIR_AFTER_DAYS))
     calendar: Calendar = Calendar()
 
     def dispute_due_day(self, filed_day: int) -> int:
@@ -383,14 +381,6 @@ class RightsShared:
         for row, open_ in by_row.items():
             self.set_marks(RightsMarks(row, position, tuple(open_)))
         return len(by_row)
-
-    def mark_explanation(self, explanation, row: int) -> None:
-        """Set VariableContribution.disputed and .suspended of an Explanation message."""
-        disputed, suspended = self.marked(row)
-        if disputed or suspended:
-            for v in explanation.variables:
-                v.disputed = v.variable in disputed
-                v.suspended = v.variable in suspended
 
 
 # --- the domain ------------------------------------------------------------------------------
@@ -809,80 +799,3 @@ class DeadlineSweep:
         self.close_store()
         if self._audit is not None:
             self._audit.close()
-
-
-# --- protobuf (the servicer's conversions) ------------------------------------------------------
-
-
-def _ts(seconds: float | None) -> Timestamp | None:
-    if seconds is None:
-        return None
-    ts = Timestamp()
-    ts.FromNanoseconds(int(round(seconds * 1e9)))
-    return ts
-
-
-_DISPUTE_STATES = {"open": rights_pb2.Dispute.OPEN, "suspended": rights_pb2.Dispute.SUSPENDED,
-                   "confirmed": rights_pb2.Dispute.CONFIRMED, "corrected": rights_pb2.Dispute.CORRECTED,
-                   "withdrawn": rights_pb2.Dispute.WITHDRAWN}
-_REPAIR_STATES = {REPAIR_PENDING: rights_pb2.RepairApplication.PENDING,
-                  REPAIR_APPROVED: rights_pb2.RepairApplication.APPROVED,
-                  REPAIR_REJECTED: rights_pb2.RepairApplication.REJECTED}
-ANSWER_OF = {rights_pb2.AnswerDisputeRequest.CONFIRM: DISPUTE_CONFIRMED,
-             rights_pb2.AnswerDisputeRequest.CORRECT: DISPUTE_CORRECTED,
-             rights_pb2.AnswerDisputeRequest.WITHDRAW: DISPUTE_WITHDRAWN}
-
-
-def answer_in(value: int) -> str:
-    try:
-        return ANSWER_OF[value]
-    except KeyError:
-        raise InvalidArgument("answer", f"{value} is not CONFIRM (1), CORRECT (2) or WITHDRAW (3)") from None
-
-
-def decision_in(value: int) -> bool:
-    if value not in (rights_pb2.DecideRepairRequest.APPROVE, rights_pb2.DecideRepairRequest.REJECT):
-        raise InvalidArgument("decision", f"{value} is not APPROVE (1) or REJECT (2)")
-    return value == rights_pb2.DecideRepairRequest.APPROVE
-
-
-def dispute_message(view: DisputeView) -> rights_pb2.Dispute:
-    d = view.row
-    return rights_pb2.Dispute(
-        dispute_id=d.dispute_id, citizen_id=d.citizen_id, source=d.source, record_id=d.record_id, variable=d.variable,
-        reason=d.reason, state=_DISPUTE_STATES[d.state], filed_at=_ts(d.filed_at), due_at=_ts(d.due_at),
-        due_date=iso_of(city_day(d.due_at) - 1), overdue=d.state == DISPUTE_OPEN and view.now >= d.due_at,
-        suspended_at=_ts(d.suspended_at), answered_at=_ts(d.answered_at), answered_by=d.answered_by or "",
-        note=d.note or "", record_status=d.record_status, record_version=d.record_version, position=d.position,
-        event_id=view.event_id,
-    )
-
-
-def repair_message(view: RepairView) -> rights_pb2.RepairApplication:
-    r = view.row
-    return rights_pb2.RepairApplication(
-        repair_id=r.repair_id, citizen_id=r.citizen_id, source=r.source, record_id=r.record_id, variable=r.variable,
-        tier=r.tier, statement=r.statement, state=_REPAIR_STATES[r.state], filed_at=_ts(r.filed_at), due_at=_ts(r.due_at),
-        due_date=iso_of(city_day(r.due_at) - 1), overdue=r.state == REPAIR_PENDING and view.now >= r.due_at,
-        escalated_at=_ts(r.escalated_at), decided_at=_ts(r.decided_at), decided_by=r.decided_by or "",
-        decision_reason=r.decision_reason or "", record_status=r.record_status, record_version=r.record_version,
-        position=r.position, event_id=view.event_id,
-    )
-
-
-def records_message(items: list[RecordItem], disclosure_id: str) -> rights_pb2.ListCitizenRecordsResponse:
-    return rights_pb2.ListCitizenRecordsResponse(disclosure_id=disclosure_id, records=[
-        rights_pb2.CitizenRecord(
-            source=i.record.record.source, record_id=i.record.record.record_id, variable=i.record.record.variable,
-            direction=i.direction, tier=i.tier, date=iso_of(i.record.record.day), value=i.record.record.value,
-            status=i.record.record.status, version=i.record.record.version, open_dispute_id=i.record.open_dispute,
-            pending_repair_id=i.record.pending_repair,
-            counts_until=iso_of(i.counts_until) if i.counts_until is not None else "",
-            repairable_from=iso_of(i.repairable_from) if i.repairable_from is not None else "",
-        )
-        for i in items
-    ])
-
-
-def clock_message(view: ClockView) -> rights_pb2.TestClock:
-    return rights_pb2.TestClock(now=_ts(view.now), offset_seconds=int(round(view.offset)), today=iso_of(view.today))

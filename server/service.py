@@ -100,7 +100,6 @@ class _Row(NamedTuple):
     level: int
     percentile: float
     raw: float
-    dimension_points: tuple
     reasons: tuple
     flags: int
     computed_at: float
@@ -256,7 +255,7 @@ class CreditService:
         on_rescore=None, on_decisions=None, on_decision=None, audit=None,
         control: Control | None = None, generation: int = 0, ids: DecisionIds | None = None,
         store_watch: StoreWatch | None = None, releases=None, purposes=None,
-        batch_quota: TokenBuckets | None = None,
+        batch_quota: TokenBuckets | None = None, repair_after: dict[str, int] | None = None,
     ):
         """``on_rescore(seconds)``, ``on_decisions(scenario, counts)`` (counts: how many
         decisions had each outcome value, 8 entries) and
@@ -288,6 +287,7 @@ class CreditService:
         # which bit of a citizen's consent each scenario and read purpose is (server/consent.py)
         self.consent_purposes = state.consent_purposes or ConsentPurposes(list(scenarios), purposes)
         self.batch_quota = batch_quota
+        self.repair_after = repair_after  # each tier's least publicity before a repair (config/rights.toml)
         self.score_release = Release.of(self.model_version, self.calibration_version)
         self._release = {name: Release.of(self.model_version, self.calibration_version, sc.rules_version)
                          for name, sc in scenarios.items()}
@@ -342,7 +342,7 @@ class CreditService:
         bit = self.consent_purposes.bit(purpose)
         values = s.read_row(row, lambda: (
             s.reads_allowed(row, bit), bool(s.adult[row]), int(cols.score[row]), int(cols.level[row]),
-            float(cols.percentile[row]), float(cols.raw[row]), tuple(float(x) for x in cols.dimension_points[row]),
+            float(cols.percentile[row]), float(cols.raw[row]),
             tuple(int(v) for v in cols.reasons[row]), int(cols.flags[row]), float(s.computed_at[row]),
             s.features[row].copy(),
         ))
@@ -405,7 +405,7 @@ class CreditService:
         self._view(citizen_id, row, now)  # NOT_AUTHORISED / UNDER_18 before any store read
         snap = self._snapshot(row)
         sim = Simulator(self.spec, self.scorer, {n: sc.default_bit for n, sc in self.scenarios.items()}, now.as_of_day,
-                        compact=self.state.columns.compact)
+                        compact=self.state.columns.compact, repair_after=self.repair_after)
         base = sim.base(snap.active)
         keep, added = sim.resolve(base, changes)
         current, simulated = sim.score(base, [(np.ones(len(base), bool), []), (keep, added)], adult=1)
@@ -416,7 +416,7 @@ class CreditService:
             c = o.columns
             return self._view(citizen_id, row, _Row(
                 True, True, int(c.score[0]), int(c.level[0]), float(c.percentile[0]), float(c.raw[0]),
-                tuple(float(x) for x in c.dimension_points[0]), tuple(int(v) for v in c.reasons[0]), int(c.flags[0]),
+                tuple(int(v) for v in c.reasons[0]), int(c.flags[0]),
                 now.computed_at, o.features, snap.position, now.as_of_day))
 
         shown = self._disclose(view(current), row, caller, purpose, "ScoreService/SimulateScore", SCORE_SIMULATED)

@@ -23,7 +23,7 @@ from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
 )
 from qianjiang.v1 import rights_pb2, rights_pb2_grpc
-from server import convert, rights
+from server import convert
 from server.auth import current_caller
 from server.errors import NotReady
 from server.service import CreditService, StaleGeneration
@@ -93,10 +93,9 @@ class ScoreServicer(Offload, score_pb2_grpc.ScoreServiceServicer):
 
     async def ExplainScore(self, request, context):
         view, contributions = await self.run("explain", request.citizen_id, current_caller(), request.purpose)
-        explanation = convert.explanation_message(view, contributions, self.service.spec)
-        if self.rights_marks is not None:  # from memory: disputed and suspended records' variables
-            self.rights_marks.mark_explanation(explanation, self.service.row_of(request.citizen_id))
-        return explanation
+        # from memory: the variables of the citizen's disputed and suspended records
+        marks = None if self.rights_marks is None else self.rights_marks.marked(self.service.row_of(request.citizen_id))
+        return convert.explanation_message(view, contributions, self.service.spec, marks)
 
     async def SimulateScore(self, request, context):
         changes = convert.changes_in(request.changes)
@@ -209,40 +208,40 @@ class RightsServicer(Offload, rights_pb2_grpc.RightsServiceServicer):
 
     async def ListCitizenRecords(self, request, context):
         items, disclosure_id = await self.run("citizen_records", request.citizen_id, current_caller())
-        return rights.records_message(items, disclosure_id)
+        return convert.records_message(items, disclosure_id)
 
     async def FileDispute(self, request, context):
         view = await self.run("file_dispute", request.citizen_id, request.source, request.record_id, request.reason,
                               current_caller())
-        return rights.dispute_message(view)
+        return convert.dispute_message(view)
 
     async def ListDisputes(self, request, context):
         views = await self.run("list_disputes", request.citizen_id, request.source, request.open_only, request.limit,
                                current_caller())
-        return rights_pb2.ListDisputesResponse(disputes=[rights.dispute_message(v) for v in views])
+        return rights_pb2.ListDisputesResponse(disputes=[convert.dispute_message(v) for v in views])
 
     async def AnswerDispute(self, request, context):
-        answer = rights.answer_in(request.answer)
+        answer = convert.answer_in(request.answer)
         day = convert.parse_date(request.date, "date") if request.date else None
         view = await self.run("answer_dispute", request.dispute_id, answer, day, request.value, request.note,
                               current_caller(), request.source)
-        return rights.dispute_message(view)
+        return convert.dispute_message(view)
 
     async def ApplyRepair(self, request, context):
         view = await self.run("apply_repair", request.citizen_id, request.source, request.record_id, request.statement,
                               current_caller())
-        return rights.repair_message(view)
+        return convert.repair_message(view)
 
     async def ListRepairs(self, request, context):
         views = await self.run("list_repairs", request.citizen_id, request.source, request.pending_only, request.limit,
                                current_caller())
-        return rights_pb2.ListRepairsResponse(applications=[rights.repair_message(v) for v in views])
+        return rights_pb2.ListRepairsResponse(applications=[convert.repair_message(v) for v in views])
 
     async def DecideRepair(self, request, context):
-        approve = rights.decision_in(request.decision)
+        approve = convert.decision_in(request.decision)
         view = await self.run("decide_repair", request.repair_id, approve, request.reason, current_caller(),
                               request.source)
-        return rights.repair_message(view)
+        return convert.repair_message(view)
 
     async def AdvanceTestClock(self, request, context):
-        return rights.clock_message(self.service.advance_test_clock(request.seconds))
+        return convert.clock_message(self.service.advance_test_clock(request.seconds))

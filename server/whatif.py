@@ -17,9 +17,10 @@ change through the real server and compares). Nothing is written anywhere; the c
 
 **The next level** (:meth:`Simulator.next_level`): the levers are what the model spec marks
 ``actionable`` (kernel/spec.py): a record of an actionable negative variable that still
-counts and whose tier's least publicity has passed (``TIER_REPAIR_AFTER_DAYS``) can be
-repaired; an actionable positive variable grows by 1..``max_steps`` records of ``step``
-(hours, donations). Tenure is never a lever: it accrues by itself. The search is small and
+counts and whose tier's least publicity has passed (the rights service's rule,
+config/rights.toml) can be repaired; an actionable positive variable grows by
+1..``max_steps`` records of ``step`` (hours, donations). Tenure is never a lever: it
+accrues by itself. The search is small and
 exhaustive over what it considers: each lever at its full effect alone, then every pair and
 every triple of the ``MAX_LEVERS`` most effective levers (scores are monotone in each lever,
 so a set that fails at full effect fails at any smaller one); among the smallest sets that
@@ -111,11 +112,14 @@ class Simulator:
     """Scores copies of one citizen's records on ``as_of_day`` (see the module docstring)."""
 
     def __init__(self, spec: ModelSpec, scorer: Scorer, bits_of: dict[str, int], as_of_day: int,
-                 compact: bool = True):
+                 compact: bool = True, repair_after: dict[str, int] | None = None):
         """``compact``: the column layout of the serving state (kernel/columns.py), so that a
-        simulated score's stored-narrower fields round exactly as the served ones do."""
+        simulated score's stored-narrower fields round exactly as the served ones do.
+        ``repair_after``: each tier's least publicity in days, as the rights service applies
+        it (config/rights.toml; default kernel/spec.py TIER_REPAIR_AFTER_DAYS)."""
         self.spec, self.scorer, self.bits_of, self.day = spec, scorer, bits_of, as_of_day
         self.compact = compact
+        self.repair_after = repair_after or TIER_REPAIR_AFTER_DAYS
         self._index = {v.name: i for i, v in enumerate(spec.variables)}
 
     # --- the citizen's records and a request's changes ---------------------------------
@@ -142,10 +146,10 @@ class Simulator:
         for i, c in enumerate(changes):
             where = f"changes[{i}]"
             if c.kind == "remove_record":
-                hits = [j for j, (source, rid) in enumerate(self.ids)
-                        if rid == c.record_id and (not c.source or source == c.source)]
                 if not c.record_id:
                     raise InvalidArgument(f"{where}.remove_record.record_id", "must not be empty")
+                hits = [j for j, (source, rid) in enumerate(self.ids)
+                        if rid == c.record_id and (not c.source or source == c.source)]
                 if not hits:
                     raise InvalidArgument(f"{where}.remove_record", f"the citizen has no active record {c.record_id!r}"
                                           + (f" from {c.source!r}" if c.source else ""))
@@ -210,7 +214,7 @@ class Simulator:
         alive = record_weights(self.spec, base, self.day) > 0
         for j in np.flatnonzero(keep & alive):
             v = self.spec.variables[int(base.variable[j])]
-            if v.direction == "negative" and v.actionable and self.day - int(base.day[j]) >= TIER_REPAIR_AFTER_DAYS[v.tier]:
+            if v.direction == "negative" and v.actionable and self.day - int(base.day[j]) >= self.repair_after[v.tier]:
                 out.append(Lever(int(base.variable[j]), record=int(j)))
         for i, v in enumerate(self.spec.variables):
             if v.direction == "positive" and v.actionable:
@@ -259,12 +263,13 @@ class Simulator:
             result.tried += len(sets)
             return self.score(base, [self._candidate(keep, added, s) for s in sets], adult) if sets else []
 
-        alone = run([(lever,) for lever in levers])
-        gains = [(int(o.columns.score[0]), k) for k, o in enumerate(alone) if int(o.columns.score[0]) > score]
-        ranked = [levers[k] for _, k in sorted(gains, key=lambda g: (-g[0], g[1]))][:MAX_LEVERS]
+        alone = zip(levers, run([(lever,) for lever in levers]))
+        gaining = [(lever, o) for lever, o in alone if int(o.columns.score[0]) > score]
+        gaining.sort(key=lambda g: -int(g[1].columns.score[0]))  # stable: ties keep the levers' order
+        ranked = [lever for lever, _ in gaining[:MAX_LEVERS]]
         for size in range(1, MAX_SET + 1):
-            sets = list(itertools.combinations(ranked, size)) if size > 1 else [(lever,) for lever in ranked]
-            outcomes = alone_of(ranked, alone, levers) if size == 1 else run(sets)
+            sets = list(itertools.combinations(ranked, size))
+            outcomes = [o for _, o in gaining[:MAX_LEVERS]] if size == 1 else run(sets)  # alone: scored above
             reaching = [s for s, o in zip(sets, outcomes) if int(o.columns.score[0]) >= result.min_score]
             if not reaching:
                 continue
@@ -298,7 +303,3 @@ class Simulator:
                     break
         return tuple(levers)
 
-
-def alone_of(ranked: list[Lever], alone: list[Outcome], levers: list[Lever]) -> list[Outcome]:
-    """The outcomes already scored for each ranked lever alone (no second kernel call)."""
-    return [alone[levers.index(lever)] for lever in ranked]

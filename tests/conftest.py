@@ -48,7 +48,7 @@ def calibration(spec, city):
 class Served:
     """A running server and what tests need to reach it."""
 
-    def __init__(self, tmp_path_factory, n_citizens: int = 3000, seed: int = 2018, **config):
+    def __init__(self, tmp_path_factory, n_citizens: int = 3000, seed: int = 2018):
         from prometheus_client import CollectorRegistry
 
         from clients.client import QianjiangClient
@@ -56,8 +56,7 @@ class Served:
         from server.metrics import Metrics
 
         self.data_dir = tmp_path_factory.mktemp("qj-data")
-        self.config = ServerConfig(data_dir=self.data_dir, seed_citizens=n_citizens, seed=seed, metrics_port=0, port=0,
-                                   **config)
+        self.config = ServerConfig(data_dir=self.data_dir, seed_citizens=n_citizens, seed=seed, metrics_port=0, port=0)
         self.registry = CollectorRegistry()
         self.runtime = Runtime.prepare(self.config)
         self.node = Node(self.runtime, port=0, metrics=Metrics(self.registry)).start()

@@ -6,7 +6,6 @@ them (server/whatif.py)."""
 from __future__ import annotations
 
 import json
-import tomllib
 
 import grpc
 import numpy as np
@@ -14,44 +13,18 @@ import pytest
 
 from clients.client import Record, added, repaired, variable_repaired
 from kernel.features import Records, record_weights
-from kernel.spec import DEFAULT_SPEC_PATH, TIER_REPAIR_AFTER_DAYS, load_spec
+from kernel.spec import TIER_REPAIR_AFTER_DAYS, load_spec
 from qianjiang.v1 import common_pb2
 from server.state import iso_of
-from tests.conftest import Served
-
-#: Levers for the test model, whatever the default model marks (kept if it marks more).
-LEVERS = {"volunteer_hours": (10.0, 10), "blood_donations": (1.0, 3), "charity_donations": (1.0, 5)}
-REPAIRABLE = ("tax_arrears", "traffic_violations", "administrative_penalties", "utility_arrears_serious",
-              "transit_fare_defaults", "loan_overdue_90d", "provident_fund_loan_overdue")
-
-
-def _spec_with_levers(path) -> None:
-    """The default model with actionable variables marked (a model that marks none would
-    leave the search nothing to try)."""
-    text = DEFAULT_SPEC_PATH.read_text()
-    doc = tomllib.loads(text)
-    out, name = [], None
-    for line in text.splitlines():
-        out.append(line)
-        if line.startswith("name = ") and out[-2:-1] == ["[[variables]]"]:
-            name = line.split('"')[1]
-            v = next(v for v in doc["variables"] if v["name"] == name)
-            if "actionable" in v:
-                continue
-            if name in LEVERS:
-                step, most = LEVERS[name]
-                out += ["actionable = true", f"step = {step}", f"max_steps = {most}"]
-            elif name in REPAIRABLE:
-                out.append("actionable = true")
-    path.write_text("\n".join(out) + "\n")
-
+from conftest import Served
 
 @pytest.fixture(scope="module")
 def sim(tmp_path_factory):
-    spec_path = tmp_path_factory.mktemp("whatif-model") / "model.toml"
-    _spec_with_levers(spec_path)
-    s = Served(tmp_path_factory, n_citizens=2000, seed=7, spec_path=spec_path)
-    s.spec = load_spec(spec_path)
+    """A city served with the default model, which marks its actionable variables."""
+    s = Served(tmp_path_factory, n_citizens=2000, seed=7)
+    s.spec = load_spec()
+    assert any(v.actionable and v.direction == "positive" for v in s.spec.variables)
+    assert any(v.actionable and v.direction == "negative" for v in s.spec.variables)
     yield s
     s.stop()
 
