@@ -950,12 +950,15 @@ def cmd_token(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    """Write a synthetic city's records as JSON lines (the format `ingest --file` reads)."""
+    """Write a synthetic city's records as JSON lines (the format `ingest --file` reads), or
+    with --partitions its features as a population directory for `batch rescore`."""
     from kernel.synthetic import generate_city
     from server.app import citizen_id
     from server.state import iso_of, today
 
     spec = _spec(args.spec)
+    if args.partitions is not None:
+        return _generate_partitions(args, spec)
     city = generate_city(spec, args.citizens, seed=args.seed, as_of_day=today(), progress=None)
     recs = city.records
     try:
@@ -974,6 +977,103 @@ def cmd_generate(args) -> int:
         if out is not sys.stdout:
             out.close()
     print(f"{args.citizens:,} people, {len(recs):,} records, {int((city.people.age < 18).sum()):,} minors", file=sys.stderr)
+    return 0
+
+
+def _generate_partitions(args, spec) -> int:
+    from kernel.batch import BatchError
+    from kernel.synthetic import generate_partitions
+
+    if args.out == "-":
+        raise UsageError("--partitions writes a directory: give --out DIR")
+    try:
+        manifest = generate_partitions(spec, args.citizens, args.out, args.partitions, seed=args.seed,
+                                       overwrite=args.overwrite)
+    except BatchError as exc:
+        raise UsageError(str(exc)) from None
+    emit(args, _population_summary(args.out, manifest),
+         f"{manifest['rows']:,} people in {manifest['partitions']} parts at {args.out} (as of {manifest['as_of']}, "
+         f"model {manifest['model_version']})")
+    return 0
+
+
+def _population_summary(out, manifest: dict) -> dict:
+    return {"out": str(out), **{k: manifest[k] for k in ("rows", "partitions", "as_of", "as_of_day", "model_version")}}
+
+
+def cmd_export(args) -> int:
+    """The store's population as Parquet parts with a manifest (kernel/batch.py)."""
+    from kernel.batch import BatchError
+    from server.city_time import today
+    from server.export import export_population
+    from server.scenarios import load_scenarios
+    from server.state import day_of
+    from server.store import StoreError, open_store
+
+    spec = _spec(args.spec)
+    day = day_of(args.as_of) if args.as_of else today()
+    if day > today():
+        raise UsageError(f"--as-of {args.as_of}: in the future (the store knows nothing after today)")
+    url = _store_url(args)
+    try:
+        store = open_store(url)
+    except StoreError as exc:
+        raise UsageError(f"the store {url}: {exc}") from None
+    try:
+        manifest = export_population(store, spec, args.out, args.partitions, load_scenarios(args.scenarios),
+                                     as_of_day=day, overwrite=args.overwrite)
+    except BatchError as exc:
+        raise UsageError(str(exc)) from None
+    finally:
+        store.close()
+    emit(args, _population_summary(args.out, manifest),
+         f"exported {manifest['rows']:,} citizens in {manifest['partitions']} parts to {args.out} "
+         f"(as of {manifest['as_of']}, model {manifest['model_version']}, store position {manifest['source']['position']})")
+    return 0
+
+
+def cmd_batch_rescore(args) -> int:
+    """Score and calibrate a population directory on Dask (kernel/batch.py)."""
+    from kernel.batch import BatchError, rescore, rescore_local
+    from kernel.calibration import CalibrationError
+    from server.models import load_calibration
+
+    spec = _spec(args.spec)
+    if args.scheduler and args.workers:
+        raise UsageError("--workers sizes the local cluster: not with --scheduler")
+    if args.local and (args.scheduler or args.workers):
+        raise UsageError("--local runs in this process: not with --scheduler or --workers")
+    log = (lambda line: None) if args.json else (lambda line: print(line, file=sys.stderr))
+    import distributed  # noqa: F401  (its import sets its loggers' levels: quieten them after it)
+
+    logging.getLogger("distributed").setLevel(logging.WARNING)  # its INFO is a line per worker event
+    try:
+        table = load_calibration(args.calibration, spec) if args.calibration else None
+        if args.local:
+            result = rescore_local(args.input, args.out, spec, table, threads=args.threads, overwrite=args.overwrite)
+        else:
+            result = rescore(args.input, args.out, spec, table, scheduler=args.scheduler, workers=args.workers,
+                             threads_per_worker=args.threads_per_worker, threads=args.threads,
+                             progress=not args.no_progress and not args.json, overwrite=args.overwrite, log=log)
+    except (BatchError, CalibrationError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        print("no result was written (a job writes --out whole or not at all)", file=sys.stderr)
+        return 1
+    doc = result.manifest
+    obj = {k: doc[k] for k in ("rows", "model_version", "calibration_version", "as_of_day", "levels", "cluster",
+                               "workers_lost", "seconds") if k in doc}
+    obj["out"] = str(args.out)
+    obj["calibration_file"] = str(Path(args.out) / doc["calibration"]) if doc["calibration"] else None
+    lines = [f"scored {doc['rows']:,} citizens in {len(doc['parts'])} parts in {result.seconds:.1f} s ({doc['cluster']})",
+             f"model {doc['model_version']}, calibration {doc['calibration_version']} "
+             f"({doc['calibration_total']:,} adults)"]
+    lines += [f"  {code:<18} {count:>12,}" for code, count in doc["levels"].items()]
+    if doc.get("workers_lost"):
+        lines.append(f"{doc['workers_lost']} worker(s) lost during the run; their tasks were run again")
+    if doc["calibration"]:
+        lines.append(f"stage it with: qjscore model stage --calibration {obj['calibration_file']}"
+                     + (f" {args.spec}" if args.spec else ""))
+    emit(args, obj, "\n".join(lines))
     return 0
 
 
@@ -1059,7 +1159,7 @@ def _store_url(args) -> str:
         return args.store
     db = Path(args.data_dir).resolve() / "qianjiang.db"
     if not db.exists():
-        raise SystemExit(f"model stage: no store at {db}: start the server once on this data directory, or give --store")
+        raise UsageError(f"no store at {db}: start the server once on this data directory, or give --store")
     return f"sqlite:///{db}"
 
 
@@ -1439,8 +1539,50 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--citizens", type=_at_least(1), default=1000, metavar="N", help="people in the synthetic city")
     p.add_argument("--seed", type=int, default=2018, help="the synthetic city's random seed")
     p.add_argument("--spec", default=None, help=spec)
-    p.add_argument("--out", default="-", metavar="FILE", help="where to write the lines ('-': stdout)")
+    p.add_argument("--out", default="-", metavar="FILE|DIR", help="where to write the lines ('-': stdout), or with "
+                                                                   "--partitions the population directory")
+    p.add_argument("--partitions", type=_at_least(1, 100_000), default=None, metavar="K",
+                   help="write the city's features (as of its day, 2018-11-16) as K Parquet parts for `batch rescore` "
+                        "instead of records, a chunk at a time (no store, no city in memory)")
+    p.add_argument("--overwrite", action="store_true", help="with --partitions: replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="with --partitions: print the summary as JSON")
     p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser("export", help="the store's population (features as of a day) as Parquet parts with a manifest, "
+                                      "for `batch rescore`: personal data, keep it on the operator's encrypted volume")
+    p.add_argument("--out", required=True, metavar="DIR", help="the population directory to write (must not exist)")
+    p.add_argument("--partitions", type=_at_least(1, 100_000), required=True, metavar="K",
+                   help="parts, by a stable hash of the citizen id")
+    p.add_argument("--as-of", type=_arg(parse_date), default=None, metavar="YYYY-MM-DD",
+                   help="derive the features as of this day (default: today in the city)")
+    p.add_argument("--spec", default=None, help=spec + " (the model whose features are derived)")
+    p.add_argument("--scenarios", default=None, help="scenarios config (default config/scenarios.toml)")
+    p.add_argument("--data-dir", default="data", help="the server's data directory (its store, unless --store)")
+    p.add_argument("--store", default=None, help="store URL (default sqlite:///<data-dir>/qianjiang.db)")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the export is done)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(fn=cmd_export)
+
+    batch = sub.add_parser("batch", help="population batch jobs on Dask (dask.distributed)")
+    bsub = batch.add_subparsers(dest="batch_command", required=True)
+    p = bsub.add_parser("rescore", help="score a population directory and freeze its calibration, on a Dask cluster")
+    p.add_argument("--input", required=True, metavar="DIR", help="a population directory (`export`, `generate --partitions`)")
+    p.add_argument("--out", required=True, metavar="DIR",
+                   help="the scores directory: Parquet parts, calibration.npz, manifest.json (written whole or not at all)")
+    p.add_argument("--scheduler", default=None, metavar="tcp://HOST:PORT",
+                   help="an existing Dask scheduler (default: a LocalCluster of worker processes on this machine)")
+    p.add_argument("--workers", type=_at_least(1, 512), default=None, metavar="N",
+                   help="worker processes of the local cluster (default: one per core)")
+    p.add_argument("--threads-per-worker", type=_at_least(1, 64), default=1, metavar="N", help="tasks at once per worker")
+    p.add_argument("--threads", type=_at_least(1, 64), default=1, metavar="N", help="kernel threads per task")
+    p.add_argument("--calibration", default=None, metavar="FILE",
+                   help="score with this frozen calibration table (.npz) instead of freezing one from the population")
+    p.add_argument("--spec", default=None, help=spec)
+    p.add_argument("--local", action="store_true", help="run in this process without Dask (the same result, for checks)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists (only once the job is done)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON")
+    p.set_defaults(fn=cmd_batch_rescore)
 
     p = sub.add_parser("calibrate", help="calibrate the model on a synthetic city and report")
     p.add_argument("--citizens", type=_at_least(1), default=1_000_000, metavar="N", help="people in the synthetic city")

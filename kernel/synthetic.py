@@ -267,9 +267,43 @@ def generate_features(
     people = []
     with _progress(n, progress) as bar:
         for start, size, rng in _chunks(n, seed, chunk_size):
-            p, r = _chunk(spec, rng, start, size, AS_OF_DAY)
-            r.citizen -= start
-            build_features(spec, r, size, AS_OF_DAY, out=features[start : start + size])
-            people.append(p)
+            people.append(_chunk_features(spec, rng, start, size, out=features[start : start + size]))
             bar.update(size)
     return People.concat(people), features
+
+
+def _chunk_features(spec: ModelSpec, rng, start: int, size: int, out: np.ndarray) -> People:
+    p, r = _chunk(spec, rng, start, size, AS_OF_DAY)
+    r.citizen -= start
+    build_features(spec, r, size, AS_OF_DAY, out=out)
+    return p
+
+
+#: The synthetic city's citizen ids: row 0 is ``c00000000`` (server/seed.py seeds them).
+CITIZEN_ID_FORMAT = "c{:08d}"
+
+
+def citizen_ids(start: int, n: int) -> np.ndarray:
+    """Ids of rows ``start .. start + n - 1`` as an ``S`` array (:data:`CITIZEN_ID_FORMAT`)."""
+    return np.strings.add(b"c", np.strings.zfill(np.arange(start, start + n).astype("S"), 8))
+
+
+def generate_partitions(
+    spec: ModelSpec, n: int, out, partitions: int, seed: int = 2018, chunk_size: int = DEFAULT_CHUNK,
+    progress: bool | None = None, overwrite: bool = False,
+) -> dict:
+    """Write the city of :func:`generate_features` (the same people, the same features, as
+    of :data:`AS_OF`) straight into a population directory of ``partitions`` Parquet parts
+    (kernel/batch.py), a chunk at a time: a province needs neither a store nor its memory.
+    Returns the manifest."""
+    from kernel.batch import PopulationWriter
+
+    source = {"kind": "synthetic", "citizens": n, "seed": seed, "chunk_size": chunk_size}
+    features = np.empty((min(n, chunk_size), len(spec.variables)), np.float32)
+    with PopulationWriter(out, spec, partitions, AS_OF_DAY, source, overwrite=overwrite) as writer, \
+            _progress(n, progress) as bar:
+        for start, size, rng in _chunks(n, seed, chunk_size):
+            people = _chunk_features(spec, rng, start, size, out=features[:size])
+            writer.add(citizen_ids(start, size), people.adult.astype(np.uint8), features[:size])
+            bar.update(size)
+    return writer.manifest

@@ -31,7 +31,9 @@ def main() -> int:
     paths = sysconfig.get_paths()
     Path(paths["purelib"], "qianjiang-score.pth").write_text(f"{ROOT}\n")
     launcher = Path(paths["scripts"], "qjscore")
-    launcher.write_text(f"#!{sys.executable}\nimport sys\n\nfrom clients.cli import main\n\nsys.exit(main())\n")
+    # The guard: worker processes started with "spawn" (Dask's) import the launcher again.
+    launcher.write_text(f"#!{sys.executable}\nimport sys\n\nfrom clients.cli import main\n\n"
+                        "if __name__ == \"__main__\":\n    sys.exit(main())\n")
     launcher.chmod(0o755)
     return 0
 

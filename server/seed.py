@@ -44,7 +44,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kernel.spec import ModelSpec
-from kernel.synthetic import DEFAULT_CHUNK, _chunk, _chunks
+from kernel.synthetic import CITIZEN_ID_FORMAT, DEFAULT_CHUNK, _chunk, _chunks
 from server.keys import Keys, synthetic_card_number
 from server.store import TOKEN_BYTES, LoadChunk, Store
 
@@ -59,7 +59,7 @@ LOG_EVERY_S = 10.0
 
 def citizen_id(row: int) -> str:
     """The synthetic city's id of citizen row ``row``: ``c00000000`` …"""
-    return f"c{row:08d}"
+    return CITIZEN_ID_FORMAT.format(row)
 
 
 @dataclass(frozen=True)
