@@ -193,7 +193,7 @@ def staged_output(out: str | Path, overwrite: bool = False):
     partial = out.with_name(f"{out.name}.partial-{os.getpid()}")
     if partial.exists():
         shutil.rmtree(partial)
-    _private_dir(out.parent if str(out.parent) else Path("."))
+    out.parent.mkdir(parents=True, exist_ok=True)  # an existing parent keeps its mode
     _private_dir(partial)
     try:
         yield partial

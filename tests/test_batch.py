@@ -358,3 +358,13 @@ def test_export_and_batch_cli_refuse_bad_options(tmp_path, population, capsys):
     assert "--local runs in this process" in capsys.readouterr().err
     assert cli(["generate", "--citizens", "10", "--partitions", "2"]) == 2
     assert "give --out DIR" in capsys.readouterr().err
+
+
+def test_outputs_are_private_and_their_parent_keeps_its_mode(spec, population, tmp_path):
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    result = batch.rescore_local(population, shared / "scores", spec)
+    assert oct(shared.stat().st_mode & 0o777) == "0o755"
+    assert oct(result.out.stat().st_mode & 0o777) == "0o700"
+    assert {oct(p.stat().st_mode & 0o777) for p in result.out.iterdir()} == {"0o600"}
