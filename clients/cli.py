@@ -835,6 +835,7 @@ def serve_config(args):
         batch_tokens_per_second=args.batch_tokens_per_second, purposes_path=args.purposes,
         snapshot_seconds=args.snapshot_interval,
         rights_path=args.rights_config, test_clock=args.test_clock,
+        replica=args.replica, replica_max_lag_seconds=args.replica_max_lag, audit_dir=args.audit_dir,
     )
 
 
@@ -1518,6 +1519,15 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--snapshot-interval", type=_seconds, default=600.0, metavar="SECONDS",
                    help="write the serving state's snapshot this often, and at every clean stop, so that a start "
                         "maps it instead of loading the whole city (0: only at a clean stop; default %(default)s)")
+    p.add_argument("--replica", action="store_true",
+                   help="one of several nodes serving one PostgreSQL store: follow its change log (LISTEN/NOTIFY) so "
+                        "writes through any node reach this one's memory (docs/replicas.md; not with SQLite)")
+    p.add_argument("--replica-max-lag", type=_seconds, default=1.0, metavar="SECONDS",
+                   help="a replica not confirmed current for this long reports NOT_SERVING on grpc.health.v1, so the "
+                        "front stops sending it checks (default %(default)s)")
+    p.add_argument("--audit-dir", type=Path, default=None, metavar="DIR",
+                   help="the audit log's directory (default DATA_DIR/audit); replicas on one host share one, so "
+                        "'who checked me' is complete whichever node served the check")
     p.set_defaults(fn=cmd_serve)
 
     spec = "model spec TOML (default: the default model, kernel/models/v2.toml)"

@@ -42,7 +42,7 @@ from kernel.spec import ModelSpec, load_spec
 from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
 )
-from server import snapshot
+from server import replica, snapshot
 from server.auth import (
     DEFAULT_POLICY_PATH, Authenticator, PolicyError, check_policy, is_loopback, load_policy, load_tokens,
 )
@@ -195,6 +195,14 @@ class ServerConfig:
     # RightsService/AdvanceTestClock moves forward (--production refuses it).
     rights_path: Path | None = None
     test_clock: bool = False
+    # Replicas (server/replica.py, docs/replicas.md): this node is one of several serving one
+    # PostgreSQL store, kept current by its change log; past ``replica_max_lag_seconds``
+    # without confirming it is current, health says NOT_SERVING. SQLite serves one node only.
+    replica: bool = False
+    replica_max_lag_seconds: float = 1.0
+    # Where the audit log's segments go (default <data_dir>/audit). Nodes that share one
+    # directory write their own segments side by side, and "who checked me" reads them all.
+    audit_dir: Path | None = None
 
     @property
     def stream_limit(self) -> int:
@@ -304,6 +312,7 @@ class Runtime:
         self._rolling = False  # a day rollover is under way: no snapshot of a state half moved
         self._positions: deque[tuple[float, int]] = deque()  # (monotonic time, state position), for replay floors
         self._snapshot_lock = threading.Lock()
+        self.replica = None  # a replica's follower status (server/replica.py), shared by the workers
         self.calibration_path = Path(config.data_dir) / f"calibration-{spec.model_version}.npz"
         self.policy = load_policy(config.policy_path)
         self.purposes = load_purposes(config.purposes_path)
@@ -363,6 +372,7 @@ class Runtime:
         """Open the store (seeding an empty one when asked) and allocate the shared state.
         Cheap enough to run before the workers fork; loading comes after (:meth:`load`)."""
         check_stance(config)
+        replica.check_config(config)  # replicas need PostgreSQL
         set_city_zone(config.city_timezone)  # before any day is computed; the workers inherit it
         scenarios = load_scenarios(config.scenarios_path)
         private_dir(Path(config.data_dir))
@@ -406,6 +416,8 @@ class Runtime:
                                       lock=control.lock)
         runtime = cls(config, spec, scenarios, state, keys, control, calibration, release)
         runtime.snapshot_header = header
+        if config.replica:  # before the workers fork: they read the follower's status
+            runtime.replica = replica.ReplicaStatus(config.replica_max_lag_seconds)
         # the citizens' rights: their configuration, the rights clock and the dispute marks,
         # shared by the workers like the state (server/rights.py)
         runtime.rights_config = load_rights_config(config.rights_path)
@@ -521,7 +533,10 @@ class Runtime:
         """Sample the state's position (the maintenance loop, once a second): a snapshot
         taken later replays from a sample old enough that every write up to it is applied."""
         now = time.monotonic()
-        self._positions.append((now, self.state.position))
+        position = self.state.position
+        if self.replica is not None:  # a replica's own writes may run ahead of what it followed
+            position = min(position, self.replica.applied)
+        self._positions.append((now, position))
         while len(self._positions) > 1 and self._positions[1][0] <= now - snapshot.REPLAY_MARGIN_SECONDS:
             self._positions.popleft()
 
@@ -538,6 +553,8 @@ class Runtime:
         with self._snapshot_lock:
             if exact or not self._positions:
                 position = self.state.position
+                if self.replica is not None:
+                    position = min(position, self.replica.applied)
             else:
                 position = self._positions[0][1]
             store = self.open_store()
@@ -754,7 +771,7 @@ class Node:
         if rt.config.audit:
             from server.audit import AuditLog
 
-            self.audit = AuditLog(Path(rt.config.data_dir) / "audit", rt.keys.audit, flush_interval=rt.config.audit_flush_seconds,
+            self.audit = AuditLog(Path(rt.config.audit_dir or Path(rt.config.data_dir) / "audit"), rt.keys.audit, flush_interval=rt.config.audit_flush_seconds,
                                   max_pending=rt.config.audit_max_pending)
             self.audit.start()
         service = self._service_on(rt.state, rt.spec, rt.calibration(), rt.control.generation)
@@ -766,6 +783,7 @@ class Node:
         gc.freeze()
         self.set_health(health_pb2.HealthCheckResponse.SERVING)
         threading.Thread(target=self._watch, name="qj-rollout", daemon=True).start()
+        replica.watch_health(self)  # a replica behind its bound: NOT_SERVING
         return service
 
     def _service_on(self, state: ServingState, spec: ModelSpec, calibration: CalibrationTable,
@@ -1068,6 +1086,7 @@ def _serve_single(runtime: Runtime, on_ready, signals: _Signals) -> None:
         start_http_server(cfg.metrics_port, addr=cfg.metrics_host)
     node = Node(runtime, metrics=metrics).start()
     runtime.load(metrics)
+    follower = replica.start(runtime)  # a replica follows the store's change log
     node.attach()
     stop = threading.Event()
     threading.Thread(target=_maintenance, args=(runtime, metrics, stop, signals.reload, 1), daemon=True).start()
@@ -1077,6 +1096,8 @@ def _serve_single(runtime: Runtime, on_ready, signals: _Signals) -> None:
     stop.set()
     log.info("draining")
     node.drain()
+    if follower is not None:
+        follower.stop()
     _last_snapshot(runtime)
 
 
@@ -1114,6 +1135,7 @@ def _serve_workers(runtime: Runtime, on_ready, signals: _Signals) -> None:
         multiprocess.MultiProcessCollector(registry)
         start_http_server(cfg.metrics_port, addr=cfg.metrics_host, registry=registry)
     runtime.load(metrics)
+    follower = replica.start(runtime)  # a replica follows the store's change log
     _phase("state ready")
     deadline = time.monotonic() + 60
     while runtime.control.meta[CONTROL_WORKERS_SERVING] < cfg.workers and time.monotonic() < deadline:
@@ -1141,6 +1163,8 @@ def _serve_workers(runtime: Runtime, on_ready, signals: _Signals) -> None:
             pass
     for pid in children:
         os.waitpid(pid, 0)
+    if follower is not None:
+        follower.stop()
     if exit_code:  # a worker died: it may have left a row half applied, so no snapshot now
         sys.exit(exit_code)
     _last_snapshot(runtime)

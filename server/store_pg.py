@@ -248,6 +248,10 @@ MIGRATIONS: list[list[str]] = [
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
+#: The channel every write's NOTIFY goes to (payload: the write's seq), which replicas'
+#: followers LISTEN on (server/replica.py).
+CHANGES_CHANNEL = "qj_changes"
+
 #: The pg_advisory_xact_lock key that serialises writers ("qjstore" in ASCII).
 _WRITERS_LOCK = 0x716A73746F7265
 
@@ -598,6 +602,53 @@ class PostgresStore(SQLStore):
             copy.set_types(list(types))
             for row in rows:
                 copy.write_row(row)
+
+    # The change log's notification (followers: server/replica.py) ---------------------
+
+    def _change(self, db, citizen_row: int | None = None):
+        """As :meth:`SQLStore._change`, and the write's first change also queues
+        ``NOTIFY qj_changes, '<seq>'`` in the same statement (no extra round trip): PostgreSQL
+        delivers it at the commit, and only then, to every session that LISTENs (each
+        replica's follower), in commit order; a rolled-back write notifies nobody. The
+        payload is the new seq only: a follower reads what changed from the table."""
+        tx = self._tx
+        if tx is None or tx.position is not None:
+            return super()._change(db, citizen_row)
+        tx.citizen_row, tx.at = citizen_row, time.time()
+        tx.position = db.execute(
+            "WITH c AS (INSERT INTO changes (seq, at, kind, citizen_row)"
+            " SELECT COALESCE(MAX(seq), 0) + 1, %s, %s, %s FROM changes RETURNING seq)"
+            " SELECT seq, pg_notify(%s, seq::text) FROM c",
+            (tx.at, tx.operation, citizen_row, CHANGES_CHANNEL)).fetchone()[0]
+        return tx
+
+    def changes_between(self, after: int, upto: int | None = None) -> list[tuple[int, str, int | None, float]]:
+        """The change log after ``after`` (through ``upto``): ``(seq, kind, citizen_row, at)``
+        in seq order, one bounded statement (a follower's catch-up)."""
+        with self._read() as db:
+            if upto is None:
+                rows = db.execute("SELECT seq, kind, citizen_row, at FROM changes WHERE seq > %s ORDER BY seq",
+                                  (int(after),)).fetchall()
+            else:
+                rows = db.execute("SELECT seq, kind, citizen_row, at FROM changes WHERE seq > %s AND seq <= %s"
+                                  " ORDER BY seq", (int(after), int(upto))).fetchall()
+        return [(int(s), k, None if r is None else int(r), float(a)) for s, k, r, a in rows]
+
+    def rows_of_new_records(self, first: int, last: int) -> list[int]:
+        """The citizens of the records first stored by the writes at positions ``first`` ..
+        ``last`` (an ``add_records`` of several citizens logs no single row). Records are
+        inserted under the writers' lock, so their ids follow commit order, as do their
+        version 1's positions: the ids between the newest version 1 before ``first`` and the
+        newest through ``last`` are exactly those records (two backward probes of
+        record_versions' key, then a range of records' key; a few more rows than needed at
+        worst, which a follower re-derives harmlessly)."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT DISTINCT citizen_row FROM records WHERE id >"
+                " (SELECT COALESCE(MAX(record), 0) FROM record_versions WHERE version = 1 AND position < %s)"
+                " AND id <= (SELECT COALESCE(MAX(record), 0) FROM record_versions WHERE version = 1"
+                " AND position <= %s)", (int(first), int(last))).fetchall()
+        return [int(r[0]) for r in rows]
 
     # Schema -----------------------------------------------------------------------------
 
