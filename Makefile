@@ -52,7 +52,7 @@ build: $(STAMP) kernel/score.stamp $(VENV)/bin/qjscore
 $(VENV)/bin/qjscore: scripts/install_command.py $(STAMP)
 	$(PY) scripts/install_command.py
 
-kernel/score.stamp: kernel/score.pyx kernel/score.pxd server/token_index.pyx server/bulk_read.pyx setup.py $(STAMP) | sqlite-header
+kernel/score.stamp: kernel/score.pyx kernel/score.pxd server/token_index.pyx server/bulk_read.pyx clients/fuse.pyx setup.py $(STAMP) | sqlite-header
 	$(PY) setup.py -q build_ext --inplace
 	touch $@
 
@@ -71,4 +71,4 @@ sqlite-header:
 	fi
 
 clean:
-	rm -rf build kernel/score.c server/token_index.c server/bulk_read.c kernel/*.so server/*.so kernel/score.stamp
+	rm -rf build kernel/score.c server/token_index.c server/bulk_read.c clients/fuse.c kernel/*.so server/*.so clients/*.so kernel/score.stamp

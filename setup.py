@@ -56,6 +56,15 @@ extensions = [
         extra_compile_args=["-O0" if DEBUG else "-O3"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
     ),
+    # Binary fuse filters and the filter cascade of the offline gates' snapshots (issue 19:
+    # server/gate_snapshot.py builds them, clients/gate.py queries them at the gate).
+    Extension(
+        "clients.fuse",
+        ["clients/fuse.pyx"],
+        include_dirs=[np.get_include()],
+        extra_compile_args=["-O0" if DEBUG else "-O3"],
+        define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
+    ),
 ]
 
 setup(

@@ -440,6 +440,29 @@ def cmd_scenarios(args) -> int:
     return 0
 
 
+def cmd_gate(args) -> int:
+    """An offline gate's list (docs/offline_gates.md): fetched and verified with the service's
+    public gate key as a gateway would, then its state, and a card's local answer."""
+    from clients.gate import Gate, GateError
+
+    with _client(args) as qj:
+        gate = Gate(args.public_key, [args.scenario], client=qj, online=False)
+        try:
+            gate.sync()
+        except GateError as exc:
+            raise UsageError(f"the list was refused: {exc}") from None
+    lst = gate.lists[args.scenario]
+    m = lst.manifest
+    info = {"scenario": args.scenario, "sequence": lst.sequence, "snapshot_sequence": m["sequence"],
+            "allowed": m["allowed"], "enrolled": m["universe"], "levels": len(m["levels"]), "bytes": m["bytes"],
+            "expires": dt.datetime.fromtimestamp(lst.expires, dt.timezone.utc).isoformat(timespec="seconds"), "key_id": m["key_id"],
+            "expired": gate.expired(args.scenario), "overlay": f"{len(lst.removed)} removed, {len(lst.added)} added"}
+    if args.card is not None:
+        info["card_allowed"] = gate.check_local(args.scenario, args.card)
+    emit(args, info, table([(k, v) for k, v in info.items()]))
+    return 0
+
+
 #: A line of `ingest --file` (what `generate` writes): its required fields, and the optional
 #: ones with their defaults (value as --value's).
 RECORD_REQUIRED = ("record_id", "citizen_id", "variable", "date")
@@ -834,6 +857,7 @@ def serve_config(args):
         audit=not args.no_audit, event_loop=args.event_loop, audit_max_pending=args.audit_max_pending,
         batch_tokens_per_second=args.batch_tokens_per_second, purposes_path=args.purposes,
         snapshot_seconds=args.snapshot_interval,
+        gate_delta_seconds=args.gate_delta_interval, gate_valid_seconds=args.gate_valid,
         rights_path=args.rights_config, test_clock=args.test_clock,
         replica=args.replica, replica_max_lag_seconds=args.replica_max_lag, audit_dir=args.audit_dir,
     )
@@ -1360,6 +1384,11 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("scenario", help="the scenario of every token, e.g. metro_pay_later")
     p.add_argument("--cards", required=True, metavar="FILE", help=cards)
     client_cmd("scenarios", cmd_scenarios, "the scenarios and their thresholds")
+    p = client_cmd("gate", cmd_gate, "an offline gate's list of a pay-later scenario, fetched and verified (GateService)")
+    p.add_argument("scenario", help="a pay-later scenario, e.g. metro_pay_later")
+    p.add_argument("--public-key", required=True, metavar="PEM",
+                   help="the service's public gate key (<data-dir>/keys/gate_signing.pub)")
+    p.add_argument("--card", type=_arg(parse_card), help="also the list's answer for this card token, 32 hex digits")
     p = client_cmd("ingest", cmd_ingest, "send records (one by flags, or JSON lines with --file)")
     p.add_argument("--file", help="JSON lines of records ('-': stdin), each with record_id, citizen_id, variable, date and "
                                   "optionally value (default 1), source, scenario; every line's result is printed")
@@ -1516,6 +1545,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--test-clock", action="store_true",
                    help="development and tests only: let RightsService/AdvanceTestClock (qjscore test-clock) move the "
                         "rights clock forward; --production refuses it")
+    p.add_argument("--gate-delta-interval", type=_seconds, default=300.0, metavar="SECONDS",
+                   help="offline gates (docs/offline_gates.md): publish each pay-later scenario's signed delta of the "
+                        "cards allowed this often (0: no offline lists; default %(default)s)")
+    p.add_argument("--gate-valid", type=_seconds, default=3600.0, metavar="SECONDS",
+                   help="how long a gate may decide from a list after its newest snapshot or delta was made; past it "
+                        "the gate fails closed (default %(default)s)")
     p.add_argument("--snapshot-interval", type=_seconds, default=600.0, metavar="SECONDS",
                    help="write the serving state's snapshot this often, and at every clean stop, so that a start "
                         "maps it instead of loading the whole city (0: only at a clean stop; default %(default)s)")

@@ -69,13 +69,14 @@ from google.protobuf.message import DecodeError
 from google.protobuf.message_factory import GetMessageClass
 
 from qianjiang.v1 import audit_pb2, eligibility_pb2, records_pb2, rights_pb2, score_pb2
+from qianjiang.v1 import gate_pb2  # offline gates (server/gate_snapshot.py)
 
 ROOT = Path(__file__).resolve().parent.parent
 CORPUS_DIR = ROOT / "tests" / "fuzz_corpus"
 SPEC_TEXT = (ROOT / "kernel" / "models" / "v1.toml").read_bytes()
 
 #: The modules whose services are fuzzed: every rpc of every service they declare.
-SERVICE_MODULES = (score_pb2, eligibility_pb2, records_pb2, audit_pb2, rights_pb2)
+SERVICE_MODULES = (score_pb2, eligibility_pb2, records_pb2, audit_pb2, rights_pb2, gate_pb2)
 
 
 # --- the rpcs, from the descriptors ------------------------------------------------------------
@@ -161,12 +162,16 @@ FIELD_KINDS: dict[str, dict[str, str]] = {
                                   "limit": "uint32"},
     "RightsService/DecideRepair": {"repair_id": "text", "decision": "enum", "reason": "text", "source": "source"},
     "RightsService/AdvanceTestClock": {"seconds": "int64"},
+    "GateService/GetManifest": {"scenario": "scenario"},
+    "GateService/GetSnapshot": {"scenario": "scenario"},
+    "GateService/GetDeltas": {"scenario": "scenario", "since_sequence": "uint64"},
+    "GateService/UploadOfflineDecisions": {"gate_id": "gate_id", "decisions": "offline_decisions"},
 }
 
 KINDS = frozenset({
     "citizen_id", "new_citizen_id", "citizen_ids", "record_id", "new_record_id", "text", "scenario",
     "record_scenario", "variable", "date", "value", "token", "tokens", "uint64", "uint32", "enum", "purpose",
-    "source", "decision_id", "changes", "bool", "purposes", "int64",
+    "source", "decision_id", "changes", "bool", "purposes", "int64", "gate_id", "offline_decisions",
 })
 
 
@@ -564,9 +569,29 @@ GENERATORS = {
     "date": gen_date, "value": gen_value, "token": gen_token, "tokens": gen_tokens, "uint64": gen_uint64,
     "uint32": gen_uint32, "enum": gen_enum, "purpose": gen_purpose, "source": gen_source,
     "decision_id": gen_decision_id, "changes": gen_changes, "bool": gen_bool, "purposes": gen_purposes,
-    "int64": gen_int64,
+    "int64": gen_int64, "gate_id": lambda c, v: gen_id_like(c) if c.index(3) else gen_text(c, 80),
+    "offline_decisions": lambda c, v: gen_offline_decisions(c, v),
 }
 assert set(GENERATORS) == KINDS
+
+
+def gen_offline_decisions(c, v: Vocab) -> list:
+    """A gate's upload (GateService/UploadOfflineDecisions): mostly well-formed decisions of
+    known cards with increasing sequences, and what an attacker sends: any scenario, bad
+    tokens, repeated or falling sequences, times far off, and now and then more than the
+    limit of 10,000."""
+    now = int(time.time())
+    if c.weighted((995, 5)) == 1:
+        return [gate_pb2.OfflineDecision(gate_sequence=i + 1, scenario=gen_scenario(c, v), card_token=gen_token16(c, v),
+                                         decided_at_unix=now) for i in range(10_001)]
+    out, seq = [], c.choice((0, 1, 2**63))
+    for _ in range(c.integer(0, 8)):
+        seq = seq + 1 if c.index(5) else c.choice((0, seq, seq - 1 if seq else 0, 2**64 - 1))
+        at = now - c.integer(0, 86_400) if c.index(4) else c.choice((0, -1, now + 10**6, 2**62, -(2**62)))
+        out.append(gate_pb2.OfflineDecision(
+            gate_sequence=min(max(seq, 0), 2**64 - 1), scenario=gen_scenario(c, v), card_token=gen_token(c, v),
+            allowed=gen_bool(c, v), list_sequence=gen_uint64(c, v), decided_at_unix=at))
+    return out
 
 
 def gen_message(rpc: Rpc, c, v: Vocab):

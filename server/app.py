@@ -40,7 +40,8 @@ from kernel.calibration import CalibrationTable, RawHistogram, reference_table
 from kernel.score import Scorer
 from kernel.spec import ModelSpec, load_spec
 from qianjiang.v1 import (
-    audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
+    audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, gate_pb2, gate_pb2_grpc, records_pb2, records_pb2_grpc,
+    rights_pb2, rights_pb2_grpc, score_pb2, score_pb2_grpc,
 )
 from server import replica, snapshot
 from server.auth import (
@@ -62,10 +63,11 @@ from server.rollover import roll_over
 from server.scenarios import Outcome, load_scenarios
 from server.seed import citizen_id, seed_store  # development seeding (--seed-citizens)
 from server.service import CreditService
-from server.servicers import AuditServicer, EligibilityServicer, RecordsServicer, ScoreServicer
-from qianjiang.v1 import rights_pb2, rights_pb2_grpc
+from server.servicers import (
+    AuditServicer, EligibilityServicer, GateServicer, RecordsServicer, RightsServicer, ScoreServicer,
+)
 from server.rights import DeadlineSweep, Rights, RightsShared, load_rights_config
-from server.servicers import RightsServicer
+from server.gate_snapshot import GateLists, start_publisher  # offline gates' signed lists
 from server.state import (
     ACTIVE_GENERATION, CONTROL_WORKERS_SERVING, PREPARED_GENERATION, READY, WARMED, Control, ServingState,
 )
@@ -75,14 +77,15 @@ from server.store_watch import StoreWatch
 log = logging.getLogger("qianjiang.server")
 
 RECORDS_SERVICE = records_pb2.DESCRIPTOR.services_by_name["RecordsService"].full_name
+RIGHTS_SERVICE = rights_pb2.DESCRIPTOR.services_by_name["RightsService"].full_name  # disputes, credit repair
 SERVICE_NAMES = (
     score_pb2.DESCRIPTOR.services_by_name["ScoreService"].full_name,
     eligibility_pb2.DESCRIPTOR.services_by_name["EligibilityService"].full_name,
     records_pb2.DESCRIPTOR.services_by_name["RecordsService"].full_name,
     audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name,
+    RIGHTS_SERVICE,
+    gate_pb2.DESCRIPTOR.services_by_name["GateService"].full_name,  # offline gates' lists
 )
-RIGHTS_SERVICE = rights_pb2.DESCRIPTOR.services_by_name["RightsService"].full_name  # disputes, credit repair
-SERVICE_NAMES += (RIGHTS_SERVICE,)
 
 #: Bigger messages are refused by grpc with RESOURCE_EXHAUSTED (a BatchCheck of the maximum
 #: 100,000 tokens is 1.6 MB).
@@ -189,6 +192,10 @@ class ServerConfig:
     # The serving state's snapshot (server/snapshot.py) is written this often, and at every
     # clean stop; a start maps it instead of loading the whole city. 0: only at a clean stop.
     snapshot_seconds: float = 600.0
+    # Offline gates (server/gate_snapshot.py): each pay-later scenario's signed delta this often
+    # (0: no offline lists), and how long a gate may use a list after its newest delta was made.
+    gate_delta_seconds: float = 300.0
+    gate_valid_seconds: float = 3600.0
     event_loop: str = "uvloop"  # or "asyncio" (server/event_loop.py)
     # The citizens' rights (server/rights.py): deadlines, tier rules, the working-day calendar
     # (default config/rights.toml); and, for development and tests only, a rights clock that
@@ -330,6 +337,11 @@ class Runtime:
             raise PolicyError(f"{exc} (in release {release}, the one the registry serves: make the policy agree, or "
                               "stage and activate a spec that does: qjscore model stage SPEC, then model activate)") from None
         self.authenticator = self._authenticator()
+        # the offline gates' signing key (server/gate_snapshot.py): made in development,
+        # required in production, like the end-user keys
+        from server.gate_snapshot import load_signing_key
+
+        self.gate_key = load_signing_key(config.data_dir, create=not config.production) if config.gate_delta_seconds > 0 else None
 
     def _authenticator(self) -> Authenticator:
         cfg = self.config
@@ -680,6 +692,7 @@ class Node:
         self.records = RecordsServicer(self.pool, self._ready)
         self.audit_servicer = AuditServicer(self.pool, self._ready)
         self.rights = RightsServicer(self.pool, self._ready)
+        self.gate = GateServicer(self.pool, self._ready)  # offline gates' lists (server/gate_snapshot.py)
         self.score.rights_marks = runtime.rights_shared
         self.service: CreditService | None = None
         self.store_watch: StoreWatch | None = None
@@ -724,6 +737,7 @@ class Node:
         )
         audit_pb2_grpc.add_AuditServiceServicer_to_server(self.audit_servicer, self.server)
         rights_pb2_grpc.add_RightsServiceServicer_to_server(self.rights, self.server)
+        gate_pb2_grpc.add_GateServiceServicer_to_server(self.gate, self.server)
         score_pb2_grpc.add_ScoreServiceServicer_to_server(self.score, self.server)
         eligibility_pb2_grpc.add_EligibilityServiceServicer_to_server(self.eligibility, self.server)
         records_pb2_grpc.add_RecordsServiceServicer_to_server(self.records, self.server)
@@ -833,6 +847,7 @@ class Node:
         old = self.service
         self.score.service = self.eligibility.service = self.records.service = self.audit_servicer.service = service
         self.rights.service = Rights(service, self.runtime.rights_shared, self.runtime.rights_config)
+        self.gate.service = GateLists(self.runtime.config.data_dir, service)
         self.service = service
         info = self.metrics.model_info
         if old is not None:
@@ -1090,6 +1105,7 @@ def _serve_single(runtime: Runtime, on_ready, signals: _Signals) -> None:
     node.attach()
     stop = threading.Event()
     threading.Thread(target=_maintenance, args=(runtime, metrics, stop, signals.reload, 1), daemon=True).start()
+    start_publisher(runtime, stop, metrics)  # the offline gates' snapshots and deltas (server/gate_snapshot.py)
     if on_ready:
         on_ready(runtime, node.port)
     _wait_for_signal(signals)
@@ -1145,6 +1161,7 @@ def _serve_workers(runtime: Runtime, on_ready, signals: _Signals) -> None:
         on_ready(runtime, cfg.port)
     stop = threading.Event()
     threading.Thread(target=_maintenance, args=(runtime, metrics, stop, signals.reload, cfg.workers), daemon=True).start()
+    start_publisher(runtime, stop, metrics)  # the offline gates' snapshots and deltas (server/gate_snapshot.py)
     if _wait_for_signal(signals, children=children) == -1:
         # A worker died (killed, out of memory): it may have held the shared write lock, which
         # no other process can release, so writes would hang. Stop every worker and exit

@@ -421,19 +421,24 @@ class AuditLog:
 
     def record(
         self, decision_seq: int, caller: str, method: str, scenario: str, subject: int, result: int,
-        release: str, position: int = 0, as_of_day: int = 0,
+        release: str, position: int = 0, as_of_day: int = 0, at_ns: int | None = None,
     ) -> None:
         """One unary disclosure; its decision id is ``ids.id_of(decision_seq)``. ``release``
         is "<model_version> <calibration_version> <rules_version>", ``position`` the store's
         change sequence the served state reflects, ``as_of_day`` the feature day (days since
-        1970-01-01). Raises ``AuditUnavailable`` at once when ``max_pending`` wait."""
+        1970-01-01), ``at_ns`` when it was made if not now (an offline gate's decision,
+        uploaded later: readers sort by time, and an index records a segment's oldest and
+        newest). Raises ``AuditUnavailable`` at once when ``max_pending`` wait."""
         # Validate here: a bad value found by the flusher would fail a whole group commit.
         if not (0 <= decision_seq < SEQ_LIMIT and 0 <= subject < 1 << 64 and 0 <= result < 256):
             raise ValueError("decision_seq must be below 2**48 (decision ids), subject fit uint64, result uint8")
         if not (0 <= position < 1 << 64 and -(1 << 31) <= as_of_day < 1 << 31):
             raise ValueError(f"position {position!r} must fit uint64 and as_of_day {as_of_day!r} int32")
+        if at_ns is not None and not 0 < at_ns < 1 << 63:
+            raise ValueError(f"at_ns {at_ns!r} must be a positive int64")
         codes = self._codes_of(caller, method, scenario, release)
-        row = (time.time_ns(), decision_seq, subject, position, as_of_day, UNARY, *codes, result, 0)
+        row = (time.time_ns() if at_ns is None else int(at_ns), decision_seq, subject, position, as_of_day, UNARY,
+               *codes, result, 0)
         with self._lock:
             if self._closed:
                 raise AuditUnavailable("the audit log is closed")

@@ -65,10 +65,10 @@ DISCLOSING = frozenset({
 
 def _known_methods() -> dict[str, frozenset[str]]:
     """Every service of the contract and its methods, from the generated descriptors."""
-    from qianjiang.v1 import audit_pb2, eligibility_pb2, records_pb2, rights_pb2, score_pb2
+    from qianjiang.v1 import audit_pb2, eligibility_pb2, gate_pb2, records_pb2, rights_pb2, score_pb2
 
     out = {}
-    for module in (score_pb2, eligibility_pb2, records_pb2, audit_pb2, rights_pb2):
+    for module in (score_pb2, eligibility_pb2, records_pb2, audit_pb2, rights_pb2, gate_pb2):
         for service in module.DESCRIPTOR.services_by_name.values():
             out[service.name] = frozenset(m.name for m in service.methods)
     return out

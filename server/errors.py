@@ -23,7 +23,8 @@ INVALID_ARGUMENT also carries a ``BadRequest`` with one ``FieldViolation``. The 
   ``UNDER_REVIEW`` (a dispute while a repair application waits, or the reverse),
   ``ALREADY_ANSWERED`` (a dispute answered, an application decided: final), ``NOT_REPAIRABLE``
   (a positive record, one that no longer counts, one inside its minimum publicity period),
-  ``TEST_CLOCK_OFF``, ``STORE_REJECTED`` (the store
+  ``TEST_CLOCK_OFF``, ``SNAPSHOT_REQUIRED`` (GateService/GetDeltas: the deltas are no longer
+  kept, load the gate's snapshot again), ``STORE_REJECTED`` (the store
   refused the write for good: resending it fails again), ``NOTHING_TO_REPLAY`` (a decision
   about an unknown card, or one whose release is gone)
 * ALREADY_EXISTS: ``RECORD_CONFLICT`` (``field`` where the store names it: a record id
@@ -37,7 +38,8 @@ INVALID_ARGUMENT also carries a ``BadRequest`` with one ``FieldViolation``. The 
   second in batch checks; the others are still served), ``CAPACITY_EXHAUSTED``
   (the serving state or token index is full), ``AUDIT_FULL``
 * UNAVAILABLE (retry with backoff; clients/client.py does): ``STORE_UNAVAILABLE``,
-  ``AUDIT_UNAVAILABLE``, ``NOT_READY`` (loading, draining, switching models)
+  ``AUDIT_UNAVAILABLE``, ``NOT_READY`` (loading, draining, switching models; GateService: no
+  offline list of the scenario published yet)
 * DEADLINE_EXCEEDED: ``DEADLINE_EXCEEDED`` (the deadline passed before the call started),
   ``SERVER_DEADLINE`` (``limit``: a call without a deadline, or with a later one, ran for the
   server's bound on a call, in seconds), ``STREAM_IDLE`` (``limit``: a stream sent no message
@@ -224,6 +226,19 @@ class NothingToReplay(ServiceError):
     or what made it is gone (the audit log is off, the release left the registry)."""
 
 
+class SnapshotRequired(ServiceError):
+    """GateService/GetDeltas: the deltas a gate asks for are no longer kept (older than the
+    window, a restart since) or it is ahead of the service: load the snapshot again
+    (server/gate_snapshot.py)."""
+
+
+class GateNotReady(NotReady):
+    """GateService: no offline list of the scenario is published yet (after a start): NOT_READY."""
+
+    def __init__(self, scenario: str):
+        ServiceError.__init__(self, f"no offline list of {scenario!r} is published yet; retry shortly")
+
+
 @dataclass(frozen=True)
 class Kind:
     """What a class of error becomes: its status code and its stable ErrorInfo reason."""
@@ -270,6 +285,8 @@ ERRORS: dict[type[BaseException], Kind] = {
     AlreadyClosed: Kind(_S.FAILED_PRECONDITION, "ALREADY_ANSWERED"),
     NotRepairable: Kind(_S.FAILED_PRECONDITION, "NOT_REPAIRABLE"),
     TestClockOff: Kind(_S.FAILED_PRECONDITION, "TEST_CLOCK_OFF"),
+    # Offline gates (server/gate_snapshot.py, proto/qianjiang/v1/gate.proto).
+    SnapshotRequired: Kind(_S.FAILED_PRECONDITION, "SNAPSHOT_REQUIRED"),
     DeadlineExceeded: Kind(_S.DEADLINE_EXCEEDED, "DEADLINE_EXCEEDED"),
     # Clients retry UNAVAILABLE, and only it: only what may succeed on a retry maps to it.
     StoreUnavailable: Kind(_S.UNAVAILABLE, "STORE_UNAVAILABLE"),

@@ -155,6 +155,17 @@ class Metrics:
             registry=r, multiprocess_mode="min",
         )
         self.citizens = Gauge("qianjiang_citizens", "Citizens in the serving state.", registry=r, multiprocess_mode="max")
+        # the offline gates' lists (server/gate_snapshot.py), set by the parent's publisher
+        self.gate_sequence = Gauge("qianjiang_gate_sequence", "The latest offline-gate list sequence published.",
+                                   ["scenario"], registry=r, multiprocess_mode="max")
+        self.gate_snapshot_bytes = Gauge("qianjiang_gate_snapshot_bytes", "Bytes of the latest offline-gate snapshot.",
+                                         ["scenario"], registry=r, multiprocess_mode="max")
+        self.gate_delta_changes = Counter("qianjiang_gate_delta_changes", "Cards removed or added by offline-gate deltas.",
+                                          ["scenario", "change"], registry=r)
+        self.gate_publish_seconds = Histogram(
+            "qianjiang_gate_publish_seconds", "Time to derive and publish one scenario's delta (and snapshot when due).",
+            buckets=(0.01, 0.1, 0.5, 1, 2.5, 5, 10, 30, 60), registry=r,
+        )
 
     def flush(self) -> None:
         """Hand the buffered per-call figures to Prometheus now."""

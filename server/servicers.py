@@ -23,6 +23,7 @@ from qianjiang.v1 import (
     audit_pb2, audit_pb2_grpc, eligibility_pb2, eligibility_pb2_grpc, records_pb2, records_pb2_grpc, score_pb2, score_pb2_grpc,
 )
 from qianjiang.v1 import rights_pb2, rights_pb2_grpc
+from qianjiang.v1 import gate_pb2, gate_pb2_grpc
 from server import convert
 from server.auth import current_caller
 from server.errors import NotReady
@@ -245,3 +246,30 @@ class RightsServicer(Offload, rights_pb2_grpc.RightsServiceServicer):
 
     async def AdvanceTestClock(self, request, context):
         return convert.clock_message(self.service.advance_test_clock(request.seconds))
+
+
+class GateServicer(Offload, gate_pb2_grpc.GateServiceServicer):
+    """Offline gates' lists (server/gate_snapshot.py): ``service`` is the generation's
+    GateLists. The publisher's files are read on the reads' pool; an upload writes the audit."""
+
+    READS = frozenset({"manifest", "snapshot", "deltas"})
+
+    async def GetManifest(self, request, context):
+        body, signature, key_id, latest = await self.run("manifest", request.scenario, current_caller())
+        return gate_pb2.GateManifest(body=body, signature=signature, key_id=key_id, latest_sequence=latest)
+
+    async def GetSnapshot(self, request, context):
+        (body, signature, key_id, latest), chunks = await self.run("snapshot", request.scenario, current_caller())
+        yield gate_pb2.SnapshotChunk(manifest=gate_pb2.GateManifest(body=body, signature=signature, key_id=key_id,
+                                                                    latest_sequence=latest))
+        for part, offset, data in chunks:
+            yield gate_pb2.SnapshotChunk(part=part, offset=offset, data=data)
+
+    async def GetDeltas(self, request, context):
+        for body, signature, key_id in await self.run("deltas", request.scenario, request.since_sequence, current_caller()):
+            yield gate_pb2.SignedDelta(body=body, signature=signature, key_id=key_id)
+
+    async def UploadOfflineDecisions(self, request, context):
+        r = await self.run("upload", request.gate_id, list(request.decisions), current_caller())
+        return gate_pb2.UploadOfflineDecisionsResponse(written=r.written, already_uploaded=r.already_uploaded,
+                                                       unknown_cards=r.unknown_cards, acknowledged_sequence=r.acknowledged)

@@ -36,6 +36,8 @@ from hypothesis import strategies as st
 
 from loadtest import fuzz
 from qianjiang.v1 import eligibility_pb2, records_pb2
+from qianjiang.v1 import gate_pb2_grpc
+from server.gate_snapshot import GatePublisher
 from server.token_index import pack_gate
 
 RPCS = fuzz.rpcs()
@@ -86,7 +88,12 @@ class Target:
         self.service = s.service
         self.channel = s.client.channel
         self.stubs = {"ScoreService": s.client.scores, "EligibilityService": s.client.eligibility,
-                      "RecordsService": s.client.records, "AuditService": s.client.audit, "RightsService": s.client.rights}
+                      "RecordsService": s.client.records, "AuditService": s.client.audit, "RightsService": s.client.rights,
+                      "GateService": gate_pb2_grpc.GateServiceStub(s.client.channel)}
+        # the offline gates' lists, published once (the server's timer is not running here)
+        rt = s.runtime
+        GatePublisher(rt.config.data_dir, rt.scenarios, rt.gate_key,
+                      lambda: (rt.state, rt.spec.model_version, rt.calibration().calibration_version)).publish()
         self.probe_citizen, self.probe_token = fuzz.make_probe(s.client, f"t{seed}")
         rows = range(n_citizens)
         scenarios = s.service.scenarios
@@ -154,7 +161,7 @@ def call_typed(target: Target, rpc: fuzz.Rpc, msg, deadline: float) -> fuzz.Outc
 
 def test_every_rpc_has_a_fuzzing_strategy():
     assert {r.service for r in RPCS} == {"ScoreService", "EligibilityService", "RecordsService", "AuditService",
-                                         "RightsService"}
+                                         "RightsService", "GateService"}
     assert len(RPCS) >= 15
     assert fuzz.missing_strategies() == []
 

@@ -103,6 +103,10 @@ def test_an_empty_production_store_on_postgresql_serves_an_empty_city_over_mtls(
     (key_dir(tmp_path / "app") / "citizen_app.key").rename(app_key)
     key_dir(tmp_path / "data").mkdir(parents=True)
     (key_dir(tmp_path / "app") / "citizen_app.pub").rename(key_dir(tmp_path / "data") / "citizen_app.pub")
+    # nor the offline gates' signing key (server/gate_snapshot.py): the operator installs it
+    from server.gate_snapshot import load_signing_key
+
+    load_signing_key(tmp_path / "data", create=True)
     server = ServeProcess(tmp_path, *argv)
     target = f"127.0.0.1:{server.port}"
     try:
