@@ -84,8 +84,10 @@ per city day — UTC+8 — and whenever the segment's two data files together wo
   and ``checks_of`` have no entries for them (``entries(subject=0)`` finds only unary
   ones); ``batches()`` lists every batch with its known and unknown counts for an auditor.
 * ``<dir>/audit-<start-unix-ns>-<pid>.dict``: strings (callers, methods, scenarios,
-  releases) coded as small integers, JSON lines: a header (format, version, writer, both
-  record layouts), then one line per code.
+  releases) coded as small integers, JSON lines: a header (format, version, writer, its
+  host, both record layouts), then one line per code. The host (:data:`HOST`) lets writers
+  on several machines share one directory: a writer recovers only the segments of dead
+  writers of its own host.
 * ``<dir>/audit-<start-unix-ns>-<pid>.idx``: the subject index of a finished segment (below).
 
 Write order makes every durable entry decodable: the dictionary lines are fsynced before any
@@ -134,6 +136,7 @@ import logging
 import os
 import queue
 import re
+import socket
 import struct
 import threading
 import time
@@ -280,10 +283,38 @@ def city_day(time_ns: int) -> int:
     return (time_ns + CITY_UTC_OFFSET_S * 10**9) // DAY_NS
 
 
+def _host_id() -> str:
+    """Which machine (and PID namespace) a process runs in: process ids mean something only
+    there. Replicas on several hosts may share one audit directory (a shared file system:
+    docs/replicas.md); a writer recovers only its own host's dead writers' segments."""
+    parts = [socket.gethostname()]
+    for path in ("/proc/sys/kernel/random/boot_id", "/proc/self/ns/pid"):
+        try:
+            parts.append(Path(path).read_text().strip() if path.endswith("boot_id") else str(os.stat(path).st_ino))
+        except OSError:
+            parts.append("")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+HOST = _host_id()
+
+
 def segment_header(writer: int, pid: int, day: int) -> dict:
-    """The first line of a format-3 segment's dictionary."""
+    """The first line of a format-3 segment's dictionary (``host``: :data:`HOST`)."""
     return {"format": FORMAT, "version": VERSION, "itemsize": ENTRY.itemsize, "pid": pid, "writer": writer,
-            "day": day, "fields": _layout(ENTRY), "items": {"itemsize": ITEM.itemsize, "fields": _layout(ITEM)}}
+            "host": HOST, "day": day, "fields": _layout(ENTRY),
+            "items": {"itemsize": ITEM.itemsize, "fields": _layout(ITEM)}}
+
+
+def segment_host(bin_path: Path) -> str | None:
+    """The host of the writer of a segment (None: written before hosts were recorded, or
+    its dictionary is missing or torn)."""
+    try:
+        with open(bin_path.with_suffix(".dict"), "rb") as f:
+            first = f.readline()
+        return json.loads(first).get("host")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 class AuditLog:
@@ -714,7 +745,9 @@ class AuditLog:
 
     def _recover(self) -> None:
         """Index the finished segments nobody indexed: their writer died (crash, SIGKILL)
-        before closing them. A segment whose process is alive is left to it."""
+        before closing them. A segment whose process is alive is left to it, and so is one
+        another host wrote (its process id means nothing here: a live writer there must not
+        have its segment indexed under it; readers scan an unindexed segment instead)."""
         me = os.getpid()
         for path in _segment_paths(self.directory):
             if self._stop.is_set():
@@ -722,14 +755,16 @@ class AuditLog:
             pid = int(_SEGMENT_RE.match(path.name).group(2))
             if pid == me or _alive(pid) or _index_of(path)[0] is not None:
                 continue
+            if segment_host(path) not in (HOST, None):
+                continue
             try:
                 build_index(path)
             except FileNotFoundError:
                 continue  # deleted meanwhile (retention by another writer)
-        for tmp in self.directory.glob("audit-*.idx.tmp-*"):
+        for tmp in self.directory.glob(f"audit-*.idx.tmp-{HOST}-*"):
             pid = tmp.name.rsplit("-", 2)[-2]
             if pid.isdigit() and not _alive(int(pid)):
-                tmp.unlink(missing_ok=True)  # a dead writer's unfinished index
+                tmp.unlink(missing_ok=True)  # a dead writer's unfinished index (this host's)
         self._expire()
 
     def _expire(self) -> None:
@@ -1222,7 +1257,7 @@ def build_index(bin_path) -> Path | None:
     header = _IDX_HEADER.pack(IDX_MAGIC, len(subjects), n, items_end, int(times.min()) if n else 0,
                               int(times.max()) if n else 0, FENCE, len(fence))
     final = bin_path.with_suffix(".idx")
-    tmp = bin_path.with_name(f"{bin_path.stem}.idx.tmp-{os.getpid()}-{threading.get_ident() % 10**6}")
+    tmp = bin_path.with_name(f"{bin_path.stem}.idx.tmp-{HOST}-{os.getpid()}-{threading.get_ident() % 10**6}")
     with open(tmp, "wb") as f:
         for part in (header, fence.astype(_U64).tobytes(), subjects.astype(_U64).tobytes(), refs.astype(_U64).tobytes(),
                      offsets.astype("<u4").tobytes()):

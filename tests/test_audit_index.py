@@ -237,3 +237,32 @@ def test_the_year_benchmark_runs_at_a_small_size(capsys):
     assert line["queries_with_entries"] == 10  # half of the queries were people with entries
     assert 0 < line["index_bytes"] < line["bytes_on_disk"]
     assert line["checks_of_p50_ms"] <= line["p99_ms"] <= line["max_ms"] < 1000
+
+
+def test_a_segment_of_another_host_is_never_indexed_under_its_writer(tmp_path):
+    """Replicas on several hosts may share one directory: a process id from another host
+    says nothing here, so recovery leaves that segment alone (readers scan it) while it
+    still recovers its own host's dead writers."""
+    for name in ("mine", "theirs"):
+        log = AuditLog(tmp_path / name, KEY)
+        for i in range(50):
+            log.record(i + 1, "gate", "Check", "metro", i % 5 + 1, 1, "1+m c1 r1", i, 1)
+        log.flush()  # no close: as if its writer were killed
+        (seg,) = (tmp_path / name).glob("audit-*.bin")
+        dead = 2**22 + 12345  # above pid_max's default: no live process has it
+        for suffix in (".bin", ".items", ".dict"):
+            seg.with_suffix(suffix).rename(tmp_path / seg.with_suffix(suffix).name.replace(
+                f"-{os.getpid()}.", f"-{dead + (name == 'theirs')}."))
+        log._fd = log._items_fd = log._dict_fd = None  # (its files were moved away)
+    theirs = next(p for p in tmp_path.glob("audit-*.bin") if p.name.endswith(f"-{dead + 1}.bin"))
+    mine = next(p for p in tmp_path.glob("audit-*.bin") if p.name.endswith(f"-{dead}.bin"))
+    lines = theirs.with_suffix(".dict").read_bytes().split(b"\n")
+    header = json.loads(lines[0])
+    assert header["host"] == audit.HOST and audit.segment_host(mine) == audit.HOST
+    header["host"] = "another-host"
+    theirs.with_suffix(".dict").write_bytes(b"\n".join([json.dumps(header).encode(), *lines[1:]]))
+    AuditLog(tmp_path, KEY)._recover()
+    assert audit._index_of(mine)[0] is not None  # this host's dead writer: recovered
+    assert audit._index_of(theirs)[0] is None  # another host's: left to it
+    reader = AuditLog(tmp_path, KEY)
+    assert len(reader.entries(subject=1)) == 20  # both segments read: 10 entries of subject 1 each
