@@ -857,7 +857,7 @@ def serve_config(args):
         audit=not args.no_audit, event_loop=args.event_loop, audit_max_pending=args.audit_max_pending,
         batch_tokens_per_second=args.batch_tokens_per_second, purposes_path=args.purposes,
         snapshot_seconds=args.snapshot_interval,
-        gate_delta_seconds=args.gate_delta_interval, gate_valid_seconds=args.gate_valid,
+        gate_delta_seconds=args.gate_delta_interval, gate_valid_seconds=args.gate_valid, gate_dir=args.gate_dir,
         rights_path=args.rights_config, test_clock=args.test_clock,
         replica=args.replica, replica_max_lag_seconds=args.replica_max_lag, audit_dir=args.audit_dir,
     )
@@ -1551,6 +1551,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--gate-valid", type=_seconds, default=3600.0, metavar="SECONDS",
                    help="how long a gate may decide from a list after its newest snapshot or delta was made; past it "
                         "the gate fails closed (default %(default)s)")
+    p.add_argument("--gate-dir", type=Path, default=None, metavar="DIR",
+                   help="where offline gates' lists are published and served from (default DATA_DIR/gate); replicas "
+                        "share one: one node publishes, the others run with --gate-delta-interval 0 and serve it")
     p.add_argument("--snapshot-interval", type=_seconds, default=600.0, metavar="SECONDS",
                    help="write the serving state's snapshot this often, and at every clean stop, so that a start "
                         "maps it instead of loading the whole city (0: only at a clean stop; default %(default)s)")

@@ -165,7 +165,10 @@ class Cluster:
         args = [sys.executable, "-m", "clients.cli", "serve", "--store", self.dsn, "--data-dir", str(data),
                 "--port", str(self.ports[i]), "--metrics-port", "0", "--workers", str(self.workers_of(i)),
                 "--replica", "--replica-max-lag", str(self.max_lag), "--audit-dir", str(self.root / "audit"),
-                "--snapshot-interval", str(self.snapshot_interval), *self.extra_args]
+                "--snapshot-interval", str(self.snapshot_interval),
+                # offline gates' lists: node 0 publishes them, every node serves them
+                "--gate-dir", str(self.root / "gate"), *([] if i == 0 else ["--gate-delta-interval", "0"]),
+                *self.extra_args]
         if i == 0 and self.citizens:
             args += ["--seed-citizens", str(self.citizens)]
         log = open(self.root / f"node{i}.log", "a")

@@ -67,7 +67,7 @@ from server.servicers import (
     AuditServicer, EligibilityServicer, GateServicer, RecordsServicer, RightsServicer, ScoreServicer,
 )
 from server.rights import DeadlineSweep, Rights, RightsShared, load_rights_config
-from server.gate_snapshot import GateLists, start_publisher  # offline gates' signed lists
+from server.gate_snapshot import GateLists, gate_dir, start_publisher  # offline gates' signed lists
 from server.state import (
     ACTIVE_GENERATION, CONTROL_WORKERS_SERVING, PREPARED_GENERATION, READY, WARMED, Control, ServingState,
 )
@@ -196,6 +196,7 @@ class ServerConfig:
     # (0: no offline lists), and how long a gate may use a list after its newest delta was made.
     gate_delta_seconds: float = 300.0
     gate_valid_seconds: float = 3600.0
+    gate_dir: Path | None = None  # where the lists are published and served (default <data_dir>/gate)
     event_loop: str = "uvloop"  # or "asyncio" (server/event_loop.py)
     # The citizens' rights (server/rights.py): deadlines, tier rules, the working-day calendar
     # (default config/rights.toml); and, for development and tests only, a rights clock that
@@ -847,7 +848,7 @@ class Node:
         old = self.service
         self.score.service = self.eligibility.service = self.records.service = self.audit_servicer.service = service
         self.rights.service = Rights(service, self.runtime.rights_shared, self.runtime.rights_config)
-        self.gate.service = GateLists(self.runtime.config.data_dir, service)
+        self.gate.service = GateLists(self.runtime.config.data_dir, service, directory=gate_dir(self.runtime.config))
         self.service = service
         info = self.metrics.model_info
         if old is not None:

@@ -251,8 +251,9 @@ class GatePublisher:
 
     def __init__(self, data_dir: str | Path, scenarios: dict[str, Scenario], signing_key: Ed25519PrivateKey, serving,
                  delta_seconds: float = DEFAULT_DELTA_SECONDS, valid_seconds: float = DEFAULT_VALID_SECONDS,
-                 keep_deltas: int = KEEP_DELTAS, rebase_every: int = REBASE_EVERY, clock=time.time, metrics=None):
-        self.dir = Path(data_dir) / "gate"
+                 keep_deltas: int = KEEP_DELTAS, rebase_every: int = REBASE_EVERY, clock=time.time, metrics=None,
+                 directory: str | Path | None = None):
+        self.dir = Path(directory) if directory is not None else Path(data_dir) / "gate"
         self.scenarios = {n: s for n, s in scenarios.items() if s.pay_later}
         self.key = signing_key
         self.key_id = key_id(signing_key.public_key())
@@ -393,6 +394,14 @@ def publisher_metrics(metrics):
     return update
 
 
+def gate_dir(config) -> Path:
+    """Where a server's lists are published and served from: ``--gate-dir``, by default
+    ``<data-dir>/gate``. Replicas share one: one node publishes (the others run with
+    ``--gate-delta-interval 0``) and every node serves its lists and takes uploads."""
+    given = getattr(config, "gate_dir", None)
+    return Path(given) if given is not None else Path(config.data_dir) / "gate"
+
+
 def start_publisher(runtime, stop: threading.Event, metrics=None) -> GatePublisher | None:
     """The parent's publisher thread for a server (server/app.py), with the runtime's key."""
     cfg = runtime.config
@@ -403,7 +412,7 @@ def start_publisher(runtime, stop: threading.Event, metrics=None) -> GatePublish
                               lambda: (runtime.state, runtime.spec.model_version, runtime.calibration().calibration_version),
                               delta_seconds=getattr(cfg, "gate_delta_seconds", DEFAULT_DELTA_SECONDS),
                               valid_seconds=getattr(cfg, "gate_valid_seconds", DEFAULT_VALID_SECONDS),
-                              metrics=publisher_metrics(metrics))
+                              metrics=publisher_metrics(metrics), directory=gate_dir(cfg))
     threading.Thread(target=publisher.run, args=(stop,), name="qj-gate", daemon=True).start()
     return publisher
 
@@ -421,8 +430,8 @@ class UploadResult:
 class GateLists:
     """What GateService answers, from the publisher's files, authorised like checks."""
 
-    def __init__(self, data_dir: str | Path, service):
-        self.root = Path(data_dir) / "gate"
+    def __init__(self, data_dir: str | Path, service, directory: str | Path | None = None):
+        self.root = Path(directory) if directory is not None else Path(data_dir) / "gate"
         self.service = service  # the worker's CreditService (state, audit, ids, quota)
 
     def _scenario(self, name: str, caller) -> Scenario:

@@ -326,3 +326,28 @@ def test_a_follower_catches_up_in_chunks_and_reloads_when_far_behind(pg_url, tmp
     finally:
         store.close()
         follower._store.close()
+
+
+def test_one_node_publishes_the_offline_gates_lists_and_every_node_serves_them(cluster):
+    """Replicas share --gate-dir: node 0 publishes (signs), node 1 (--gate-delta-interval 0,
+    no signing key) serves the very same signed lists, so a gate behind the front sees one
+    sequence whichever node answers."""
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    from qianjiang.v1 import gate_pb2, gate_pb2_grpc
+
+    def manifest(i):
+        stub = gate_pb2_grpc.GateServiceStub(QianjiangClient(cluster.target(i)).channel)
+        try:
+            return stub.GetManifest(gate_pb2.GetManifestRequest(scenario="metro_pay_later"), timeout=5)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.UNAVAILABLE, exc  # not published yet
+            return None
+
+    first = _until(lambda: manifest(0), 60, "node 0 publishes the metro's list")
+    second = manifest(1)
+    assert second is not None  # the default interval is 5 minutes: no new delta in between
+    assert (second.body, second.signature, second.latest_sequence) == (first.body, first.signature, first.latest_sequence)
+    public = load_pem_public_key((cluster.node_dir(0) / "keys" / "gate_signing.pub").read_bytes())
+    public.verify(second.signature, second.body)  # node 0's signature, served by node 1
+    assert not (cluster.node_dir(1) / "keys" / "gate_signing.key").exists()
