@@ -47,7 +47,7 @@ import time
 
 import numpy as np
 
-from server.state import N_CITIZENS, READY, RowSnapshot, citizen_key
+from server.state import READY
 
 log = logging.getLogger("qianjiang.replica")
 
@@ -300,26 +300,16 @@ class Follower:
         from server.store import NotFound
 
         try:
-            citizen_id, birth_day, blanket = store.citizen_by_row(row)
+            read = state.read_citizen(store, row, position)  # the store's reads, outside the lock
         except NotFound:  # a citizen row whose write rolled back cannot be in the log: skip
             return
-        cards = store.cards_of_row(row)
-        settings = ([(p, g, e) for _, p, g, e in store.purpose_consents(row)] if state.consent_purposes else [])
-        exceptions = state._exceptions(bool(blanket), settings)
-        active = store.active_records(citizen_row=row, as_of=position)
         bound = self._scorer(state)
         with state.lock:
             if row >= state.capacity:
                 self.status.slots[BROKEN] = 1
                 raise RuntimeError(f"citizen row {row} does not fit the serving state's capacity of {state.capacity}: "
                                    "restart this node to grow it")
-            state.citizens.insert(citizen_key(citizen_id), row)
-            state.subject[row] = state.subject_of(citizen_id)
-            state.meta[N_CITIZENS] = max(state.n_citizens, row + 1)
-            for token in cards:
-                state.tokens.insert(token, row)
-            state.set_consent(row, bool(blanket), position, exceptions)
-            state.apply(RowSnapshot(row, position, active), self.runtime.scenarios, bound, birth_day)
+            state.apply_citizen(read, self.runtime.scenarios, bound)
             control = self.runtime.control
             if control is not None:
                 control.mark(row)  # a rollout building a new state re-derives it too

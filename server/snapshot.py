@@ -55,7 +55,7 @@ import numpy as np
 from server.files import fsync_dir
 from server.ageing import Ageing
 from server.keys import Keys
-from server.state import N_CITIZENS, READY, ServingState, citizen_key
+from server.state import READY, ServingState
 from server.store import Store
 
 log = logging.getLogger("qianjiang.snapshot")
@@ -307,15 +307,7 @@ def replay(state: ServingState, store: Store, scenarios, scorer, position: int) 
         for row in sorted(rows):
             if row >= state.capacity:
                 raise SnapshotRefused(f"citizen row {row} does not fit the snapshot's capacity of {state.capacity}")
-            snap = state.snapshot(store, row)  # at a position at or past every change read above
-            citizen_id, birth_day, consent = store.citizen_by_row(row)
-            state.citizens.insert(citizen_key(citizen_id), row)
-            state.subject[row] = state.subject_of(citizen_id)
-            state.meta[N_CITIZENS] = max(state.n_citizens, row + 1)
-            for token in store.cards_of_row(row):
-                state.tokens.insert(token, row)
-            blanket, exceptions = state.consent_of(store, row)  # the blanket and its purpose settings
-            state.set_consent(row, blanket, snap.position, exceptions)
-            state.apply(snap, scenarios, bound, birth_day)
+            # at a position at or past every change read above
+            state.apply_citizen(state.read_citizen(store, row), scenarios, bound)
         state.advance(hwm)
     return len(rows)

@@ -111,6 +111,19 @@ class RowSnapshot(NamedTuple):
     active: ActiveRecords
 
 
+class CitizenRead(NamedTuple):
+    """Everything re-deriving one citizen reads from the store, read without the lock
+    (:meth:`ServingState.read_citizen`), applied under it (:meth:`ServingState.apply_citizen`):
+    a snapshot start's replay of the change log and a replica's follower."""
+
+    snap: RowSnapshot
+    citizen_id: str
+    birth_day: int
+    blanket: bool
+    exceptions: int  # the purposes whose consent differs from the blanket (server/consent.py)
+    cards: list
+
+
 class _SharedArena:
     """numpy arrays carved out of one MAP_SHARED mapping of a memfd: inherited by forks, and
     reachable by another process of the same user as ``/proc/<pid>/fd/<fd>`` (:attr:`path`),
@@ -569,6 +582,31 @@ class ServingState:
             self.consent_except[row] = exceptions
             self.refresh_gate(slice(row, row + 1))
         return True
+
+    def read_citizen(self, store: Store, row: int, position: int | None = None) -> CitizenRead:
+        """One citizen as the store holds it (no lock needed): the records as of
+        ``position`` (default: the store's position now, :meth:`snapshot`), then, at least
+        as new, the citizen, the consent with its purpose settings, and the cards.
+        NotFound when the store has no such row."""
+        snap = self.snapshot(store, row) if position is None else RowSnapshot(
+            row, position, store.active_records(citizen_row=row, as_of=position))
+        citizen_id, birth_day, blanket = store.citizen_by_row(row)
+        settings = [(p, g, e) for _, p, g, e in store.purpose_consents(row)] if self.consent_purposes else []
+        return CitizenRead(snap, citizen_id, birth_day, bool(blanket), self._exceptions(bool(blanket), settings),
+                           store.cards_of_row(row))
+
+    def apply_citizen(self, read: CitizenRead, scenarios: dict[str, Scenario], rows) -> None:
+        """Apply a :meth:`read_citizen` to its row (caller holds the lock): the citizen index,
+        pseudonym and count (a citizen added since gets its row), the cards, the consent, and
+        the records re-scored, each only where fresher than what the row holds."""
+        row = read.snap.row
+        self.citizens.insert(citizen_key(read.citizen_id), row)
+        self.subject[row] = self.subject_of(read.citizen_id)
+        self.meta[N_CITIZENS] = max(self.n_citizens, row + 1)
+        for token in read.cards:
+            self.tokens.insert(token, row)
+        self.set_consent(row, read.blanket, read.snap.position, read.exceptions)
+        self.apply(read.snap, scenarios, rows, read.birth_day)
 
     def consent_of(self, store: Store, row: int) -> tuple[bool, int]:
         """A row's (blanket, exceptions) from the store now (no lock needed)."""
