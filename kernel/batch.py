@@ -173,14 +173,16 @@ def _sha256_file(path: Path) -> str:
 
 
 def _write_json(path: Path, doc: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(doc, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from server.files import write_atomic
+
+    write_atomic(path, (json.dumps(doc, indent=1, sort_keys=True) + "\n").encode(), 0o600)
+
+
+def _private_file(path: Path) -> str:
+    """``path`` created empty with mode 0600 (pyarrow's writers create files with the
+    umask's mode), for a writer to open."""
+    os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+    return str(path)
 
 
 @contextlib.contextmanager
@@ -266,7 +268,6 @@ class PopulationWriter:
 
     def _flush(self, p: int) -> None:
         import pyarrow as pa
-        import pyarrow.parquet as pq
 
         if not self._buffers[p]:
             return
@@ -276,26 +277,23 @@ class PopulationWriter:
         self._buffers[p], self._buffered[p] = [], 0
         columns = [pa.array(ids, pa.binary()).cast(pa.string()), pa.array(adult, pa.uint8())]
         columns += [pa.array(feats[:, j]) for j in range(feats.shape[1])]
-        table = pa.Table.from_arrays(columns, schema=self.schema)
+        self._writer(p).write_table(pa.Table.from_arrays(columns, schema=self.schema), row_group_size=self.row_group)
+        self.rows[p] += len(ids)
+
+    def _writer(self, p: int):
+        import pyarrow.parquet as pq
+
         w = self._writers.get(p)
         if w is None:
-            fd = os.open(self.dir / part_name(p), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            os.close(fd)
-            w = self._writers[p] = pq.ParquetWriter(str(self.dir / part_name(p)), self.schema)
-        w.write_table(table, row_group_size=self.row_group)
-        self.rows[p] += len(ids)
+            w = self._writers[p] = pq.ParquetWriter(_private_file(self.dir / part_name(p)), self.schema)
+        return w
 
     def __exit__(self, exc_type, exc, tb) -> None:
         try:
             if exc_type is None:
                 for p in range(self.k):
                     self._flush(p)
-                    if p not in self._writers:  # an empty part still has its file and schema
-                        import pyarrow.parquet as pq
-
-                        fd = os.open(self.dir / part_name(p), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-                        os.close(fd)
-                        self._writers[p] = pq.ParquetWriter(str(self.dir / part_name(p)), self.schema)
+                    self._writer(p)  # an empty part still has its file and schema
             for w in self._writers.values():
                 w.close()
             if exc_type is None:
@@ -499,9 +497,7 @@ def score_part(directory: str, entry: dict, spec: ModelSpec, table: CalibrationT
             "as_of_day": as_of_day, "input_sha256": entry["sha256"]}
     out = Path(out_dir) / entry["file"]
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.close(fd)
-    pq.write_table(scores_table(spec, part.ids, cols, meta), str(tmp))
+    pq.write_table(scores_table(spec, part.ids, cols, meta), _private_file(tmp))
     os.replace(tmp, out)
     adult = part.adult == 1
     levels = np.bincount(cols.level[adult].astype(np.int64), minlength=len(spec.levels))

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from clients.cli import main as cli
+from conftest import ROOT, free_port
 from kernel import batch
 from kernel.batch import BatchError, BatchInputError
 from kernel.calibrate import calibrate
@@ -31,7 +31,6 @@ from server.models import ModelRegistry, score_population
 from server.seed import seed_store
 from server.store import open_store
 
-ROOT = Path(__file__).resolve().parents[1]
 N, K, SEED = 24_000, 6, 41
 
 pytestmark = pytest.mark.timeout(180)
@@ -138,12 +137,6 @@ def test_dask_local_cluster_of_two_worker_processes_equals_one_process(spec, pop
     assert progress[-1] == ("score", K, K) and ("histogram", K, K) in progress
     assert_equals_reference(spec, tmp_path / "dask", reference)
     assert [p.name for p in tmp_path.iterdir()] == ["dask"]  # no partial directory left
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_real_cluster_scheduler_and_workers_as_separate_processes(spec, population, local, tmp_path):
