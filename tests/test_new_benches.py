@@ -48,4 +48,5 @@ def test_the_cluster_benchmark_quick():
             "overload_statuses", "resource_exhausted_share", "recovery_s"}
     assert keys <= r.keys(), keys - r.keys()
     assert r["writes_lost"] == 0 and r["staleness_p99_ms"] < 1000
-    assert set(r["overload_statuses"]) <= {"OK", "RESOURCE_EXHAUSTED"}
+    # what the front answered (CLIENT_BACKLOG: calls the load generator itself could not send in time)
+    assert set(r["overload_statuses"]) - {"CLIENT_BACKLOG"} <= {"OK", "RESOURCE_EXHAUSTED"}
