@@ -53,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 
+from server.seed import citizen_id
+
 SCENARIO = "campus_fitness"
 
 
@@ -125,6 +127,20 @@ def closed_loop(target: str, seconds: float, citizens: int, processes: int = 2, 
 # --- staleness ------------------------------------------------------------------------------
 
 
+def _until_every_node(cluster, writer: int, what: str, changed) -> float:
+    """Milliseconds from now (a write's acknowledgement through ``writer``) until
+    ``changed(i)`` holds on every other node i; RuntimeError past 5 s."""
+    acked = time.perf_counter()
+    pending = set(range(cluster.n)) - {writer}
+    while pending:
+        pending = {i for i in pending if not changed(i)}
+        if pending and time.perf_counter() - acked > 5:
+            raise RuntimeError(f"{what} did not reach nodes {sorted(pending)} in 5 s")
+        if pending:
+            time.sleep(0.001)
+    return (time.perf_counter() - acked) * 1000
+
+
 def staleness(cluster, trials: int, citizens: int) -> list[float]:
     """Milliseconds from a consent write's acknowledgement (through node k) to the last other
     node answering the changed decision."""
@@ -142,21 +158,11 @@ def staleness(cluster, trials: int, citizens: int) -> list[float]:
             token = card_token(key, synthetic_card_number(row))
             if clients[writer].check(SCENARIO, token).outcome != _NOT_AUTHORISED:
                 break
-        cid = f"c{row:08d}"
+        cid = citizen_id(row)
         for revoke in (True, False):
             (clients[writer].revoke_consent if revoke else clients[writer].grant_consent)(cid)
-            acked = time.perf_counter()
-            pending = set(range(cluster.n)) - {writer}
-            while pending:
-                for i in list(pending):
-                    now_denied = clients[i].check(SCENARIO, token).outcome == _NOT_AUTHORISED
-                    if now_denied == revoke:
-                        pending.discard(i)
-                if time.perf_counter() - acked > 5:
-                    raise RuntimeError(f"a consent write did not reach nodes {sorted(pending)} in 5 s")
-                if pending:
-                    time.sleep(0.001)
-            out.append((time.perf_counter() - acked) * 1000)
+            out.append(_until_every_node(cluster, writer, "a consent write",
+                                         lambda i: (clients[i].check(SCENARIO, token).outcome == _NOT_AUTHORISED) == revoke))
     return out
 
 
@@ -173,7 +179,7 @@ def staleness_records(cluster, trials: int, citizens: int) -> list[float]:
     for t in range(trials):
         writer = t % cluster.n
         for _ in range(100):
-            cid = f"c{rng.randrange(citizens):08d}"
+            cid = citizen_id(rng.randrange(citizens))
             try:
                 if clients[writer].get_score(cid).score >= 560:
                     break
@@ -187,17 +193,8 @@ def staleness_records(cluster, trials: int, citizens: int) -> list[float]:
                                                            date="2026-11-20", value=1.0)])
             else:
                 clients[writer].withdraw_record(record_id)
-            acked = time.perf_counter()
-            pending = set(range(cluster.n)) - {writer}
-            while pending:
-                for i in list(pending):
-                    if (clients[i].get_score(cid).score < 550) == capped:
-                        pending.discard(i)
-                if time.perf_counter() - acked > 5:
-                    raise RuntimeError(f"a record did not reach nodes {sorted(pending)} in 5 s")
-                if pending:
-                    time.sleep(0.001)
-            out.append((time.perf_counter() - acked) * 1000)
+            out.append(_until_every_node(cluster, writer, "a record",
+                                         lambda i: (clients[i].get_score(cid).score < 550) == capped))
     return out
 
 
@@ -211,7 +208,7 @@ def list_checks_latency(cluster, citizens: int, n: int = 60) -> list[float]:
     out, entries = [], 0
     for _ in range(n):
         t = time.perf_counter()
-        entries += len(client.list_checks(f"c{rng.randrange(citizens):08d}", limit=100))
+        entries += len(client.list_checks(citizen_id(rng.randrange(citizens)), limit=100))
         out.append((time.perf_counter() - t) * 1000)
     return out
 
@@ -300,7 +297,7 @@ def _writes(cluster, stop: threading.Event, acked: list, citizens: int) -> None:
     k = 0
     while not stop.is_set():
         record_id = f"bench-{os.getpid()}-{k}"
-        cid = f"c{rng.randrange(citizens):08d}"
+        cid = citizen_id(rng.randrange(citizens))
         try:
             acks = client.ingest([records_pb2.Record(record_id=record_id, citizen_id=cid, variable="volunteer_hours",
                                                      date="2026-11-20", value=1.0)])

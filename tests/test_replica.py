@@ -28,6 +28,7 @@ from clients.client import QianjiangClient
 from deploy.cluster import Cluster, haproxy_binary, health, health_check_bytes
 from qianjiang.v1 import eligibility_pb2, eligibility_pb2_grpc
 from server.keys import card_token, synthetic_card_number
+from server.seed import citizen_id
 
 CITIZENS = 3000
 SCENARIO = "campus_fitness"
@@ -69,7 +70,7 @@ def _token(cluster, row: int) -> bytes:
 
 
 def _cid(row: int) -> str:
-    return f"c{row:08d}"
+    return citizen_id(row)
 
 
 def _until(predicate, seconds: float, what: str):
