@@ -42,6 +42,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from server.errors import Unauthenticated
+from server.keys import load_ed25519_key, new_ed25519_key, public_pem
 
 METADATA_KEY = "qj-end-user"
 AUDIENCE = "qianjiang-score"
@@ -114,11 +115,7 @@ def verify_assertion(header: str, keys: dict[str, Ed25519PublicKey], identity: s
 
 def load_private_key(path: str | Path) -> Ed25519PrivateKey:
     """A citizen app's signing key (PEM, PKCS#8), as ``qjscore --end-user-key`` reads it."""
-    data = Path(path).read_bytes()
-    key = serialization.load_pem_private_key(data, password=None)
-    if not isinstance(key, Ed25519PrivateKey):
-        raise ValueError(f"{path}: not an Ed25519 private key")
-    return key
+    return load_ed25519_key(path)
 
 
 def key_dir(data_dir: str | Path) -> Path:
@@ -145,14 +142,8 @@ def load_public_keys(data_dir: str | Path, identities, create: bool) -> dict[str
 
 
 def _create_pair(folder: Path, identity: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
-    key = Ed25519PrivateKey.generate()
-    private = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                serialization.NoEncryption())
-    fd = os.open(folder / f"{identity}.key", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(private)
-    public = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    (folder / f"{identity}.key").unlink(missing_ok=True)  # a pair cut short before its public key
+    key = new_ed25519_key(folder / f"{identity}.key")
     tmp = folder / f"{identity}.pub.tmp"
-    tmp.write_bytes(public)
+    tmp.write_bytes(public_pem(key))
     os.replace(tmp, folder / f"{identity}.pub")  # the public key last: its presence means the pair is whole

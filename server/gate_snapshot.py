@@ -84,13 +84,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from clients.fuse import Cascade
 from clients.gate import KEY_BYTES, MANIFEST_FORMAT, canonical_json, encode_delta, key_id
 from server.errors import BatchQuota, GateNotReady, InvalidArgument, PermissionDenied, SnapshotRequired
 from server.files import write_atomic
+from server.keys import load_ed25519_key, new_ed25519_key, public_pem
 from server.scenarios import RESULT_NAMES, Outcome, Scenario
 from server.state import iso_of
 from server.token_index import Checker
@@ -140,24 +140,17 @@ def load_signing_key(data_dir: str | Path, create: bool) -> Ed25519PrivateKey:
         except ValueError:
             raise ValueError(f"{KEY_ENV}: expected the 32-byte Ed25519 private key in hex") from None
     elif private_path.exists():
-        key = serialization.load_pem_private_key(private_path.read_bytes(), password=None)
-        if not isinstance(key, Ed25519PrivateKey):
-            raise ValueError(f"{private_path}: not an Ed25519 private key")
+        key = load_ed25519_key(private_path)
     elif create:
-        key = Ed25519PrivateKey.generate()
-        private_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        fd = os.open(private_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
+        key = new_ed25519_key(private_path)
     else:
         raise ValueError(f"no gate signing key: set {KEY_ENV} or install {private_path} (mode 0600); the gates get its "
                          f"public key ({public_path.name})")
-    public_pem = key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    pem = public_pem(key)
     try:
-        if not public_path.exists() or public_path.read_bytes() != public_pem:
+        if not public_path.exists() or public_path.read_bytes() != pem:
             public_path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-            write_atomic(public_path, public_pem, 0o600)  # like every file of keys/ (the gates get a copy)
+            write_atomic(public_path, pem, 0o600)  # like every file of keys/ (the gates get a copy)
     except OSError:  # a read-only key directory: the operator distributes the public key
         pass
     return key

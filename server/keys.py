@@ -9,6 +9,10 @@
 
 Each comes from the environment (``QJ_CARD_KEY``, ``QJ_AUDIT_KEY``, hex) or, for development,
 from ``<data_dir>/keys/<name>.key``, created with random bytes (mode 0600) on first start.
+
+Ed25519 signing keys (citizen apps' end-user assertions: server/end_user.py; the offline
+gates' lists: server/gate_snapshot.py) are PEM files read and made by :func:`load_ed25519_key`
+and :func:`new_ed25519_key`.
 """
 
 from __future__ import annotations
@@ -75,3 +79,38 @@ def subject_of(key: bytes, citizen_id: str) -> int:
     HMAC-SHA256(key, citizen_id), little-endian (0 is reserved for "no person")."""
     value = int.from_bytes(hmac.new(key, citizen_id.encode(), hashlib.sha256).digest()[:8], "little")
     return value or 1
+
+
+def load_ed25519_key(path: str | Path):
+    """An Ed25519 private key from a PEM (PKCS#8) file; ValueError naming the file if it is
+    another kind of key."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ValueError(f"{path}: not an Ed25519 private key")
+    return key
+
+
+def new_ed25519_key(path: str | Path):
+    """A new Ed25519 private key written to ``path`` (PEM, mode 0600; its directory made
+    0700); refused (FileExistsError) if the file exists: a key is never overwritten."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    path = Path(path)
+    key = Ed25519PrivateKey.generate()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                   serialization.NoEncryption()))
+    return key
+
+
+def public_pem(key) -> bytes:
+    """The PEM (SubjectPublicKeyInfo) of a private key's public half."""
+    from cryptography.hazmat.primitives import serialization
+
+    return key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
